@@ -1,0 +1,112 @@
+"""Per-process state of a client: config, data partition, model, method.
+
+A ClientApp process (a Ray actor in simulation, a ``flwr-clientapp`` process in
+deployment) may serve many messages and, in simulation, several partitions. The base
+model with its LoRA wrapper is loaded once per process and model config; each message
+then overwrites the adapter weights with the ones it carries, so partitions never
+leak state into each other through the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fed_asr.config import ExperimentConfig, load_config, to_yaml
+from fed_asr.data import ContinualStream, build_stream, partition_stream
+from fed_asr.methods import ContinualMethod, build_method
+from fed_asr.models import VQACollator, attach_lora, load_base_model, resolve_device
+from fed_asr.protocol import NODE_DATA_ROOT, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
+
+
+@dataclass
+class Site:
+    """Everything one client needs to train, evaluate and describe its data."""
+
+    cfg: ExperimentConfig
+    partition_id: int
+    stream: ContinualStream
+    model: Any
+    collator: VQACollator
+    method: ContinualMethod
+
+
+def site_from_context(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> Site:
+    """Return the (cached) site for this run config and node.
+
+    Parameters
+    ----------
+    run_config : Mapping[str, Any]
+        Flower run config (``config-name``, ``overrides``).
+    node_config : Mapping[str, Any]
+        Node config: ``partition-id`` and ``num-partitions`` (simulation sets them),
+        or ``data-root`` pointing at this site's own manifest folder (deployment).
+    """
+    key = tuple(sorted((k, str(v)) for k, v in run_config.items()))
+    data_root = node_config.get(NODE_DATA_ROOT)
+    partition_id = int(node_config.get(NODE_PARTITION_ID, 0))
+    num_partitions = int(node_config.get(NODE_NUM_PARTITIONS, 1))
+    return _site(key, partition_id, num_partitions, str(data_root) if data_root else None)
+
+
+@functools.cache
+def _config(run_config_key: tuple[tuple[str, str], ...]) -> ExperimentConfig:
+    return load_config(dict(run_config_key))
+
+
+@functools.cache
+def _site(
+    run_config_key: tuple[tuple[str, str], ...],
+    partition_id: int,
+    num_partitions: int,
+    data_root: str | None,
+) -> Site:
+    cfg = _config(run_config_key)
+    stream, vocabulary = _client_stream(cfg, partition_id, num_partitions, data_root)
+    model, processor = _shared_model(to_yaml(cfg), vocabulary)
+    collator = VQACollator(processor, cfg.model.prompt_template, stream.answers)
+    method = build_method(cfg.method, cfg.regularizer, cfg.model)
+    return Site(cfg, partition_id, stream, model, collator, method)
+
+
+def _client_stream(
+    cfg: ExperimentConfig, partition_id: int, num_partitions: int, data_root: str | None
+) -> tuple[ContinualStream, tuple[str, ...]]:
+    """This client's stream and the vocabulary of the whole stream.
+
+    The tiny model's tokenizer is built from the vocabulary, so it must be the one
+    of the full stream (as on the server), not of this client's share.
+    """
+    if data_root is not None:
+        # A site with its own data folder: all of it is this client's.
+        own = dataclasses.replace(cfg.data, name="manifest", root=data_root)
+        stream = build_stream(own, cfg.seed)
+        return stream, tuple(stream.vocabulary())
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"Node config `{NODE_PARTITION_ID}`={partition_id} is outside "
+            f"0..{num_partitions - 1} (`{NODE_NUM_PARTITIONS}`={num_partitions})."
+        )
+    stream = build_stream(cfg.data, cfg.seed)
+    shares = partition_stream(stream, num_partitions, cfg.data.dirichlet_alpha, cfg.seed)
+    return shares[partition_id], tuple(stream.vocabulary())
+
+
+@functools.cache
+def _shared_model(config_yaml: str, vocabulary: tuple[str, ...]) -> tuple[Any, Any]:
+    """Base model + LoRA wrapper, once per process and config."""
+    from fed_asr.config import to_experiment_config
+    from omegaconf import OmegaConf
+
+    cfg = to_experiment_config(OmegaConf.create(config_yaml))
+    device = resolve_device(cfg.model.device)
+    base, processor = load_base_model(cfg.model, list(vocabulary), device)
+    torch.manual_seed(cfg.seed)
+    return attach_lora(base, cfg.lora), processor

@@ -1,0 +1,69 @@
+"""Figures people look at: accuracy-matrix heatmap and forgetting curves."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_accuracy_matrix(
+    matrix: Sequence[Sequence[float | None]],
+    stage_names: Sequence[str],
+    path: str | Path,
+    title: str = "Accuracy matrix",
+) -> Path:
+    """Save a heatmap of ``matrix[t][i]`` (row: after stage t, column: stage i)."""
+    n = len(stage_names)
+    values = [[math.nan if v is None else float(v) for v in row] for row in matrix]
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 2))
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(n), stage_names, rotation=30, ha="right")
+    ax.set_yticks(range(n), [f"after {s}" for s in stage_names])
+    ax.set_xlabel("evaluated stage")
+    ax.set_ylabel("training stage")
+    for t in range(n):
+        for i in range(n):
+            if not math.isnan(values[t][i]):
+                colour = "black" if values[t][i] > 0.6 else "white"
+                ax.text(i, t, f"{values[t][i]:.2f}", ha="center", va="center", color=colour)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_forgetting_curves(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    xlabel: str = "round",
+    stage_boundaries: Sequence[float] = (),
+    title: str = "Accuracy of each stage over training",
+) -> Path:
+    """Save accuracy-over-time lines, one per stage (``curves[name] = [(x, acc), ...]``)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in curves.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=name)
+    for x in stage_boundaries:
+        ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(title="stage")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

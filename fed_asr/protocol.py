@@ -1,0 +1,61 @@
+"""Record names and message keys shared by the ServerApp and the ClientApp.
+
+Each key is defined once here (kebab-case, as Flower's own ``"server-round"``). See
+``docs/protocol.md`` for what travels in which message.
+"""
+
+from __future__ import annotations
+
+# Message actions (message_type = "<category>.<action>")
+SPECTRUM_ACTION = "spectrum"  # query.spectrum: stage-end per-skill statistics
+
+# Records inside a message's RecordDict
+ARRAYS_RECORD = "arrays"  # ArrayRecord: LoRA adapter state (peft keys)
+CONFIG_RECORD = "config"  # ConfigRecord: per-round settings (keys below)
+METRICS_RECORD = "metrics"  # MetricRecord: reply metrics
+SPECTRUM_RECORD = "spectrum"  # ArrayRecord: global skill spectrum (server -> client)
+STATS_RECORD = "stats"  # ArrayRecord: per-skill sufficient statistics (client -> server)
+SIGNATURE_RECORD = "signature"  # ConfigRecord: Ed25519 signatures of global state
+
+# ConfigRecord keys (server -> client)
+SERVER_ROUND_KEY = "server-round"
+GLOBAL_ROUND_KEY = "global-round"
+STAGE_KEY = "stage"
+NUM_SEEN_STAGES_KEY = "num-seen-stages"
+BETA_KEY = "beta"
+GAMMA_KEY = "gamma"
+LOCAL_EPOCHS_KEY = "local-epochs"
+LR_KEY = "lr"
+SKILLS_KEY = "skills"
+SEED_KEY = "seed"
+
+# MetricRecord keys (client -> server)
+NUM_EXAMPLES_KEY = "num-examples"
+PARTITION_ID_KEY = "partition-id"
+TRAIN_SECONDS_KEY = "train-seconds"
+LOSS_PREFIX = "loss-"  # loss-task, loss-spec, loss-geo, loss-total
+CORRECT_PREFIX = "correct-"  # correct-<stage>
+TOTAL_PREFIX = "total-"  # total-<stage>
+
+# Node config keys (set per SuperNode; Flower's simulation sets the first two)
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_ROOT = "data-root"
+
+# Statistics array names inside STATS_RECORD (SkillStats.to_arrays)
+STATS_ARRAYS = ("count", "sum", "sumsq", "angular_sum")
+
+
+def correct_key(stage: int) -> str:
+    """Metric key of the number of correct answers on ``stage``."""
+    return f"{CORRECT_PREFIX}{stage}"
+
+
+def total_key(stage: int) -> str:
+    """Metric key of the number of scored questions on ``stage``."""
+    return f"{TOTAL_PREFIX}{stage}"
+
+
+def loss_key(term: str) -> str:
+    """Metric key of a loss term (``task``, ``spec``, ``geo``, ``total``)."""
+    return f"{LOSS_PREFIX}{term}"

@@ -1,0 +1,313 @@
+"""Attention maps -> spectral descriptors (DESIGN section 2, steps 1-6).
+
+Pure, batched tensor functions. The input is the text-to-image attention of the
+selected layers, ``attn`` of shape (B, L, H, Tq, P) with P = Gh * Gw image tokens on a
+row-major Gh x Gw grid. The output is one descriptor per sample, of size
+D = 2 (K + 2M + 3), and the mean angular distribution (M,).
+
+Spectra are computed in float32 whatever the input dtype (bfloat16 attention works).
+
+The DC component (rho = 0)
+--------------------------
+Every map is normalised to sum 1, so with the orthonormal FFT the DC coefficient is
+always 1 / sqrt(P) and its power always 1 / P. For a non-negative map, the triangle
+inequality gives |F(k)| <= 1 / sqrt(P) for every k, so DC is always a (possibly tied)
+peak. Hence:
+
+- the radial bins *include* DC (first bin). After normalising the power spectrum to
+  sum 1 the DC share is 1 / (P * ||m||^2), the inverse participation ratio of the map:
+  1 for a uniform map, 1 / P for a one-hot map. That is the concentration of the map,
+  a useful feature, and it lives in radial bin 0;
+- the angular bins and the dominant frequency *exclude* DC: theta is undefined at
+  rho = 0 (atan2(0, 0) = 0 would dump the DC share into one angular bin), and DC would
+  always win the peak search. The angular distribution is normalised over the non-DC
+  (AC) power. A map without AC power (uniform) gets the uniform angular distribution.
+
+The power spectrum of a real map is conjugate-symmetric, P(k) = P(-k), so its peak is
+always tied between k and -k. The peak search runs on the exactly symmetrised spectrum
+(P(k) + P(-k)) / 2 so the tie is broken by index order, never by rounding noise; this
+keeps (rho*, theta*) stable under circular shifts of the map.
+
+Epsilons are only added to shift-invariant quantities (map sums, spectrum sums, bin
+energies), so a circular shift of the map leaves the descriptor unchanged up to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SpectralDescriptor",
+    "attention_maps",
+    "describe",
+    "descriptor_dim",
+    "features_per_head",
+    "frequency_coordinates",
+    "layer_head_features",
+]
+
+_EPS = 1e-8
+
+
+@dataclass
+class SpectralDescriptor:
+    """Spectral descriptor of a batch.
+
+    Attributes
+    ----------
+    descriptor : Tensor
+        (B, D) mean and (population) variance across layer-heads of the per-head
+        features, D = 2 (K + 2M + 3). float32.
+    angular : Tensor
+        (B, M) angular distribution averaged over layer-heads (sums to 1). float32.
+    """
+
+    descriptor: Tensor
+    angular: Tensor
+
+    def detach(self) -> SpectralDescriptor:
+        """Return a copy cut from the autograd graph."""
+        return SpectralDescriptor(self.descriptor.detach(), self.angular.detach())
+
+
+def features_per_head(n_radial: int, n_angular: int) -> int:
+    """Number of features of one layer-head: K + 2M + 3."""
+    return n_radial + 2 * n_angular + 3
+
+
+def descriptor_dim(n_radial: int, n_angular: int) -> int:
+    """Descriptor size D = 2 (K + 2M + 3) (54 with K = M = 8).
+
+    Parameters
+    ----------
+    n_radial : int
+        Number of radial bins K.
+    n_angular : int
+        Number of angular bins M.
+
+    Returns
+    -------
+    int
+        The descriptor size.
+
+    Raises
+    ------
+    ValueError
+        If a bin count is not positive.
+    """
+    _check_bins(n_radial, n_angular)
+    return 2 * features_per_head(n_radial, n_angular)
+
+
+def frequency_coordinates(
+    gh: int, gw: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Polar frequency coordinates of a Gh x Gw spectrum (unshifted FFT layout).
+
+    Parameters
+    ----------
+    gh, gw : int
+        Grid height (rows, frequency fy) and width (columns, frequency fx).
+    device : torch.device | str | None
+        Device of the returned tensors.
+
+    Returns
+    -------
+    rho : Tensor
+        (gh, gw) float32, sqrt(fy^2 + fx^2) divided by its maximum, in [0, 1]
+        (all zeros on a 1 x 1 grid).
+    theta : Tensor
+        (gh, gw) float32, atan2(fx, fy) in [-pi, pi].
+
+    Raises
+    ------
+    ValueError
+        If a grid side is not positive.
+    """
+    if gh <= 0 or gw <= 0:
+        raise ValueError(f"`grid` must have positive sides, got ({gh}, {gw}).")
+    fy = torch.fft.fftfreq(gh, device=device, dtype=torch.float32)[:, None]  # (gh, 1)
+    fx = torch.fft.fftfreq(gw, device=device, dtype=torch.float32)[None, :]  # (1, gw)
+    fy, fx = torch.broadcast_tensors(fy, fx)  # (gh, gw) each
+    rho = torch.sqrt(fy.square() + fx.square())
+    rho = rho / rho.max().clamp_min(1e-12)  # a 1 x 1 grid keeps rho = 0
+    theta = torch.atan2(fx, fy)
+    return rho, theta
+
+
+def attention_maps(
+    attn: Tensor, grid: tuple[int, int], token_weights: Tensor | None = None
+) -> Tensor:
+    """Average attention over text queries into one normalised map per layer-head.
+
+    Parameters
+    ----------
+    attn : Tensor
+        (B, L, H, Tq, P) attention of text queries over the P = Gh * Gw image tokens.
+    grid : tuple[int, int]
+        (Gh, Gw), row-major layout of the image tokens.
+    token_weights : Tensor | None
+        (B, Tq) non-negative weights of the query tokens (e.g. a functional-token
+        mask). ``None`` or an all-zero row means uniform weights.
+
+    Returns
+    -------
+    Tensor
+        (B, J, Gh, Gw) float32 maps, J = L * H, each clamped at 0 and summing to 1.
+
+    Raises
+    ------
+    ValueError
+        If a shape does not match.
+    """
+    if attn.ndim != 5:
+        raise ValueError(
+            f"`attn` must have shape (B, L, H, Tq, P), got {tuple(attn.shape)}."
+        )
+    b, n_layers, n_heads, tq, p = attn.shape
+    gh, gw = grid
+    if gh <= 0 or gw <= 0 or gh * gw != p:
+        raise ValueError(
+            f"`grid` {tuple(grid)} does not match the {p} image tokens of `attn`."
+        )
+    attn = attn.float()
+    if token_weights is None:
+        weights = attn.new_ones(b, tq)
+    else:
+        if tuple(token_weights.shape) != (b, tq):
+            raise ValueError(
+                f"`token_weights` must have shape {(b, tq)}, "
+                f"got {tuple(token_weights.shape)}."
+            )
+        weights = token_weights.to(device=attn.device, dtype=torch.float32)
+        weights = weights.clamp_min(0.0)
+        empty = weights.sum(dim=1, keepdim=True) <= 0  # (B, 1)
+        weights = torch.where(empty, torch.ones_like(weights), weights)
+    weights = weights / weights.sum(dim=1, keepdim=True)  # (B, Tq)
+    maps = torch.einsum("blhqp,bq->blhp", attn, weights)  # (B, L, H, P)
+    maps = maps.reshape(b, n_layers * n_heads, gh, gw)  # (B, J, Gh, Gw)
+    maps = maps.clamp_min(0.0)
+    # The eps is added uniformly, so it is shift-invariant and turns an all-zero map
+    # into the uniform map instead of 0 / 0.
+    maps = maps + _EPS
+    return maps / maps.sum(dim=(-2, -1), keepdim=True)
+
+
+def layer_head_features(maps: Tensor, n_radial: int = 8, n_angular: int = 8) -> Tensor:
+    """Spectral features of each map (DESIGN section 2, steps 3-5).
+
+    Parameters
+    ----------
+    maps : Tensor
+        (B, J, Gh, Gw) non-negative maps summing to 1.
+    n_radial : int
+        Number K of radial bins over rho in [0, 1]; bin 0 includes DC.
+    n_angular : int
+        Number M of angular bins over theta in [-pi, pi]; DC excluded.
+
+    Returns
+    -------
+    Tensor
+        (B, J, K + 2M + 3) float32: radial distribution (K), angular distribution
+        (M), anisotropy = angular / mean(angular) (M), rho*, theta*, peak power.
+    """
+    _check_bins(n_radial, n_angular)
+    b, j, gh, gw = maps.shape
+    maps = maps.float()
+    spectrum = torch.fft.fft2(maps, norm="ortho")  # (B, J, Gh, Gw) complex
+    power = spectrum.real.square() + spectrum.imag.square()  # (B, J, Gh, Gw)
+    power = power / (power.sum(dim=(-2, -1), keepdim=True) + _EPS)
+    flat = power.reshape(b, j, gh * gw)  # (B, J, P)
+
+    rho, theta = frequency_coordinates(gh, gw, device=maps.device)  # (Gh, Gw) each
+    rho_flat, theta_flat = rho.reshape(-1), theta.reshape(-1)  # (P,) each
+    not_dc = torch.ones(gh * gw, device=maps.device)  # (P,)
+    not_dc[0] = 0.0  # index 0 is (fy, fx) = (0, 0) in the unshifted layout
+
+    radial_bin = (rho_flat * n_radial).floor().long().clamp(0, n_radial - 1)  # (P,)
+    radial_onehot = torch.nn.functional.one_hot(radial_bin, n_radial).float()  # (P,K)
+    radial = flat @ radial_onehot  # (B, J, K)
+    radial = (radial + _EPS) / (radial.sum(-1, keepdim=True) + n_radial * _EPS)
+
+    angle = (theta_flat + math.pi) / (2 * math.pi) * n_angular
+    angular_bin = angle.floor().long().clamp(0, n_angular - 1)  # (P,)
+    angular_onehot = torch.nn.functional.one_hot(angular_bin, n_angular).float()
+    angular_onehot = angular_onehot * not_dc[:, None]  # (P, M), DC row zeroed
+    angular = flat @ angular_onehot  # (B, J, M)
+    angular = (angular + _EPS) / (angular.sum(-1, keepdim=True) + n_angular * _EPS)
+    anisotropy = angular / (angular.mean(-1, keepdim=True) + _EPS)  # (B, J, M)
+
+    # Peak search on the exactly conjugate-symmetric spectrum (see module docstring).
+    mirrored = torch.roll(
+        torch.flip(power, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1)
+    )
+    symmetric = 0.5 * (power + mirrored)  # (B, J, Gh, Gw), P(k) == P(-k) exactly
+    symmetric = symmetric.reshape(b, j, gh * gw)  # (B, J, P)
+    if gh * gw > 1:
+        candidates = symmetric.masked_fill(not_dc == 0, -1.0)  # DC never wins
+    else:
+        candidates = symmetric
+    peak_index = candidates.argmax(dim=-1, keepdim=True)  # (B, J, 1)
+    peak_power = symmetric.gather(-1, peak_index)  # (B, J, 1), differentiable
+    peak_rho = rho_flat[peak_index]  # (B, J, 1)
+    peak_theta = theta_flat[peak_index]  # (B, J, 1)
+    return torch.cat(
+        [radial, angular, anisotropy, peak_rho, peak_theta, peak_power], dim=-1
+    )  # (B, J, K + 2M + 3)
+
+
+def describe(
+    attn: Tensor,
+    grid: tuple[int, int],
+    token_weights: Tensor | None = None,
+    n_radial: int = 8,
+    n_angular: int = 8,
+) -> SpectralDescriptor:
+    """Spectral descriptor of each sample from its text-to-image attention.
+
+    Parameters
+    ----------
+    attn : Tensor
+        (B, L, H, Tq, P) attention of the selected layers; any float dtype.
+    grid : tuple[int, int]
+        (Gh, Gw) with Gh * Gw = P; non-square grids are fine.
+    token_weights : Tensor | None
+        (B, Tq) weights of the text query tokens; ``None`` or an all-zero row means
+        uniform weights.
+    n_radial : int
+        Number K of radial bins.
+    n_angular : int
+        Number M of angular bins.
+
+    Returns
+    -------
+    SpectralDescriptor
+        ``descriptor`` (B, 2(K + 2M + 3)): mean then population variance of the
+        per-head features across the J = L * H layer-heads; ``angular`` (B, M): the
+        mean angular distribution. Both float32 and differentiable w.r.t. ``attn``.
+
+    Raises
+    ------
+    ValueError
+        If a shape does not match or a bin count is not positive.
+    """
+    _check_bins(n_radial, n_angular)
+    maps = attention_maps(attn, grid, token_weights)  # (B, J, Gh, Gw)
+    feats = layer_head_features(maps, n_radial, n_angular)  # (B, J, F)
+    mean = feats.mean(dim=1)  # (B, F)
+    var = feats.var(dim=1, unbiased=False)  # (B, F); 0 when J = 1
+    angular = feats[..., n_radial : n_radial + n_angular].mean(dim=1)  # (B, M)
+    return SpectralDescriptor(torch.cat([mean, var], dim=-1), angular)
+
+
+def _check_bins(n_radial: int, n_angular: int) -> None:
+    """Raise if a bin count is not positive."""
+    if n_radial <= 0:
+        raise ValueError(f"`n_radial` must be positive, got {n_radial}.")
+    if n_angular <= 0:
+        raise ValueError(f"`n_angular` must be positive, got {n_angular}.")

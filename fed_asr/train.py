@@ -1,0 +1,241 @@
+"""Local work of one site on one stage: training, evaluation, spectrum statistics.
+
+These functions are shared by the central engine and the Flower ClientApp; they take
+the model (a peft model on the base MLLM), the processor and narrow configs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from fed_asr.config import RegularizerConfig, TrainConfig
+from fed_asr.data import VQASample, skill_probabilities
+from fed_asr.methods import ContinualMethod, StepContext
+from fed_asr.models import (
+    VQACollator,
+    candidate_token_ids,
+    forward_with_attention,
+    score_candidates,
+)
+from fed_asr.progress import Progress
+from fed_asr.spectral import describe
+from fed_asr.spectrum import SkillStats
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels")
+
+
+@dataclass
+class StageTrainResult:
+    """What local training of one stage did."""
+
+    num_examples: int
+    steps: int
+    seconds: float
+    losses: dict[str, float] = field(default_factory=dict)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _batches(
+    n: int, batch_size: int, generator: torch.Generator | None
+) -> list[list[int]]:
+    order = torch.randperm(n, generator=generator) if generator else torch.arange(n)
+    return [order[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+
+
+def train_stage(
+    model: torch.nn.Module,
+    collator: VQACollator,
+    samples: Sequence[VQASample],
+    skills: Sequence[str],
+    method: ContinualMethod,
+    train_cfg: TrainConfig,
+    reg_cfg: RegularizerConfig,
+    capture_mode: str = "selective",
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> StageTrainResult:
+    """Train the trainable (LoRA) weights on one stage's samples.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Peft model; only parameters with ``requires_grad`` are optimised.
+    collator : VQACollator
+        Turns samples into model batches.
+    samples : Sequence[VQASample]
+        This site's training data of the stage (may be empty).
+    skills : Sequence[str]
+        Skill names, in the order of the spectrum's rows.
+    method : ContinualMethod
+        Supplies the extra loss terms (already configured for this stage).
+    train_cfg, reg_cfg : TrainConfig, RegularizerConfig
+        Optimisation settings and ASR settings (``l_sel``).
+    capture_mode : str
+        ``selective`` (SDPA + captured rows) or ``eager``.
+    epochs : int | None
+        Passes over the data; ``train_cfg.epochs`` when None.
+    seed : int
+        Seeds the data order.
+    progress : Progress | None
+        Receives a line every ``train_cfg.log_every`` steps.
+
+    Returns
+    -------
+    StageTrainResult
+        Examples, steps, wall time and mean loss per term (``task``, ``total`` ...).
+    """
+    start = time.perf_counter()
+    if len(samples) == 0:
+        return StageTrainResult(num_examples=0, steps=0, seconds=0.0)
+    device = model_device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+    )
+    generator = torch.Generator().manual_seed(seed)
+    n_epochs = train_cfg.epochs if epochs is None else epochs
+    plan = [b for _ in range(n_epochs) for b in _batches(len(samples), train_cfg.batch_size, generator)]
+    if train_cfg.max_steps_per_stage is not None:
+        plan = plan[: train_cfg.max_steps_per_stage]
+    if progress is not None:
+        progress.total = len(plan)
+    sums: dict[str, float] = {}
+    model.train()
+    for step, indices in enumerate(plan, start=1):
+        chunk = [samples[i] for i in indices]
+        batch = _to_device(collator(chunk), device)
+        probs = skill_probabilities(chunk, skills).to(device)
+        terms = _step_losses(model, batch, probs, method, reg_cfg, capture_mode)
+        total = sum(terms.values())
+        assert isinstance(total, Tensor)
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"Non-finite loss at step {step}: "
+                f"{ {k: float(v) for k, v in terms.items()} }"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+        optimizer.step()
+        for name, value in {**terms, "total": total}.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        if progress is not None and (step % train_cfg.log_every == 0 or step == len(plan)):
+            shown = " ".join(f"{k}={v / step:.4f}" for k, v in sums.items())
+            progress.update(step, shown)
+    model.eval()
+    losses = {name: value / len(plan) for name, value in sums.items()}
+    return StageTrainResult(
+        num_examples=len(samples),
+        steps=len(plan),
+        seconds=time.perf_counter() - start,
+        losses=losses,
+    )
+
+
+def _step_losses(
+    model: torch.nn.Module,
+    batch: dict[str, Tensor],
+    skill_probs: Tensor,
+    method: ContinualMethod,
+    reg_cfg: RegularizerConfig,
+    capture_mode: str,
+) -> dict[str, Tensor]:
+    """Task loss plus the method's penalties for one batch."""
+    forward = partial(forward_with_attention, model, batch, reg_cfg.l_sel, capture_mode)
+    if method.needs_attention or method.needs_hidden:
+        capture = forward(hidden=method.needs_hidden)
+        task_loss = capture.loss
+    else:
+        capture = None
+        task_loss = model(**{k: batch[k] for k in MODEL_INPUT_KEYS}).loss
+    ctx = StepContext(
+        model=model, batch=batch, capture=capture, skill_probs=skill_probs, forward=forward
+    )
+    return {"task": task_loss, **method.penalties(ctx)}
+
+
+@torch.no_grad()
+def evaluate_samples(
+    model: torch.nn.Module,
+    collator: VQACollator,
+    samples: Sequence[VQASample],
+    batch_size: int,
+) -> tuple[int, int]:
+    """Closed-set accuracy counts: (correct, total), ranking all candidate answers.
+
+    Samples whose answer is not in the candidate set count as wrong.
+    """
+    if len(samples) == 0:
+        return 0, 0
+    device = model_device(model)
+    candidates = candidate_token_ids(collator.processor, collator.answers)
+    model.eval()
+    correct = 0
+    for indices in _batches(len(samples), batch_size, None):
+        batch = _to_device(collator([samples[i] for i in indices]), device)
+        scores = score_candidates(model, batch, candidates)  # (B, C)
+        predicted = scores.argmax(dim=-1)
+        correct += int((predicted == batch["answer_index"]).sum())
+    return correct, len(samples)
+
+
+def accuracy(correct: int, total: int) -> float:
+    """``correct / total``; NaN when there is nothing to score."""
+    return correct / total if total else math.nan
+
+
+@torch.no_grad()
+def spectrum_statistics(
+    model: torch.nn.Module,
+    collator: VQACollator,
+    samples: Sequence[VQASample],
+    skills: Sequence[str],
+    reg_cfg: RegularizerConfig,
+    batch_size: int,
+    capture_mode: str = "selective",
+) -> SkillStats:
+    """Per-skill sufficient statistics of the spectral descriptors of ``samples``."""
+    stats = SkillStats.empty(
+        tuple(skills), _descriptor_size(reg_cfg), reg_cfg.n_angular
+    )
+    if len(samples) == 0:
+        return stats
+    device = model_device(model)
+    model.eval()
+    for indices in _batches(len(samples), batch_size, None):
+        chunk = [samples[i] for i in indices]
+        batch = _to_device(collator(chunk), device)
+        capture = forward_with_attention(model, batch, reg_cfg.l_sel, capture_mode)
+        desc = describe(
+            capture.attn,
+            capture.grid,
+            token_weights=capture.query_mask.to(capture.attn.dtype),
+            n_radial=reg_cfg.n_radial,
+            n_angular=reg_cfg.n_angular,
+        )
+        probs = skill_probabilities(chunk, skills)
+        stats = stats + SkillStats.from_batch(desc, probs, tuple(skills), reg_cfg.tau_skill)
+    return stats
+
+
+def _descriptor_size(reg_cfg: RegularizerConfig) -> int:
+    from fed_asr.spectral import descriptor_dim
+
+    return descriptor_dim(reg_cfg.n_radial, reg_cfg.n_angular)

@@ -1,0 +1,223 @@
+"""The federated continual run driven by the ServerApp: stages, rounds, spectrum, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fed_asr import protocol as P
+from fed_asr.config import ExperimentConfig
+from fed_asr.data import build_stream
+from fed_asr.methods import METHODS
+from fed_asr.metrics import AccuracyMatrix
+from fed_asr.models import (
+    adapter_state,
+    attach_lora,
+    load_adapter_state,
+    load_base_model,
+    resolve_device,
+)
+from fed_asr.outputs import seed_everything, write_run_outputs
+from fed_asr.progress import format_seconds
+from server.checkpoint import Checkpoint, Checkpointer
+from server.strategy import FedASR, RoundLog
+
+
+class FederatedRun:
+    """Runs every stage of a FedASR experiment over a Flower ``Grid``.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    grid : Grid
+        Flower grid (simulation or deployment).
+    engine : str
+        Recorded in ``metrics.json`` (``simulation`` or ``deployment``).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, grid: Grid, engine: str = "simulation"):
+        self.cfg = cfg
+        self.grid = grid
+        self.engine = engine
+        self.out = Path(cfg.output_dir).expanduser().resolve()
+        self.checkpointer = Checkpointer(self.out / "checkpoint")
+        self.started = time.perf_counter()
+        self.elapsed_before = 0.0
+        self.rounds_at_start = 0
+        self.spectrum_stage = -1
+
+    def run(self) -> Path:
+        """Run (or resume) the experiment and return the ``metrics.json`` path."""
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        stream = build_stream(cfg.data, cfg.seed)
+        self.stage_names = [s.name for s in stream.stages]
+        method_cls = METHODS[cfg.method.name] if cfg.method.name in METHODS else None
+        if method_cls is None:
+            raise KeyError(f"Unknown method {cfg.method.name!r}. Available: {sorted(METHODS)}.")
+        shares_spectrum = method_cls.shares_spectrum
+        base, _ = load_base_model(cfg.model, stream.vocabulary(), resolve_device("cpu"))
+        import torch
+
+        torch.manual_seed(cfg.seed)
+        self.model = attach_lora(base, cfg.lora)
+        arrays = ArrayRecord(torch_state_dict=adapter_state(self.model))
+        fed = cfg.federation
+        self.strategy = FedASR(
+            skills=stream.skills,
+            spectrum_cfg=cfg.spectrum,
+            cov_floor=cfg.regularizer.cov_floor,
+            send_spectrum=method_cls.uses_spectrum and shares_spectrum,
+            seed=cfg.seed,
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=fed.fraction_evaluate,
+            min_train_nodes=min(fed.min_available_clients, fed.num_clients),
+            min_evaluate_nodes=min(fed.min_available_clients, fed.num_clients),
+            min_available_nodes=min(fed.min_available_clients, fed.num_clients),
+        )
+        self.strategy.on_round_end = self._round_end
+        done_rounds = 0
+        if cfg.resume:
+            done_rounds, arrays = self._restore(arrays)
+        R, T = fed.rounds_per_stage, len(stream.stages)
+        self.total_rounds = R * T
+        self.rounds_at_start = done_rounds
+        timeout = fed.round_timeout_s or 3600.0
+        for t in range(T):
+            done_in_stage = min(max(done_rounds - t * R, 0), R)
+            self.strategy.stage = t
+            if done_in_stage < R:
+                self.strategy.round_offset = t * R + done_in_stage
+                result = self.strategy.start(
+                    grid=self.grid,
+                    initial_arrays=arrays,
+                    num_rounds=R - done_in_stage,
+                    timeout=timeout,
+                    train_config=self._train_config(t),
+                    evaluate_config=ConfigRecord(),
+                )
+                arrays = self.strategy.current_arrays or result.arrays or arrays
+            if shares_spectrum and self.spectrum_stage < t:
+                self.strategy.spectrum_round(self.grid, arrays, t, timeout)
+                self.spectrum_stage = t
+                self._save(arrays, (t + 1) * R)
+        load_adapter_state(self.model, arrays.to_torch_state_dict())
+        return self._write_outputs(T, R)
+
+    # -- configuration -------------------------------------------------------------
+    def _train_config(self, stage: int) -> ConfigRecord:
+        cfg = self.cfg
+        return ConfigRecord({
+            P.STAGE_KEY: stage,
+            P.BETA_KEY: float(cfg.regularizer.beta),
+            P.GAMMA_KEY: float(cfg.regularizer.gamma),
+            P.LOCAL_EPOCHS_KEY: int(cfg.federation.local_epochs),
+            P.LR_KEY: float(cfg.train.lr),
+            P.SEED_KEY: int(cfg.seed),
+        })
+
+    # -- per-round bookkeeping -------------------------------------------------------
+    def _round_end(self, global_round: int) -> None:
+        arrays = self.strategy.current_arrays
+        if arrays is not None:
+            self._save(arrays, global_round)
+        entry = self.strategy.rounds[-1]
+        done = global_round - self.rounds_at_start
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(done, 1) * (self.total_rounds - global_round)
+        acc = " ".join(f"{self.stage_names[int(k)]}={v:.3f}" for k, v in entry.accuracy.items())
+        log(INFO, "[fed-asr] stage %d/%d (%s) | round %d/%d | clients %d/%d answered | %s | "
+            "elapsed %s | ETA %s", entry.stage + 1, len(self.stage_names),
+            self.stage_names[entry.stage], global_round, self.total_rounds,
+            entry.clients_answered, entry.clients_sampled, acc,
+            format_seconds(elapsed), format_seconds(eta))
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "spectrum_stage": self.spectrum_stage,
+            "spectrum_done": self.spectrum_stage >= self.strategy.stage,
+            "rounds": [dataclasses.asdict(r) for r in self.strategy.rounds],
+            "elapsed_s": self.elapsed_before + time.perf_counter() - self.started,
+        }
+
+    def _save(self, arrays: ArrayRecord, global_round: int) -> None:
+        self.checkpointer.save(Checkpoint(
+            global_round=global_round,
+            adapter=arrays.to_torch_state_dict(),
+            spectrum=self.strategy.global_spectrum,
+            state=self._state(),
+        ))
+
+    def _restore(self, arrays: ArrayRecord) -> tuple[int, ArrayRecord]:
+        checkpoint = self.checkpointer.load_latest()
+        if checkpoint is None:
+            log(INFO, "resume=true but no checkpoint in %s: starting fresh.",
+                self.checkpointer.folder)
+            return 0, arrays
+        state = checkpoint.state
+        self.spectrum_stage = int(state["spectrum_stage"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.strategy.rounds = [RoundLog(**r) for r in state["rounds"]]
+        self.strategy.global_spectrum = checkpoint.spectrum
+        restored = ArrayRecord(torch_state_dict=checkpoint.adapter)
+        self.strategy.current_arrays = restored
+        log(INFO, "Resuming from %s after global round %d.", self.checkpointer.folder,
+            checkpoint.global_round)
+        return checkpoint.global_round, restored
+
+    # -- outputs ----------------------------------------------------------------------
+    def _write_outputs(self, T: int, R: int) -> Path:
+        by_round = {r.round: r for r in self.strategy.rounds}
+        matrix = AccuracyMatrix(T)
+        partitions = sorted({int(p) for r in self.strategy.rounds for p in r.per_client})
+        per_client = {str(p): AccuracyMatrix(T) for p in partitions}
+        for t in range(T):
+            end = by_round.get((t + 1) * R)
+            if end is None:
+                continue
+            matrix.set_row(t, [end.accuracy.get(str(i), np.nan) for i in range(t + 1)])
+            for p, row in end.per_client.items():
+                per_client[str(p)].set_row(
+                    t, [row.get(str(i), np.nan) for i in range(t + 1)])
+        curves = {
+            name: [(r.round, r.accuracy[str(i)]) for r in self.strategy.rounds
+                   if str(i) in r.accuracy]
+            for i, name in enumerate(self.stage_names)
+        }
+        rounds = [dataclasses.asdict(r) for r in self.strategy.rounds]
+        totals = {
+            key: sum(r[key] for r in rounds)
+            for key in ("bytes_down_adapter", "bytes_down_spectrum", "bytes_up_adapter",
+                        "bytes_up_spectrum")
+        }
+        extra = {
+            "engine": self.engine,
+            "method": self.cfg.method.name,
+            "stream": self.cfg.data.stream if self.cfg.data.name == "easyvqa" else "manifest",
+            "seed": self.cfg.seed,
+            "num_clients": self.cfg.federation.num_clients,
+            "rounds_per_stage": R,
+            "spectrum_strategy": self.cfg.spectrum.strategy,
+            "per_client": {p: m.to_list() for p, m in per_client.items()},
+            "rounds": rounds,
+            "communication_bytes": totals,
+            "dropped_replies": sum(len(r["dropped"]) for r in rounds),
+            "failed_replies": sum(r["failures"] for r in rounds),
+            "wall_time_s": self.elapsed_before + time.perf_counter() - self.started,
+        }
+        path = write_run_outputs(
+            self.out, self.cfg, self.stage_names, matrix, self.model,
+            self.strategy.global_spectrum, extra, curves=curves, curve_xlabel="round",
+            stage_boundaries=[(t + 1) * R + 0.5 for t in range(T - 1)],
+        )
+        log(INFO, "[fed-asr] metrics written to %s", path)
+        return path

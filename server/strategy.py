@@ -1,0 +1,311 @@
+"""FedASR: FedAvg over LoRA adapters plus a global skill spectrum."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fed_asr import protocol as P
+from fed_asr.aggregation import get_spectrum_strategy
+from fed_asr.config import SpectrumConfig
+from fed_asr.spectrum import SkillSpectrum, SkillStats, blend
+from server.records import numpy_record, partition_of, record_bytes, record_to_numpy
+
+ReplyCheck = Callable[[Message, ArrayRecord | None], str | None]
+
+
+@dataclass
+class RoundLog:
+    """What happened in one global round (one entry of ``metrics.json``'s rounds)."""
+
+    round: int
+    stage: int
+    clients_sampled: int = 0
+    clients_answered: int = 0
+    failures: int = 0
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    losses: dict[str, float] = field(default_factory=dict)
+    bytes_down_adapter: int = 0
+    bytes_down_spectrum: int = 0
+    bytes_up_adapter: int = 0
+    bytes_up_spectrum: int = 0
+    accuracy: dict[str, float] = field(default_factory=dict)
+    per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class FedASR(FedAvg):
+    """Federated Attention-Spectrum Regularization on LoRA adapters.
+
+    FedAvg of the LoRA weights (by ``num-examples``), a global skill spectrum sent with
+    every train message, a stage-end spectrum round that merges per-skill sufficient
+    statistics with a registered spectrum strategy, and per-stage evaluation.
+    Method: ASR, https://arxiv.org/abs/2606.23063.
+
+    Parameters
+    ----------
+    skills : Sequence[str]
+        Skill names, the rows of the spectrum.
+    spectrum_cfg : SpectrumConfig
+        Merge strategy (``pooled``, ``mean``, ...) and temporal blending.
+    cov_floor : float
+        Variance floor of prototypes.
+    send_spectrum : bool
+        Whether train messages carry the global spectrum (methods that use it).
+    seed : int
+        Seeds node sampling per global round (reproducible, also after resume).
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
+    min_available_nodes : see ``FedAvg``.
+    reply_check : Callable | None
+        Extra validation of each train reply; returns a reason to drop it, or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        skills: Sequence[str],
+        spectrum_cfg: SpectrumConfig,
+        cov_floor: float = 1e-4,
+        send_spectrum: bool = True,
+        seed: int = 0,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        reply_check: ReplyCheck | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=P.NUM_EXAMPLES_KEY,
+            arrayrecord_key=P.ARRAYS_RECORD,
+            configrecord_key=P.CONFIG_RECORD,
+        )
+        self.skills = tuple(skills)
+        self.spectrum_cfg = spectrum_cfg
+        self.spectrum_strategy = get_spectrum_strategy(spectrum_cfg.strategy)
+        self.cov_floor = cov_floor
+        self.send_spectrum = send_spectrum
+        self.seed = seed
+        self.reply_check = reply_check
+        self.global_spectrum: SkillSpectrum | None = None
+        self.current_arrays: ArrayRecord | None = None
+        self.stage = 0
+        self.round_offset = 0
+        self.rounds: list[RoundLog] = []
+        self.on_round_end: Callable[[int], None] | None = None
+        self._round_start = time.perf_counter()
+        if not send_spectrum:
+            log(INFO, "FedASR: the global spectrum is not sent (method does not use it).")
+
+    # -- helpers -------------------------------------------------------------------
+    def global_round(self, server_round: int) -> int:
+        """Round number across stages (1-based)."""
+        return self.round_offset + server_round
+
+    def _log(self, server_round: int) -> RoundLog:
+        number = self.global_round(server_round)
+        if not self.rounds or self.rounds[-1].round != number:
+            self.rounds.append(RoundLog(round=number, stage=self.stage))
+        return self.rounds[-1]
+
+    # -- training ------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's messages plus the global round, stage and global spectrum."""
+        self._round_start = time.perf_counter()
+        random.seed(self.seed * 100_003 + self.global_round(server_round))
+        config[P.GLOBAL_ROUND_KEY] = self.global_round(server_round)
+        config[P.STAGE_KEY] = self.stage
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        entry = self._log(server_round)
+        entry.clients_sampled = len(messages)
+        entry.bytes_down_adapter = record_bytes(arrays) * len(messages)
+        if self.send_spectrum and self.global_spectrum is not None:
+            spectrum_record = numpy_record(self.global_spectrum.to_arrays())
+            for message in messages:
+                message.content[P.SPECTRUM_RECORD] = spectrum_record
+            entry.bytes_down_spectrum = record_bytes(spectrum_record) * len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop failed, empty or invalid replies, then FedAvg the rest (sorted by node)."""
+        entry = self._log(server_round)
+        replies = sorted(replies, key=partition_of)
+        kept: list[Message] = []
+        for msg in replies:
+            reason = self._reject_reason(msg)
+            if reason is None:
+                kept.append(msg)
+                continue
+            if msg.has_error():
+                entry.failures += 1
+            else:
+                entry.dropped.append(
+                    {"node": msg.metadata.src_node_id, "partition": partition_of(msg),
+                     "reason": reason}
+                )
+            log(WARNING, "Round %d: reply from node %d dropped: %s",
+                self.global_round(server_round), msg.metadata.src_node_id, reason)
+        entry.clients_answered = sum(not m.has_error() for m in replies)
+        entry.bytes_up_adapter = sum(
+            record_bytes(m.content.array_records.get(P.ARRAYS_RECORD))
+            for m in replies if not m.has_error()
+        )
+        with_data = [m for m in kept if self._num_examples(m) > 0]
+        if not with_data:
+            log(WARNING, "Round %d: no reply with training data. Skipping aggregation.",
+                self.global_round(server_round))
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, with_data)
+        if arrays is not None:
+            self.current_arrays = arrays
+        if metrics is not None:
+            entry.losses = {
+                k[len(P.LOSS_PREFIX):]: float(v)  # type: ignore[arg-type]
+                for k, v in metrics.items() if k.startswith(P.LOSS_PREFIX)
+            }
+        return arrays, metrics
+
+    @staticmethod
+    def _num_examples(msg: Message) -> int:
+        return int(msg.content[P.METRICS_RECORD][P.NUM_EXAMPLES_KEY])
+
+    def _reject_reason(self, msg: Message) -> str | None:
+        if msg.has_error():
+            return f"client error: {msg.error.reason}"
+        content = msg.content
+        if P.ARRAYS_RECORD not in content.array_records:
+            return f"missing ArrayRecord '{P.ARRAYS_RECORD}'"
+        if P.METRICS_RECORD not in content.metric_records:
+            return f"missing MetricRecord '{P.METRICS_RECORD}'"
+        metrics = content.metric_records[P.METRICS_RECORD]
+        if P.NUM_EXAMPLES_KEY not in metrics:
+            return f"missing metric '{P.NUM_EXAMPLES_KEY}'"
+        if self.reply_check is not None:
+            return self.reply_check(msg, self.current_arrays)
+        return None
+
+    # -- evaluation ----------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's evaluate messages with the number of stages seen so far."""
+        config[P.NUM_SEEN_STAGES_KEY] = self.stage + 1
+        config[P.GLOBAL_ROUND_KEY] = self.global_round(server_round)
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Pool correct/total counts per stage over clients; keep per-client accuracy."""
+        valid, _ = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        entry = self._log(server_round)
+        correct = [0] * (self.stage + 1)
+        total = [0] * (self.stage + 1)
+        for msg in sorted(valid, key=partition_of):
+            metrics = msg.content[P.METRICS_RECORD]
+            row: dict[str, float] = {}
+            for i in range(self.stage + 1):
+                c = int(metrics.get(P.correct_key(i), 0))
+                n = int(metrics.get(P.total_key(i), 0))
+                correct[i] += c
+                total[i] += n
+                if n:
+                    row[str(i)] = c / n
+            entry.per_client[str(partition_of(msg))] = row
+        pooled = {str(i): correct[i] / total[i] for i in range(len(total)) if total[i]}
+        entry.accuracy = pooled
+        entry.seconds = time.perf_counter() - self._round_start
+        if self.on_round_end is not None:
+            self.on_round_end(self.global_round(server_round))
+        if not pooled:
+            return None
+        return MetricRecord({f"acc-{k}": v for k, v in pooled.items()})
+
+    # -- stage-end spectrum round ----------------------------------------------------
+    def spectrum_round(
+        self, grid: Grid, arrays: ArrayRecord, stage: int, timeout: float
+    ) -> SkillSpectrum | None:
+        """Collect per-skill statistics from every node and update the global spectrum.
+
+        Returns the new global spectrum (also kept on ``self``), or None when no node
+        answered with statistics (the previous spectrum is kept).
+        """
+        node_ids = list(grid.get_node_ids())
+        config = ConfigRecord({P.STAGE_KEY: stage})
+        record = RecordDict({P.ARRAYS_RECORD: arrays, P.CONFIG_RECORD: config})
+        messages = [
+            Message(content=record, dst_node_id=node, message_type=(
+                f"{MessageType.QUERY}.{P.SPECTRUM_ACTION}"))
+            for node in node_ids
+        ]
+        replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=partition_of)
+        stats: list[SkillStats] = []
+        up = 0
+        for msg in replies:
+            parsed = self._parse_stats(msg)
+            if isinstance(parsed, str):
+                log(WARNING, "Spectrum round, stage %d: reply from node %d dropped: %s",
+                    stage, msg.metadata.src_node_id, parsed)
+                continue
+            up += record_bytes(msg.content.array_records[P.STATS_RECORD])
+            stats.append(parsed)
+        if self.rounds:
+            self.rounds[-1].bytes_down_adapter += record_bytes(arrays) * len(messages)
+            self.rounds[-1].bytes_up_spectrum += up
+        if not stats or not any(float(s.count.sum()) > 0 for s in stats):
+            log(WARNING, "Spectrum round, stage %d: no statistics. Keeping the spectrum.",
+                stage)
+            return None
+        merged = self.spectrum_strategy.merge(stats, self.spectrum_cfg, self.cov_floor)
+        self.global_spectrum = blend(
+            self.global_spectrum, merged, mode=self.spectrum_cfg.blend,
+            alpha=self.spectrum_cfg.alpha,
+        )
+        log(INFO, "Spectrum round, stage %d: merged %d clients with '%s' (%s blend).",
+            stage, len(stats), self.spectrum_cfg.strategy, self.spectrum_cfg.blend)
+        return self.global_spectrum
+
+    def _parse_stats(self, msg: Message) -> SkillStats | str:
+        if msg.has_error():
+            return f"client error: {msg.error.reason}"
+        if P.STATS_RECORD not in msg.content.array_records:
+            return f"missing ArrayRecord '{P.STATS_RECORD}'"
+        try:
+            stats = SkillStats.from_arrays(
+                record_to_numpy(msg.content.array_records[P.STATS_RECORD]), self.skills
+            )
+        except (ValueError, KeyError) as err:
+            return str(err)
+        metrics = msg.content.metric_records.get(P.METRICS_RECORD)
+        if metrics is not None and P.NUM_EXAMPLES_KEY in metrics:
+            n = int(metrics[P.NUM_EXAMPLES_KEY])
+            if float(stats.count.max(initial=0)) > n:
+                return f"skill count {float(stats.count.max())} exceeds num-examples {n}"
+        return stats
+
+    def summary(self) -> None:
+        """Log FedASR's settings, then FedAvg's."""
+        log(INFO, "\t├──> FedASR: stage %d, spectrum strategy '%s', blend '%s' (alpha %.2f)",
+            self.stage, self.spectrum_cfg.strategy, self.spectrum_cfg.blend,
+            self.spectrum_cfg.alpha)
+        log(INFO, "\t├──> Skills: %s", ", ".join(self.skills))
+        super().summary()
