@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SCHEMA_NAME = "fed_asr_schema"
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -301,8 +302,12 @@ def compose_config(
         A value outside its allowed range.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
 
+    # The typed schema is the base of configs/config.yaml, so every dataclass field
+    # can be overridden and a misspelt one is refused at composition.
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

@@ -76,7 +76,7 @@ class SpectralDescriptor:
 
 
 def features_per_head(n_radial: int, n_angular: int) -> int:
-    """Number of features of one layer-head: K + 2M + 3."""
+    """Return the number of features of one layer-head, K + 2M + 3."""
     return n_radial + 2 * n_angular + 3
 
 

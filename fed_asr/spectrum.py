@@ -71,6 +71,7 @@ class SkillStats:
     angular_sum: Tensor
 
     def __post_init__(self) -> None:
+        """Validate shapes and values; store float64 CPU tensors."""
         self.skills = _check_skills(self.skills)
         arrays = {name: getattr(self, name) for name in _STATS_FIELDS}
         checked = _validate(arrays, _STATS_FIELDS, len(self.skills), "SkillStats")
@@ -133,18 +134,18 @@ class SkillStats:
         """
         x = desc.descriptor.detach().to("cpu", torch.float64)  # (B, D)
         a = desc.angular.detach().to("cpu", torch.float64)  # (B, M)
-        probs = skill_probs.detach().to("cpu", torch.float64)
-        if probs.ndim != 2 or probs.shape != (x.shape[0], len(skills)):
+        if tuple(skill_probs.shape) != (x.shape[0], len(skills)):
             raise ValueError(
                 f"`skill_probs` must have shape {(x.shape[0], len(skills))} "
-                f"(batch, skills), got {tuple(probs.shape)}."
+                f"(batch, skills), got {tuple(skill_probs.shape)}."
             )
         if a.shape[0] != x.shape[0]:
             raise ValueError(
                 f"`desc.angular` has {a.shape[0]} rows but `desc.descriptor` has "
                 f"{x.shape[0]}."
             )
-        member = (probs > tau_skill).to(torch.float64)  # (B, S)
+        # Compare in the input dtype: float32 0.2 cast to float64 exceeds 0.2.
+        member = (skill_probs.detach() > tau_skill).to("cpu", torch.float64)  # (B, S)
         return cls(
             tuple(skills),
             member.sum(dim=0),
@@ -280,6 +281,7 @@ class SkillSpectrum:
     count: Tensor
 
     def __post_init__(self) -> None:
+        """Validate shapes and values (dtype and device are kept)."""
         self.skills = _check_skills(self.skills)
         arrays = {name: getattr(self, name) for name in _SPECTRUM_FIELDS}
         checked = _validate(
@@ -381,7 +383,7 @@ def blend(
     Returns
     -------
     SkillSpectrum
-        The blended spectrum (float64 on CPU).
+        The blended spectrum, float64 on CPU (``new`` itself when ``old`` is None).
 
     Raises
     ------
@@ -497,7 +499,9 @@ def _validate(
         for size, sym in zip(shape, symbols, strict=False):
             ok = ok and sizes.setdefault(sym, size) == size
         if not ok:
-            want = ", ".join(f"{sym}={sizes.get(sym, '?')}" for sym in symbols)
+            want = ", ".join(
+                f"{sym}={sizes[sym]}" if sym in sizes else sym for sym in symbols
+            )
             raise ValueError(
                 f"{owner}: array `{key}` must have shape ({want}), got {shape}."
             )

@@ -25,7 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = compose_config(config_name, args)
     except Exception as err:  # Hydra/OmegaConf/ValueError: show the reason, not a trace
-        print(f"fed-asr: invalid configuration: {err}", file=sys.stderr)
+        reason = f"{err}" + (f" ({err.__cause__})" if err.__cause__ else "")
+        print(f"fed-asr: invalid configuration: {reason}", file=sys.stderr)
         return 2
     if cfg.engine.name == "central":
         from fed_asr.central import run_central

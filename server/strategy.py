@@ -298,7 +298,7 @@ class FedASR(FedAvg):
         metrics = msg.content.metric_records.get(P.METRICS_RECORD)
         if metrics is not None and P.NUM_EXAMPLES_KEY in metrics:
             n = int(metrics[P.NUM_EXAMPLES_KEY])
-            if float(stats.count.max(initial=0)) > n:
+            if stats.count.numel() and float(stats.count.max()) > n:
                 return f"skill count {float(stats.count.max())} exceeds num-examples {n}"
         return stats
 

@@ -64,7 +64,7 @@ def _check_split(split: str) -> None:
 
 @cache
 def easyvqa_answers() -> tuple[str, ...]:
-    """The 13 easy-VQA answers, sorted."""
+    """Return the 13 easy-VQA answers, sorted."""
     import easy_vqa
 
     return tuple(sorted(easy_vqa.get_answers()))
@@ -83,7 +83,7 @@ def _records(split: str) -> tuple[_Record, ...]:
         texts, answers, image_ids = easy_vqa.get_test_questions()
         paths = easy_vqa.get_test_image_paths()
     records = []
-    for text, answer, image_id in zip(texts, answers, image_ids):
+    for text, answer, image_id in zip(texts, answers, image_ids, strict=True):
         if image_id not in paths:
             raise ValueError(f"easy-VQA {split} image {image_id} has no image file.")
         sample = VQASample(image=str(paths[image_id]), question=text, answer=answer)
@@ -123,12 +123,16 @@ def image_labels(split: str) -> dict[int, ImageLabel]:
         pos = known.setdefault(rec.image_id, {})
         neg = ruled_out.setdefault(rec.image_id, {"color": set(), "shape": set()})
         facts: list[tuple[str, str, bool]] = []
-        named = [("color", w) for w in parsed.colors] + [("shape", w) for w in parsed.shapes]
+        named = [("color", w) for w in parsed.colors] + [
+            ("shape", w) for w in parsed.shapes
+        ]
         if parsed.skill in ("shape", "color"):
             facts.append((parsed.skill, rec.sample.answer, True))
             facts += [(kind, word, True) for kind, word in named]
         else:
-            present = (rec.sample.answer == "yes") != (parsed.skill == "negated_existence")
+            present = (rec.sample.answer == "yes") != (
+                parsed.skill == "negated_existence"
+            )
             facts += [(kind, word, present) for kind, word in named]
         for kind, word, holds in facts:
             if not holds:
@@ -155,7 +159,7 @@ def image_labels(split: str) -> dict[int, ImageLabel]:
 
 @cache
 def easyvqa_words() -> tuple[str, ...]:
-    """Every token of the easy-VQA questions and answers (seed-independent vocabulary)."""
+    """Every token of the easy-VQA questions and answers (independent of the seed)."""
     words = {w for a in easyvqa_answers() for w in tokenize(a)}
     for split in _SPLITS:
         for text in {rec.sample.question for rec in _records(split)}:
@@ -191,7 +195,7 @@ def resolve_stage_order(
 def _stage_samples(
     stream: str, stage: str, split: str, max_size: int | None, seed: int
 ) -> list[VQASample]:
-    """The (subsampled, shuffled) samples of one stage and split."""
+    """Select the (subsampled, shuffled) samples of one stage and split."""
     if stream == "ability":
         records = [r for r in _records(split) if r.skill == stage]
     else:
@@ -260,7 +264,9 @@ def easyvqa_stream(
                 f"Unknown skill {skill!r} in `data.skills`. Available for easy-VQA: "
                 f"{list(EASYVQA_SKILLS)}."
             )
-    used = {parse_question(s.question).skill for st in stages for s in st.train + st.test}
+    used = {
+        parse_question(s.question).skill for st in stages for s in st.train + st.test
+    }
     missing = sorted(used - set(skill_list))
     if missing:
         raise ValueError(
@@ -298,7 +304,9 @@ def caption_samples(max_images: int, seed: int) -> list[VQASample]:
     labels = image_labels("train")
     paths = {r.image_id: r.sample.image for r in _records("train")}
     ids = sorted(
-        i for i, label in labels.items() if label.color is not None and label.shape
+        i
+        for i, label in labels.items()
+        if label.color is not None and label.shape is not None
     )
     rng = make_rng(seed, "caption")
     chosen = rng.permutation(len(ids))[:max_images]

@@ -53,11 +53,15 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> list[VQAS
         A line that is not a JSON object, a missing field or a field of the wrong type
         (message ``"<file>:<line>: ..."``).
     """
-    path = Path(path)
+    return [sample for _, sample in _read_lines(Path(path), root)]
+
+
+def _read_lines(path: Path, root: str | Path | None) -> list[tuple[int, VQASample]]:
+    """(line number, sample) of every row of a manifest (see ``read_manifest``)."""
     base = path.parent if root is None else Path(root)
     if not path.is_file():
         raise FileNotFoundError(f"Manifest file not found: {str(path)!r}.")
-    samples = []
+    samples: list[tuple[int, VQASample]] = []
     unknown: set[str] = set()
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -91,9 +95,10 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> list[VQAS
                     f"{where}: image {row['image']!r} not found (looked for "
                     f"{str(image)!r})."
                 )
-            samples.append(
-                VQASample(str(image), row["question"], row["answer"], row.get("skill"))
+            sample = VQASample(
+                str(image), row["question"], row["answer"], row.get("skill")
             )
+            samples.append((number, sample))
     if unknown:
         warnings.warn(
             f"{path}: fields {sorted(unknown)} specified but will be ignored; rows "
@@ -148,7 +153,8 @@ def _stage_names(root: Path, num_stages: int) -> list[str]:
         or len(set(names)) != len(names)
     ):
         raise ValueError(
-            f"{path}: must hold a list of distinct non-empty stage names, got {names!r}."
+            f"{path}: must hold a list of distinct non-empty stage names, got "
+            f"{names!r}."
         )
     if len(names) != num_stages:
         raise ValueError(
@@ -158,10 +164,10 @@ def _stage_names(root: Path, num_stages: int) -> list[str]:
 
 
 def _check_skills(
-    path: Path, samples: Sequence[VQASample], skills: Sequence[str]
+    path: Path, rows: Sequence[tuple[int, VQASample]], skills: Sequence[str]
 ) -> None:
     """Each row's explicit or parsed skill must be one of ``skills``."""
-    for number, sample in enumerate(samples, start=1):
+    for number, sample in rows:
         if sample.skill is not None:
             skill = sample.skill
         else:
@@ -169,12 +175,12 @@ def _check_skills(
                 skill = parse_question(sample.question).skill
             except ValueError as err:
                 raise ValueError(
-                    f"{path} (row {number}): no `skill` field and the question "
+                    f"{path}:{number}: no `skill` field and the question "
                     f"{sample.question!r} matches no known template."
                 ) from err
         if skill not in skills:
             raise ValueError(
-                f"{path} (row {number}): skill {skill!r} is not one of the stream's "
+                f"{path}:{number}: skill {skill!r} is not one of the stream's "
                 f"skills {list(skills)}."
             )
 
@@ -220,17 +226,16 @@ def manifest_stream(
     root = Path(root).expanduser()
     files = _stage_files(root)
     names = _stage_names(root, len(files))
-    rows = {
-        path: read_manifest(path, root) for pair in files for path in pair
-    }  # every file is checked, even those of stages left out below
-    everything = [s for samples in rows.values() for s in samples]
+    # every file is checked, even those of stages left out by `stage_order`
+    rows = {path: _read_lines(path, root) for pair in files for path in pair}
+    everything = [s for numbered in rows.values() for _, s in numbered]
     if skills is not None:
         skill_list = list(skills)
     else:
         explicit = sorted({s.skill for s in everything if s.skill is not None})
         skill_list = explicit or list(EASYVQA_SKILLS)
-    for path, samples in rows.items():
-        _check_skills(path, samples, skill_list)
+    for path, numbered in rows.items():
+        _check_skills(path, numbered, skill_list)
     order = resolve_stage_order(names, names, stage_order)
     stages = []
     for name in order:
@@ -240,12 +245,13 @@ def manifest_stream(
             ("train", files[k][0], max_train_per_stage),
             ("test", files[k][1], max_test_per_stage),
         ):
-            samples = rows[path]
+            samples = [sample for _, sample in rows[path]]
             rng = make_rng(seed, "manifest", name, split)
             keep = stratified_subsample([s.answer for s in samples], max_size, rng)
             split_samples.append([samples[i] for i in keep])
         stages.append(Stage(name, split_samples[0], split_samples[1]))
-    words = {w for s in everything for text in (s.question, s.answer) for w in tokenize(text)}
+    texts = {s.question for s in everything} | {s.answer for s in everything}
+    words = {w for text in texts for w in tokenize(text)}
     return ContinualStream(
         name=f"manifest-{root.name}",
         stages=stages,

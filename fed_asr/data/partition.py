@@ -19,13 +19,13 @@ from fed_asr.data.samples import ContinualStream, Stage, VQASample
 
 
 def make_rng(seed: int, *keys: object) -> np.random.Generator:
-    """Generator seeded by ``seed`` and stable hashes of ``keys`` (same in every run)."""
+    """Make a generator seeded by ``seed`` and run-independent hashes of ``keys``."""
     entropy = [int(seed) % (2**63)] + [zlib.crc32(str(k).encode()) for k in keys]
     return np.random.default_rng(entropy)
 
 
 def _groups(labels: Sequence[Hashable]) -> list[tuple[Hashable, np.ndarray]]:
-    """Indices of each label, labels in a deterministic (string) order."""
+    """Group indices by label, labels in a deterministic (string) order."""
     by_label: dict[Hashable, list[int]] = {}
     for i, label in enumerate(labels):
         by_label.setdefault(label, []).append(i)
@@ -64,7 +64,9 @@ def stratified_subsample(
     # stable sort: ties keep the label order
     extra = np.argsort(-(exact - quota), kind="stable")[: max_size - int(quota.sum())]
     quota[extra] += 1
-    picked = [rng.permutation(idx)[:q] for (_, idx), q in zip(groups, quota)]
+    picked = [
+        rng.permutation(idx)[:q] for (_, idx), q in zip(groups, quota, strict=True)
+    ]
     chosen = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
     return rng.permutation(chosen).tolist()
 
@@ -177,7 +179,9 @@ def partition_stream(
         proportions = _draw_proportions(
             train_labels + test_labels, num_clients, alpha, rng
         )
-        train_shares = _split_by_proportions(train_labels, proportions, num_clients, rng)
+        train_shares = _split_by_proportions(
+            train_labels, proportions, num_clients, rng
+        )
         test_shares = _split_by_proportions(test_labels, proportions, num_clients, rng)
         for client in range(num_clients):
             client_stages[client].append(
@@ -200,5 +204,5 @@ def partition_stream(
 
 
 def _take(samples: Sequence[VQASample], indices: Sequence[int]) -> list[VQASample]:
-    """Samples at ``indices``, in that order."""
+    """Pick the samples at ``indices``, in that order."""
     return [samples[i] for i in indices]

@@ -5,9 +5,9 @@ skills it has probability on. In a stream where every stage brings a new questio
 one-hot skills would never touch an old skill's prototype, so the spectral loss would be
 zero throughout. A question also exercises the perceptual aspects it names: "is there a
 red shape?" is an existence question that needs colour perception, "what color is the
-circle?" a colour question that needs shape perception. The primary type therefore gets
-most of the mass (``primary_mass``, 0.7 by default) and the named aspects share the rest,
-which lets old-skill prototypes act on new-skill data.
+circle?" a colour question that needs shape perception. The primary type therefore
+gets most of the mass (``primary_mass``, 0.7 by default) and the named aspects share
+the rest, which lets old-skill prototypes act on new-skill data.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def parse_question(question: str) -> ParsedQuestion:
             return ParsedQuestion(skill, colors, shapes)
     raise ValueError(
         f"Question {question!r} matches no easy-VQA template; give the sample an "
-        f"explicit `skill` or pass a `fallback` skill. Known types: {list(EASYVQA_SKILLS)}."
+        "explicit `skill` or pass a `fallback` skill. Known types: "
+        f"{list(EASYVQA_SKILLS)}."
     )
 
 
@@ -213,7 +214,9 @@ def skill_probabilities(
     """
     index = {name: i for i, name in enumerate(skills)}
     if fallback is not None and fallback not in index:
-        raise ValueError(f"`fallback` {fallback!r} is not one of `skills` {list(skills)}.")
+        raise ValueError(
+            f"`fallback` {fallback!r} is not one of `skills` {list(skills)}."
+        )
     probs = torch.zeros(len(samples), len(index), dtype=torch.float32)  # (N, S)
     for row, sample in enumerate(samples):
         if sample.skill is not None:

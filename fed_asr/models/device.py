@@ -48,7 +48,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
             ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"`model.device` is {spec!r} but CUDA is not available; use 'auto' or 'cpu'."
+            f"`model.device` is {spec!r} but CUDA is not available; use 'auto' or "
+            "'cpu'."
         )
     return device
 
@@ -74,7 +75,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         Unknown dtype name.
     """
     if name not in _DTYPES:
-        raise ValueError(f"`model.dtype` must be one of {sorted(_DTYPES)}, got {name!r}.")
+        raise ValueError(
+            f"`model.dtype` must be one of {sorted(_DTYPES)}, got {name!r}."
+        )
     dtype = _DTYPES[name]
     if dtype != torch.float32 and device.type != "cuda":
         warnings.warn(

@@ -6,13 +6,13 @@ from torch import nn
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (``model`` itself otherwise)."""
+    """Return the transformers model under a peft wrapper (else ``model``)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
 def language_model(model: nn.Module) -> nn.Module:
-    """The decoder-only language model of a LLaVA-family model.
+    """Return the decoder-only language model of a LLaVA-family model.
 
     Parameters
     ----------
@@ -33,7 +33,9 @@ def language_model(model: nn.Module) -> nn.Module:
     base = unwrap(model)
     inner = getattr(base, "model", None)
     for owner in (inner, base):
-        candidate = getattr(owner, "language_model", None) if owner is not None else None
+        candidate = (
+            getattr(owner, "language_model", None) if owner is not None else None
+        )
         if candidate is not None and hasattr(candidate, "layers"):
             return candidate
     raise TypeError(
@@ -53,7 +55,7 @@ def language_model_prefix(model: nn.Module) -> str:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The ``self_attn`` module of every decoder layer of the language model, in order."""
+    """Return the ``self_attn`` of every language-model decoder layer, in order."""
     return [layer.self_attn for layer in language_model(model).layers]
 
 

@@ -10,8 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers
-from tokenizers import pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -35,7 +42,7 @@ TEXT_POSITIONS = 512
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    """Whitespace split, then `?`, `:`, `,`, `.` as separate tokens (as fed_asr.data)."""
+    """Whitespace split, then `?`, `:`, `,`, `.` as separate tokens (as in data)."""
     return pre_tokenizers.Sequence(
         [
             pre_tokenizers.WhitespaceSplit(),
@@ -109,7 +116,9 @@ def build_tokenizer(tokens: Sequence[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast
+) -> LlavaProcessor:
     """``LlavaProcessor`` expanding ``<image>`` to (image_size / patch_size)^2 tokens.
 
     Parameters
@@ -171,7 +180,9 @@ def tiny_config(
         ("model.text_hidden_size", cfg.text_hidden_size, cfg.text_heads),
     ):
         if hidden % heads:
-            raise ValueError(f"`{name}` ({hidden}) must be a multiple of its heads ({heads}).")
+            raise ValueError(
+                f"`{name}` ({hidden}) must be a multiple of its heads ({heads})."
+            )
     if cfg.text_heads % kv_heads:
         raise ValueError(
             f"`num_key_value_heads` ({kv_heads}) must divide `model.text_heads` "

@@ -15,11 +15,12 @@ ServerApp) moves the messages; the classes below hold the per-round state::
 
 Round 0 (advertise): two X25519 key pairs per client, one for mask agreement and one for
 share encryption. Round 1 (share): a self-mask seed ``b_i`` and the mask private key are
-Shamir-shared (threshold ``t``) and each share is encrypted with AES-GCM for its recipient
-under a key from X25519 + HKDF. Round 2 (masked input): fixed-point encoding modulo
-``2^bits`` plus pairwise masks (ChaCha20 keystreams, ``+`` towards larger ids, ``-``
-towards smaller) plus the self mask. Round 3 (unmask): survivors reveal shares of the
-survivors' ``b`` and of the dropped clients' mask keys; the server removes all masks.
+Shamir-shared (threshold ``t``) and each share is encrypted with AES-GCM for its
+recipient under a key from X25519 + HKDF. Round 2 (masked input): fixed-point encoding
+modulo ``2^bits`` plus pairwise masks (ChaCha20 keystreams, ``+`` towards larger ids,
+``-`` towards smaller) plus the self mask. Round 3 (unmask): survivors reveal shares of
+the survivors' ``b`` and of the dropped clients' mask keys; the server removes all
+masks.
 See ``docs/security.md`` for the threat model.
 """
 
@@ -44,16 +45,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fed_asr.config import PrivacyConfig
-from fed_asr.security.shamir import ELEMENT_BYTES, CHUNK_BYTES, reconstruct_bytes
-from fed_asr.security.shamir import split_bytes
+from fed_asr.security.shamir import (
+    CHUNK_BYTES,
+    ELEMENT_BYTES,
+    reconstruct_bytes,
+    split_bytes,
+)
 
 SEED_BYTES = 32
-_SHARE_BYTES = -(-SEED_BYTES // CHUNK_BYTES) * ELEMENT_BYTES  # one encoded 32-byte share
+_SHARE_BYTES = (
+    -(-SEED_BYTES // CHUNK_BYTES) * ELEMENT_BYTES
+)  # one encoded 32-byte share
 _NONCE_BYTES = 12
 
 
 class SecAggError(RuntimeError):
-    """Raised when the protocol cannot proceed: too few clients, bad or tampered data."""
+    """Raised when the protocol cannot proceed: too few clients, bad or forged data."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -71,8 +78,8 @@ class SecAggConfig:
     scale : float
         Fixed-point scale: a float ``x`` is encoded as ``round(x * scale)``.
     max_abs : float | None
-        Bound on ``|x|`` of one client's input. ``None`` uses the largest bound for which
-        the sum of all participants cannot overflow.
+        Bound on ``|x|`` of one client's input. ``None`` uses the largest bound for
+        which the sum of all participants cannot overflow.
     """
 
     threshold: int
@@ -130,7 +137,9 @@ def threshold_from_fraction(num_clients: int, fraction: float) -> int:
     if not 0 < fraction <= 1:
         raise ValueError(f"`secagg_threshold` must lie in (0, 1], got {fraction}.")
     if num_clients < 2:
-        raise ValueError(f"Secure aggregation needs at least 2 clients, got {num_clients}.")
+        raise ValueError(
+            f"Secure aggregation needs at least 2 clients, got {num_clients}."
+        )
     return min(num_clients, max(2, math.ceil(fraction * num_clients - 1e-9)))
 
 
@@ -351,7 +360,9 @@ def _check_key_book(book: Mapping[int, AdvertiseKeys], threshold: int) -> None:
             raise SecAggError(f"Key entry {cid} carries client id {advert.client_id}.")
         for key in (advert.mask_public_key, advert.encryption_public_key):
             if len(key) != 32:
-                raise SecAggError(f"Client {cid} sent a public key of {len(key)} bytes.")
+                raise SecAggError(
+                    f"Client {cid} sent a public key of {len(key)} bytes."
+                )
             keys.append(key)
     if len(set(keys)) != len(keys):
         raise SecAggError("Two advertised public keys are identical; aborting.")
@@ -372,7 +383,9 @@ class SecAggClient:
         key derivation and ciphertext so nothing carries over between sessions.
     """
 
-    def __init__(self, client_id: int, config: SecAggConfig, session: bytes = b"") -> None:
+    def __init__(
+        self, client_id: int, config: SecAggConfig, session: bytes = b""
+    ) -> None:
         _check_id(client_id)
         self.client_id = client_id
         self.config = config
@@ -399,7 +412,9 @@ class SecAggClient:
         return b"share" + self.session + _id_bytes(sender) + _id_bytes(recipient)
 
     def _share_key(self, peer: int) -> AESGCM:
-        peer_pub = X25519PublicKey.from_public_bytes(self._book[peer].encryption_public_key)
+        peer_pub = X25519PublicKey.from_public_bytes(
+            self._book[peer].encryption_public_key
+        )
         shared = self._enc_key.exchange(peer_pub)
         return AESGCM(_derive(shared, b"share-key", self.session, self.client_id, peer))
 
@@ -441,7 +456,9 @@ class SecAggClient:
         self._points = share_points(list(public_keys))
         xs = list(self._points.values())
         seed_shares = split_bytes(self._seed, xs, self.config.threshold)
-        key_shares = split_bytes(_raw_private(self._mask_key), xs, self.config.threshold)
+        key_shares = split_bytes(
+            _raw_private(self._mask_key), xs, self.config.threshold
+        )
         out = {}
         for peer, x in self._points.items():
             if peer == self.client_id:
@@ -449,7 +466,10 @@ class SecAggClient:
                 self._key_shares[peer] = key_shares[x]
                 continue
             plaintext = (
-                _id_bytes(self.client_id) + _id_bytes(peer) + seed_shares[x] + key_shares[x]
+                _id_bytes(self.client_id)
+                + _id_bytes(peer)
+                + seed_shares[x]
+                + key_shares[x]
             )
             nonce = os.urandom(_NONCE_BYTES)
             aad = self._aad(self.client_id, peer)
@@ -487,8 +507,8 @@ class SecAggClient:
         self._advance(2, "mask_input")
         if len(ciphertexts) + 1 < self.config.threshold:
             raise SecAggError(
-                f"Client {self.client_id}: shares arrived from {len(ciphertexts)} peers; "
-                f"{self.config.threshold - 1} needed to meet the threshold."
+                f"Client {self.client_id}: shares arrived from {len(ciphertexts)} "
+                f"peers; {self.config.threshold - 1} needed to meet the threshold."
             )
         for sender, blob in ciphertexts.items():
             if sender not in self._book or sender == self.client_id:
@@ -500,12 +520,13 @@ class SecAggClient:
                 )
             except InvalidTag as err:
                 raise SecAggError(
-                    f"Client {self.client_id}: the share ciphertext from client {sender} "
-                    "failed authentication (tampered or misrouted); refused."
+                    f"Client {self.client_id}: the share ciphertext from client "
+                    f"{sender} failed authentication (tampered or misrouted); refused."
                 ) from err
-            if plaintext[:16] != _id_bytes(sender) + _id_bytes(self.client_id) or len(
-                plaintext
-            ) != 16 + 2 * _SHARE_BYTES:
+            if (
+                plaintext[:16] != _id_bytes(sender) + _id_bytes(self.client_id)
+                or len(plaintext) != 16 + 2 * _SHARE_BYTES
+            ):
                 raise SecAggError(f"Share from client {sender} is malformed; refused.")
             self._seed_shares[sender] = plaintext[16 : 16 + _SHARE_BYTES]
             self._key_shares[sender] = plaintext[16 + _SHARE_BYTES :]
@@ -549,7 +570,9 @@ class SecAggClient:
                 f"{sorted(dropped)} must partition the round-1 group {sorted(group)}."
             )
         if self.client_id not in survivors:
-            raise SecAggError(f"Client {self.client_id} is listed as dropped; refusing.")
+            raise SecAggError(
+                f"Client {self.client_id} is listed as dropped; refusing."
+            )
         if len(survivors) < self.config.threshold:
             raise SecAggError(
                 f"Only {len(survivors)} survivors; the threshold is "
@@ -603,10 +626,14 @@ class SecAggServer:
         """
         for sender, outbox in shares.items():
             if sender not in self._book:
-                raise SecAggError(f"Shares from client {sender}, which did not advertise.")
+                raise SecAggError(
+                    f"Shares from client {sender}, which did not advertise."
+                )
             missing = set(self._book) - set(outbox) - {sender}
             if missing:
-                raise SecAggError(f"Client {sender} sent no share for {sorted(missing)}.")
+                raise SecAggError(
+                    f"Client {sender} sent no share for {sorted(missing)}."
+                )
         if len(shares) < self.config.threshold:
             raise SecAggError(
                 f"Only {len(shares)} clients sent shares; the threshold is "
@@ -637,7 +664,10 @@ class SecAggServer:
         for cid, item in inputs.items():
             if cid not in self._group or item.client_id != cid:
                 raise SecAggError(f"Masked input from client {cid} is not expected.")
-            if item.vector.dtype != np.uint64 or item.vector.shape != first.vector.shape:
+            if (
+                item.vector.dtype != np.uint64
+                or item.vector.shape != first.vector.shape
+            ):
                 raise SecAggError(
                     f"Masked input of client {cid} has dtype {item.vector.dtype} and "
                     f"shape {item.vector.shape}; expected uint64 {first.vector.shape}."

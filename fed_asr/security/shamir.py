@@ -140,7 +140,9 @@ def split_bytes(secret: bytes, xs: Sequence[int], threshold: int) -> dict[int, b
     }
 
 
-def reconstruct_bytes(shares: Mapping[int, bytes], threshold: int, length: int) -> bytes:
+def reconstruct_bytes(
+    shares: Mapping[int, bytes], threshold: int, length: int
+) -> bytes:
     """Recover a byte string of ``length`` bytes shared with :func:`split_bytes`.
 
     Raises
@@ -166,8 +168,8 @@ def reconstruct_bytes(shares: Mapping[int, bytes], threshold: int, length: int) 
         value = reconstruct_secret(elements, threshold)
         if value >= 256**chunk_len:
             raise ShamirError(
-                f"Reconstructed chunk {c} does not fit in {chunk_len} bytes: the shares "
-                "are inconsistent."
+                f"Reconstructed chunk {c} does not fit in {chunk_len} bytes: the "
+                "shares are inconsistent."
             )
         out += value.to_bytes(chunk_len, "big")
     return bytes(out)

@@ -1,0 +1,60 @@
+"""Base MLLM (tiny LLaVA or a local checkpoint), LoRA, batching, capture, scoring."""
+
+from fed_asr.models.batching import IGNORE_INDEX, MODEL_INPUT_KEYS, VQACollator
+from fed_asr.models.capture import (
+    CaptureResult,
+    forward_with_attention,
+    install_attention_capture,
+)
+from fed_asr.models.device import (
+    model_device,
+    model_dtype,
+    move_batch,
+    resolve_device,
+    resolve_dtype,
+)
+from fed_asr.models.loading import (
+    cached_base_model,
+    ensure_tiny_model,
+    load_base_model,
+    tiny_model_dir,
+)
+from fed_asr.models.lora import (
+    adapter_state,
+    attach_lora,
+    load_adapter,
+    load_adapter_state,
+    save_adapter,
+)
+from fed_asr.models.pretrain import PretrainResult, pretrain_base_model
+from fed_asr.models.scoring import candidate_token_ids, predict, score_candidates
+from fed_asr.models.tiny import build_tiny
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MODEL_INPUT_KEYS",
+    "CaptureResult",
+    "PretrainResult",
+    "VQACollator",
+    "adapter_state",
+    "attach_lora",
+    "build_tiny",
+    "cached_base_model",
+    "candidate_token_ids",
+    "ensure_tiny_model",
+    "forward_with_attention",
+    "install_attention_capture",
+    "load_adapter",
+    "load_adapter_state",
+    "load_base_model",
+    "model_device",
+    "model_dtype",
+    "move_batch",
+    "predict",
+    "pretrain_base_model",
+    "resolve_device",
+    "resolve_dtype",
+    "save_adapter",
+    "score_candidates",
+    "tiny_model_dir",
+]

@@ -1,0 +1,276 @@
+"""Load the base MLLM: the cached tiny LLaVA or a local pre-trained checkpoint.
+
+The tiny model is built, caption-pretrained and saved once per configuration under
+``<cache_dir>/tiny-<hash>``; the hash covers the architecture, the pre-training
+settings, the tokenizer vocabulary and the seed. Builds are atomic (a temporary
+directory renamed into place, under a file lock), so concurrent processes never see a
+partial model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from fed_asr.config import ModelConfig
+from fed_asr.models.capture import install_attention_capture
+from fed_asr.models.device import resolve_device, resolve_dtype
+from fed_asr.models.pretrain import pretrain_base_model
+from fed_asr.models.tiny import build_tiny, tiny_tokens
+
+if TYPE_CHECKING:
+    from fed_asr.data import VQASample
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: the atomic rename still protects
+    fcntl = None  # type: ignore[assignment]
+
+CACHE_FORMAT = 1
+META_FILE = "fed_asr_tiny.json"
+# Caption pre-training images drawn by `fed_asr.data.caption_samples`.
+PRETRAIN_IMAGES = 2000
+_ARCH_FIELDS = (
+    "image_size",
+    "patch_size",
+    "vision_hidden_size",
+    "vision_layers",
+    "vision_heads",
+    "text_hidden_size",
+    "text_layers",
+    "text_heads",
+    "text_intermediate_size",
+)
+_PRETRAIN_FIELDS = (
+    "pretrain_steps",
+    "pretrain_batch_size",
+    "pretrain_lr",
+    "prompt_template",
+)
+
+
+def _samples_fingerprint(samples: Sequence[VQASample] | None) -> str:
+    """Stable digest of caller-given pre-training samples ("default" when None)."""
+    if samples is None:
+        return f"caption_samples({PRETRAIN_IMAGES})"
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(f"{s.image}\0{s.question}\0{s.answer}\n".encode())
+    return digest.hexdigest()
+
+
+def tiny_model_spec(
+    cfg: ModelConfig,
+    vocabulary: Sequence[str],
+    seed: int = 0,
+    samples: Sequence[VQASample] | None = None,
+) -> dict[str, Any]:
+    """Everything that determines the cached tiny model's weights (hashed)."""
+    return {
+        "format": CACHE_FORMAT,
+        "architecture": {f: getattr(cfg, f) for f in _ARCH_FIELDS},
+        "pretrain": {f: getattr(cfg, f) for f in _PRETRAIN_FIELDS},
+        "samples": _samples_fingerprint(samples),
+        "tokens": tiny_tokens(vocabulary, cfg.prompt_template),
+        "seed": seed,
+    }
+
+
+def tiny_model_dir(
+    cfg: ModelConfig,
+    vocabulary: Sequence[str],
+    seed: int = 0,
+    samples: Sequence[VQASample] | None = None,
+) -> Path:
+    """``<cfg.cache_dir>/tiny-<hash>`` for this configuration (may not exist yet)."""
+    spec = tiny_model_spec(cfg, vocabulary, seed, samples)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.cache_dir).expanduser() / f"tiny-{digest}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (blocks until free)."""
+    with open(path, "a+") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_tiny_model(
+    cfg: ModelConfig,
+    vocabulary: Sequence[str],
+    seed: int = 0,
+    samples: Sequence[VQASample] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build, caption-pretrain and save the tiny model unless it is cached.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Tiny architecture, pre-training settings and ``cache_dir``.
+    vocabulary : Sequence[str]
+        Words of the stream.
+    seed : int
+        Seeds initialisation, caption subset and batch order.
+    samples : Sequence[VQASample] | None
+        Pre-training samples; ``fed_asr.data.caption_samples`` when None.
+    progress : bool
+        Print pre-training progress.
+
+    Returns
+    -------
+    Path
+        Directory loadable with ``from_pretrained`` (model + processor).
+    """
+    final = tiny_model_dir(cfg, vocabulary, seed, samples)
+    if (final / META_FILE).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(final.with_name(final.name + ".lock")):
+        if (final / META_FILE).is_file():  # another process finished meanwhile
+            return final
+        if final.exists():  # not ours and incomplete: never produced by a rename
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            if samples is None:
+                from fed_asr.data import caption_samples
+
+                samples = caption_samples(PRETRAIN_IMAGES, seed)
+            model, processor = build_tiny(cfg, vocabulary, seed)
+            result = pretrain_base_model(model, processor, samples, cfg, seed, progress)
+            model.save_pretrained(str(tmp))
+            processor.save_pretrained(str(tmp))
+            meta = {
+                "spec": tiny_model_spec(cfg, vocabulary, seed, samples),
+                "pretrain": dataclasses.asdict(result),
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _model_path(cfg: ModelConfig) -> Path:
+    """Return the checked local directory of a pre-trained checkpoint."""
+    path = Path(str(cfg.path)).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"`model.path` {str(path)!r} is not a local model directory (no "
+            "config.json); "
+            "nothing is downloaded, so point it at a saved LLaVA-family checkpoint."
+        )
+    return path
+
+
+def load_base_model(
+    cfg: ModelConfig,
+    vocabulary: Sequence[str],
+    device: str | torch.device | None = None,
+    *,
+    seed: int = 0,
+    samples: Sequence[VQASample] | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load the frozen base MLLM and its processor.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        ``name="tiny"`` (built and cached, see ``ensure_tiny_model``) or
+        ``"pretrained"`` (``cfg.path``, local files only).
+    vocabulary : Sequence[str]
+        Words of the stream (tiny tokenizer; ignored for ``pretrained``).
+    device : str | torch.device | None
+        Target device; ``cfg.device`` when None (``"auto"``: CUDA if available).
+    seed : int
+        Tiny model only: seeds its initialisation and pre-training.
+    samples : Sequence[VQASample] | None
+        Tiny model only: pre-training samples (default: caption samples).
+    progress : bool
+        Print pre-training progress when the tiny model is built.
+
+    Returns
+    -------
+    tuple[nn.Module, Any]
+        The model (eval mode, every weight frozen, dtype from ``cfg.dtype``; the
+        language model uses the capturing SDPA attention) and the processor.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``pretrained`` with a ``cfg.path`` that is not a local model directory.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    target = resolve_device(cfg.device if device is None else device)
+    dtype = resolve_dtype(cfg.dtype, target)
+    if cfg.name == "tiny":
+        path = ensure_tiny_model(cfg, vocabulary, seed, samples, progress)
+    else:
+        path = _model_path(cfg)
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+    )
+    processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    model.to(target)
+    model.requires_grad_(False)
+    model.eval()
+    install_attention_capture(model)
+    return model, processor
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_base_model(
+    cfg: ModelConfig,
+    vocabulary: Sequence[str],
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, Any]:
+    """``load_base_model`` once per process and arguments (e.g. a Flower client).
+
+    The same model object is returned on every call. Callers must not change its base
+    weights: attach LoRA once (``attach_lora``) and replace adapter weights with
+    ``load_adapter_state`` for each round. peft injects adapters in place, so after
+    ``attach_lora`` the cached object carries the adapter layers too.
+
+    Returns
+    -------
+    tuple[nn.Module, Any]
+        The shared (model, processor).
+    """
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    target = str(resolve_device(cfg.device if device is None else device))
+    with _CACHE_LOCK:
+        return _cached_base_model(key, tuple(vocabulary), target, seed)
+
+
+@cache
+def _cached_base_model(
+    cfg_json: str, vocabulary: tuple[str, ...], device: str, seed: int
+) -> tuple[nn.Module, Any]:
+    """Memoised loader behind ``cached_base_model`` (hashable arguments only)."""
+    cfg = ModelConfig(**json.loads(cfg_json))
+    return load_base_model(cfg, list(vocabulary), torch.device(device), seed=seed)
