@@ -35,9 +35,19 @@ def _seed(site: Site, config: ConfigRecord) -> int:
     return site.cfg.seed * 1_000_003 + round_ * 1009 + site.partition_id
 
 
-def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
-    """Build the ClientApp; ``run_config`` overrides the context's (Python API runs)."""
-    app = ClientApp()
+def make_client_app(
+    run_config: Mapping[str, Any] | None = None, mods: list[Any] | None = None
+) -> ClientApp:
+    """Build the ClientApp.
+
+    Parameters
+    ----------
+    run_config : Mapping[str, Any] | None
+        Overrides the context's run config (Python API runs, where it is empty).
+    mods : list | None
+        Flower client mods applied to every message.
+    """
+    app = ClientApp(mods=mods or [])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

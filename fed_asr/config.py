@@ -219,9 +219,10 @@ class FederationConfig:
     local_epochs: int = 1
     client_cpus: float = 1.0
     round_timeout_s: float | None = None
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("num_clients", "rounds_per_stage", "local_epochs"):
+        for name in ("num_clients", "rounds_per_stage", "local_epochs", "keep_checkpoints"):
             _check_positive(f"federation.{name}", getattr(self, name))
         for name in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, name)

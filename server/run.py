@@ -49,7 +49,9 @@ class FederatedRun:
         self.grid = grid
         self.engine = engine
         self.out = Path(cfg.output_dir).expanduser().resolve()
-        self.checkpointer = Checkpointer(self.out / "checkpoint")
+        self.checkpointer = Checkpointer(
+            self.out / "checkpoint", keep=cfg.federation.keep_checkpoints
+        )
         self.started = time.perf_counter()
         self.elapsed_before = 0.0
         self.rounds_at_start = 0

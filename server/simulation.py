@@ -5,13 +5,17 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fed_asr.config import ExperimentConfig
 from fed_asr.outputs import METRICS_FILE
 
 
 def run_simulation_engine(
-    cfg: ExperimentConfig, overrides: Sequence[str], config_name: str = "config"
+    cfg: ExperimentConfig,
+    overrides: Sequence[str],
+    config_name: str = "config",
+    client_mods: list[Any] | None = None,
 ) -> Path:
     """Run a simulation of ``cfg.federation.num_clients`` SuperNodes from Python.
 
@@ -23,6 +27,8 @@ def run_simulation_engine(
         The Hydra overrides that produced ``cfg``; the apps recompose from them.
     config_name : str
         Primary config name.
+    client_mods : list | None
+        Flower client mods for every ClientApp (e.g. fault injection in tests).
 
     Returns
     -------
@@ -49,7 +55,7 @@ def run_simulation_engine(
     before = metrics.stat().st_mtime if metrics.exists() else None
     run_simulation(
         server_app=make_server_app(run_config, engine="simulation"),
-        client_app=make_client_app(run_config),
+        client_app=make_client_app(run_config, mods=client_mods),
         num_supernodes=cfg.federation.num_clients,
         backend_config={
             "client_resources": {

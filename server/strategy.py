@@ -24,6 +24,21 @@ from server.records import numpy_record, partition_of, record_bytes, record_to_n
 ReplyCheck = Callable[[Message, ArrayRecord | None], str | None]
 
 
+def aggregate_losses(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of the ``loss-*`` metrics and summed training time."""
+    weights = [float(r[P.METRICS_RECORD][weight_key]) for r in records]  # type: ignore[arg-type]
+    total = sum(weights) or 1.0
+    out: dict[str, float] = {P.NUM_EXAMPLES_KEY: sum(weights)}
+    for record, weight in zip(records, weights, strict=True):
+        metrics = record[P.METRICS_RECORD]
+        for key, value in metrics.items():  # type: ignore[union-attr]
+            if key.startswith(P.LOSS_PREFIX):
+                out[key] = out.get(key, 0.0) + float(value) * weight / total
+            elif key == P.TRAIN_SECONDS_KEY:
+                out[key] = out.get(key, 0.0) + float(value)
+    return MetricRecord(out)
+
+
 @dataclass
 class RoundLog:
     """What happened in one global round (one entry of ``metrics.json``'s rounds)."""
@@ -94,6 +109,7 @@ class FedASR(FedAvg):
             weighted_by_key=P.NUM_EXAMPLES_KEY,
             arrayrecord_key=P.ARRAYS_RECORD,
             configrecord_key=P.CONFIG_RECORD,
+            train_metrics_aggr_fn=aggregate_losses,
         )
         self.skills = tuple(skills)
         self.spectrum_cfg = spectrum_cfg

@@ -5,8 +5,8 @@ Writes into one folder::
     ca.key, ca.crt              certificate authority (EC P-384, self-signed)
     server.key, server.pem      SuperLink TLS key and certificate signed by the CA,
                                 with the given subject alternative names
-    node-<i>, node-<i>.pub      SuperNode authentication keys: EC P-384, private key in
-                                OpenSSH format, public key as ``ecdsa-sha2-nistp384 ...``
+    node-<i>, node-<i>.pub      SuperNode authentication keys: EC P-384, private key
+                                in OpenSSH format, public ``ecdsa-sha2-nistp384 ...``
     signing.key, signing.pub    the server's Ed25519 key pair for signed global state
 
 Usage::
@@ -89,7 +89,9 @@ def parse_san(value: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(value))
     except ValueError:
         if not value or any(c.isspace() for c in value):
-            raise ValueError(f"`--san` must be a host name or IP, got {value!r}.") from None
+            raise ValueError(
+                f"`--san` must be a host name or IP, got {value!r}."
+            ) from None
         return x509.DNSName(value)
 
 
@@ -148,7 +150,9 @@ def _ca_certificate(
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public), critical=False
+        )
         .sign(key, hashes.SHA384())
     )
 
@@ -191,7 +195,9 @@ def _server_certificate(
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public), critical=False
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -262,7 +268,9 @@ def create_credentials(
     server_key = ec.generate_private_key(_CURVE())
     server_cert = _server_certificate(server_key, ca_key, ca_cert, list(sans), days)
     _write(paths.server_key, _pem_private(server_key), private=True)
-    _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), False)
+    _write(
+        paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), False
+    )
 
     for i, (private_path, public_path) in enumerate(paths.node_keys):
         node_key = ec.generate_private_key(_CURVE())
@@ -340,8 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  flower-supernode --root-certificates {paths.ca_cert} "
             f"--auth-supernode-private-key {private_path} ..."
         )
-    print(f"  signing key: {paths.signing_key} (keep on the server), "
-          f"verify key: {paths.signing_public_key} (give to clients)")
+    print(
+        f"  signing key: {paths.signing_key} (keep on the server), "
+        f"verify key: {paths.signing_public_key} (give to clients)"
+    )
     return 0
 
 
