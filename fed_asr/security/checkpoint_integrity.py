@@ -143,6 +143,8 @@ def verify_manifest(
         pure = PurePosixPath(name)
         if pure.is_absolute() or ".." in pure.parts:
             raise IntegrityError(f"Manifest entry `{name}` escapes the checkpoint.")
+        if not isinstance(entry, dict) or not {"sha256", "size"} <= set(entry):
+            raise IntegrityError(f"Manifest entry `{name}` lacks `sha256` or `size`.")
         path = root / pure
         if not path.is_file():
             raise IntegrityError(f"Checkpoint file `{name}` is missing from `{root}`.")

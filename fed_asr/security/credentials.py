@@ -1,4 +1,4 @@
-"""``fed-asr-credentials``: create TLS, node-authentication and signing credentials.
+r"""``fed-asr-credentials``: create TLS, node-authentication and signing credentials.
 
 Writes into one folder::
 
@@ -68,7 +68,7 @@ class CredentialPaths:
 
 
 def credential_paths(out_dir: str | Path, num_nodes: int) -> CredentialPaths:
-    """The file layout inside ``out_dir`` for ``num_nodes`` SuperNodes."""
+    """Return the file layout inside ``out_dir`` for ``num_nodes`` SuperNodes."""
     out = Path(out_dir)
     return CredentialPaths(
         ca_key=out / "ca.key",
@@ -84,7 +84,7 @@ def credential_paths(out_dir: str | Path, num_nodes: int) -> CredentialPaths:
 
 
 def parse_san(value: str) -> x509.GeneralName:
-    """An IP address becomes an ``IPAddress`` SAN, anything else a ``DNSName``."""
+    """Parse a SAN: an IP address gives ``IPAddress``, anything else ``DNSName``."""
     try:
         return x509.IPAddress(ipaddress.ip_address(value))
     except ValueError:

@@ -289,6 +289,7 @@ class PrivacyAccountant:
     releases: list[tuple[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        """Check ``delta``."""
         if not 0 < self.delta < 1:
             raise ValueError(f"`dp_delta` must lie in (0, 1), got {self.delta}.")
 
@@ -307,7 +308,7 @@ class PrivacyAccountant:
 
     @property
     def rho(self) -> float:
-        """zCDP parameter of the composition: ``sum 1 / (2 z_i^2)``."""
+        """Return the zCDP parameter of the composition: ``sum 1 / (2 z_i^2)``."""
         return 0.5 * self.mu**2
 
     def epsilon(self, delta: float | None = None, method: str = "gdp") -> float:

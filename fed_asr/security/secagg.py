@@ -88,6 +88,7 @@ class SecAggConfig:
     max_abs: float | None = None
 
     def __post_init__(self) -> None:
+        """Check the parameters."""
         if self.threshold < 2:
             raise ValueError(f"`threshold` must be at least 2, got {self.threshold}.")
         if not 16 <= self.bits <= 64:
@@ -161,7 +162,8 @@ class ArrayLayout:
         for name, shape in self.entries:
             n = math.prod(shape)
             if flat_index < offset + n:
-                return f"{name}{list(np.unravel_index(flat_index - offset, shape))}"
+                index = np.unravel_index(flat_index - offset, shape)
+                return f"{name}[{', '.join(str(int(i)) for i in index)}]"
             offset += n
         raise IndexError(f"Flat index {flat_index} is outside the layout.")
 
@@ -226,7 +228,7 @@ def encode_fixed_point(
         i = int(bad[0])
         where = layout.locate(i) if layout is not None else f"index {i}"
         raise ValueError(
-            f"Input value {where} = {values[i]!r} cannot be encoded: secure "
+            f"Input value {where} = {float(values[i])!r} cannot be encoded: secure "
             f"aggregation needs finite values with |x| <= {bound:.6g} (bits={bits}, "
             f"scale={scale}); clip the input, lower `scale` or raise `bits`."
         )

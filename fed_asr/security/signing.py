@@ -143,7 +143,7 @@ def verify_arrays(
 
 # --------------------------------------------------------------------------- keys
 def generate_signing_key() -> Ed25519PrivateKey:
-    """A fresh Ed25519 private key."""
+    """Generate a fresh Ed25519 private key."""
     return Ed25519PrivateKey.generate()
 
 

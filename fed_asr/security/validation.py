@@ -70,7 +70,7 @@ class ReplyLimits:
 
 
 def spec_from_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
-    """The spec that ``arrays`` (e.g. the global adapter) satisfy."""
+    """Return the spec that ``arrays`` (e.g. the global adapter) satisfy."""
     return {
         name: ArraySpec(tuple(np.shape(a)), np.asarray(a).dtype.name)
         for name, a in arrays.items()
@@ -159,7 +159,7 @@ def check_update_norm(
     global_arrays: Mapping[str, np.ndarray],
     max_norm: float,
 ) -> ValidationResult:
-    """The update's L2 norm relative to the global arrays is at most ``max_norm``."""
+    """Check that ``||arrays - global_arrays||_2 <= max_norm``."""
     missing = sorted(set(arrays) - set(global_arrays))
     if missing:
         return _fail(f"Global arrays lack {missing}; cannot bound the update norm.")
