@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,11 @@ class FederatedRun:
             min_available_nodes=min(fed.min_available_clients, fed.num_clients),
         )
         self.strategy.on_round_end = self._round_end
+        nodes = len(list(self.grid.get_node_ids()))
+        if nodes != fed.num_clients:
+            log(WARNING, "The federation has %d SuperNodes but `federation.num_clients` "
+                "is %d: the data is split into %d shares (one per SuperNode).",
+                nodes, fed.num_clients, nodes)
         done_rounds = 0
         if cfg.resume:
             done_rounds, arrays = self._restore(arrays)

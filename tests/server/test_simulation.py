@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from peft import PeftModel
 
@@ -76,3 +82,29 @@ def test_simulation_resume_from_checkpoint_gives_same_result(run_overrides, tmp_
     assert result["rounds"][0]["seconds"] == reference["rounds"][0]["seconds"]
     # ... and round 2 was really run again
     assert result["rounds"][1]["seconds"] != reference["rounds"][1]["seconds"]
+
+
+@pytest.mark.slow
+def test_simulation_killed_process_resumes_to_same_result(run_overrides) -> None:  # type: ignore[no-untyped-def]
+    """A real SIGKILL of the whole process group after the first checkpoint."""
+    # Prepare
+    reference = _run(run_overrides("reference"))
+    killed = run_overrides("killed", **{"federation.rounds_per_stage": 1})
+    out = Path(compose_config("config", killed).output_dir)
+    proc = subprocess.Popen(
+        ["fed-asr", "engine=simulation", *killed],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint" / "LATEST").exists():
+        assert proc.poll() is None, "run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists()
+    # Execute
+    resumed = _run([*killed, "resume=true"])
+    # Assert
+    assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+    assert resumed["per_client"] == reference["per_client"]
