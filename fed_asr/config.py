@@ -154,6 +154,8 @@ class RegularizerConfig:
     beta: float = 0.5
     gamma: float = 0.05
     geo_temperature: float = 0.1
+    # reference rows of L_geo cached per sample (the base model is frozen); 0 = off
+    geo_cache_entries: int = 20_000
 
     def __post_init__(self) -> None:
         for name in ("l_sel", "n_radial", "n_angular", "cov_floor", "tau_mah"):
@@ -162,7 +164,7 @@ class RegularizerConfig:
             raise ValueError(
                 f"`regularizer.tau_skill` must be in [0, 1), got {self.tau_skill}."
             )
-        for name in ("beta", "gamma", "lambda_ang"):
+        for name in ("beta", "gamma", "lambda_ang", "geo_cache_entries"):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"`regularizer.{name}` must be >= 0, got {getattr(self, name)}."

@@ -7,7 +7,7 @@ adds ``beta * L_spec + gamma * L_geo`` (DESIGN section 2).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 
 from fed_asr.config import MethodConfig, ModelConfig, RegularizerConfig
-from fed_asr.regularizer import ASRRegularizer, geometry_loss
+from fed_asr.reference_cache import ReferenceCache
+from fed_asr.regularizer import (
+    ASRRegularizer,
+    geometry_loss_from_reference,
+    reference_log_similarity,
+)
 from fed_asr.spectral import describe
 from fed_asr.spectrum import SkillSpectrum
 
@@ -29,6 +34,7 @@ class StepContext:
     capture: Any | None
     skill_probs: Tensor
     forward: Callable[..., Any]
+    sample_keys: Sequence[Hashable] = ()
 
 
 class ContinualMethod:
@@ -79,6 +85,7 @@ class ASR(ContinualMethod):
         self.regularizer = ASRRegularizer(regularizer, None)
         self.beta = regularizer.beta
         self.gamma = regularizer.gamma
+        self.reference_cache = ReferenceCache(regularizer.geo_cache_entries)
 
     def configure_stage(
         self, spectrum: SkillSpectrum | None, beta: float | None, gamma: float | None
@@ -105,17 +112,34 @@ class ASR(ContinualMethod):
             )
             terms["spec"] = self.beta * self.regularizer(desc, ctx.skill_probs).loss
         if self.gamma > 0:
-            with torch.no_grad(), ctx.model.disable_adapter():
-                reference = ctx.forward(hidden=True)
-            terms["geo"] = self.gamma * geometry_loss(
+            terms["geo"] = self.gamma * geometry_loss_from_reference(
                 capture.image_hidden,
                 capture.text_hidden,
-                reference.image_hidden,
-                reference.text_hidden,
+                self._reference(ctx),
                 capture.query_mask,
                 self.reg_cfg.geo_temperature,
             )
         return terms
+
+
+    def _reference(self, ctx: StepContext) -> Tensor:
+        """Reference log-similarities (B, T, P): cached per sample, else computed."""
+        capture = ctx.capture
+        mask = capture.query_mask.bool()
+        keys = list(ctx.sample_keys)
+        num_image = capture.image_hidden.shape[1]
+        if len(keys) == mask.shape[0]:
+            cached = self.reference_cache.lookup(keys, mask, num_image)
+            if cached is not None:
+                return cached
+        with torch.no_grad(), ctx.model.disable_adapter():
+            reference = ctx.forward(hidden=True)
+            log_ref = reference_log_similarity(
+                reference.image_hidden, reference.text_hidden, self.reg_cfg.geo_temperature
+            )
+        if len(keys) == mask.shape[0]:
+            self.reference_cache.store(keys, log_ref, mask)
+        return log_ref
 
 
 METHODS: dict[str, type[ContinualMethod]] = {}

@@ -224,9 +224,35 @@ def geometry_loss(
             f"`text_mask` must have shape {tuple(text_cur.shape[:2])}, "
             f"got {tuple(text_mask.shape)}."
         )
-    log_cur = _row_log_softmax(image_cur, text_cur, temperature)  # (B, T, P)
     with torch.no_grad():
-        log_ref = _row_log_softmax(image_ref.detach(), text_ref.detach(), temperature)
+        log_ref = reference_log_similarity(image_ref.detach(), text_ref.detach(), temperature)
+    return geometry_loss_from_reference(image_cur, text_cur, log_ref, text_mask, temperature)
+
+
+def reference_log_similarity(image: Tensor, text: Tensor, temperature: float) -> Tensor:
+    """(B, T, P) log of the row-softmaxed text-to-image cosine similarities.
+
+    For a frozen reference model this is a constant of each sample, so callers may
+    compute it once and reuse it (see ``geometry_loss_from_reference``).
+    """
+    return _row_log_softmax(image, text, temperature)
+
+
+def geometry_loss_from_reference(
+    image_cur: Tensor,
+    text_cur: Tensor,
+    log_ref: Tensor,
+    text_mask: Tensor,
+    temperature: float,
+) -> Tensor:
+    """``geometry_loss`` with the reference given as log-similarity rows (B, T, P)."""
+    if log_ref.shape != (*text_cur.shape[:2], image_cur.shape[1]):
+        raise ValueError(
+            f"`log_ref` must have shape {(*text_cur.shape[:2], image_cur.shape[1])}, "
+            f"got {tuple(log_ref.shape)}."
+        )
+    log_cur = _row_log_softmax(image_cur, text_cur, temperature)  # (B, T, P)
+    log_ref = log_ref.detach().to(log_cur)
     kl = ((log_cur.exp() - log_ref.exp()) * (log_cur - log_ref)).sum(-1)  # (B, T)
     mask = (text_mask != 0).to(device=kl.device, dtype=kl.dtype)  # (B, T)
     return (kl * mask).sum() / mask.sum().clamp_min(1.0)

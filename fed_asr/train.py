@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -25,7 +25,7 @@ from fed_asr.models import (
     score_candidates,
 )
 from fed_asr.progress import Progress
-from fed_asr.spectral import describe
+from fed_asr.spectral import describe, descriptor_dim
 from fed_asr.spectrum import SkillStats
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels")
@@ -121,7 +121,8 @@ def train_stage(
         chunk = [samples[i] for i in indices]
         batch = _to_device(collator(chunk), device)
         probs = skill_probabilities(chunk, skills).to(device)
-        terms = _step_losses(model, batch, probs, method, reg_cfg, capture_mode)
+        keys = [(sample.image, sample.question) for sample in chunk]
+        terms = _step_losses(model, batch, probs, method, reg_cfg, capture_mode, keys)
         total = sum(terms.values())
         assert isinstance(total, Tensor)
         if not torch.isfinite(total):
@@ -156,8 +157,12 @@ def _step_losses(
     method: ContinualMethod,
     reg_cfg: RegularizerConfig,
     capture_mode: str,
+    sample_keys: Sequence[Hashable] = (),
 ) -> dict[str, Tensor]:
-    """Task loss plus the method's penalties for one batch."""
+    """Task loss plus the method's penalties for one batch.
+
+    ``sample_keys`` identify the batch rows (image, question) for per-sample caches.
+    """
     forward = partial(forward_with_attention, model, batch, reg_cfg.l_sel, capture_mode)
     if method.needs_attention or method.needs_hidden:
         capture = forward(hidden=method.needs_hidden)
@@ -166,7 +171,12 @@ def _step_losses(
         capture = None
         task_loss = model(**{k: batch[k] for k in MODEL_INPUT_KEYS}).loss
     ctx = StepContext(
-        model=model, batch=batch, capture=capture, skill_probs=skill_probs, forward=forward
+        model=model,
+        batch=batch,
+        capture=capture,
+        skill_probs=skill_probs,
+        forward=forward,
+        sample_keys=sample_keys,
     )
     return {"task": task_loss, **method.penalties(ctx)}
 
@@ -212,9 +222,8 @@ def spectrum_statistics(
     capture_mode: str = "selective",
 ) -> SkillStats:
     """Per-skill sufficient statistics of the spectral descriptors of ``samples``."""
-    stats = SkillStats.empty(
-        tuple(skills), _descriptor_size(reg_cfg), reg_cfg.n_angular
-    )
+    dim = descriptor_dim(reg_cfg.n_radial, reg_cfg.n_angular)
+    stats = SkillStats.empty(tuple(skills), dim, reg_cfg.n_angular)
     if len(samples) == 0:
         return stats
     device = model_device(model)
@@ -233,9 +242,3 @@ def spectrum_statistics(
         probs = skill_probabilities(chunk, skills)
         stats = stats + SkillStats.from_batch(desc, probs, tuple(skills), reg_cfg.tau_skill)
     return stats
-
-
-def _descriptor_size(reg_cfg: RegularizerConfig) -> int:
-    from fed_asr.spectral import descriptor_dim
-
-    return descriptor_dim(reg_cfg.n_radial, reg_cfg.n_angular)

@@ -1,0 +1,68 @@
+"""The geometry term's per-sample reference cache gives the uncached loss."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from fed_asr.config import LoraSettings, MethodConfig, ModelConfig, RegularizerConfig
+from fed_asr.data import VQASample
+from fed_asr.methods import ASR, StepContext
+from fed_asr.models import VQACollator, attach_lora, forward_with_attention
+from fed_asr.models.tiny import build_tiny
+from fed_asr.reference_cache import ReferenceCache
+
+
+def _context(model, batch, keys) -> StepContext:  # type: ignore[no-untyped-def]
+    forward = partial(forward_with_attention, model, batch, 2, "selective")
+    return StepContext(
+        model=model,
+        batch=batch,
+        capture=forward(hidden=True),
+        skill_probs=torch.full((len(keys), 4), 0.25),
+        forward=forward,
+        sample_keys=keys,
+    )
+
+
+def test_asr_geo_term_cached_reference_equals_recomputed(
+    cfg: ModelConfig, vocab: list[str], answers: list[str], vqa_samples: list[VQASample]
+) -> None:
+    # Prepare: LoRA B non-zero so current and reference differ
+    model, processor = build_tiny(cfg, vocab)
+    model = attach_lora(model, LoraSettings())
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    batch = VQACollator(processor, cfg.prompt_template, answers)(vqa_samples)
+    keys = [(s.image, s.question) for s in vqa_samples]
+    reg = RegularizerConfig(l_sel=2, beta=0.0)
+    cached = ASR(MethodConfig(), reg, cfg)
+    uncached = ASR(MethodConfig(), RegularizerConfig(l_sel=2, beta=0.0, geo_cache_entries=0), cfg)
+    # Execute
+    first = cached.penalties(_context(model, batch, keys))["geo"]
+    second = cached.penalties(_context(model, batch, keys))["geo"]
+    reference = uncached.penalties(_context(model, batch, keys))["geo"]
+    # Assert
+    assert cached.reference_cache.hits == len(keys)
+    assert float(reference) > 0
+    torch.testing.assert_close(first, reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(second, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_cache_evicts_least_recent_and_rejects_shape_change() -> None:
+    # Prepare
+    cache = ReferenceCache(max_entries=2)
+    mask = torch.tensor([[True, True, False]])
+    rows = torch.randn(1, 3, 5)
+    # Execute
+    for key in ("a", "b", "c"):
+        cache.store([key], rows, mask)
+    # Assert
+    assert len(cache) == 2
+    assert cache.lookup(["a"], mask, 5) is None
+    hit = cache.lookup(["c"], mask, 5)
+    assert hit is not None
+    torch.testing.assert_close(hit[0, :2], rows[0, :2])
+    assert cache.lookup(["c"], torch.tensor([[True, False, False]]), 5) is None
