@@ -1,0 +1,255 @@
+"""Spectral descriptor throughput against grid size, and its share of a forward pass.
+
+``fed_asr.spectral.describe`` turns the captured attention (B, L, H, Tq, P) into one
+descriptor per sample. A *map* is one layer-head's Gh x Gw attention map, so a call
+describes B * L * H maps (L = ``l_sel`` = 4 and H = 4 heads of the tiny model by
+default). Inputs are softmax-normalised random attention rows of the real shape; the
+descriptor's cost does not depend on the values.
+
+For each grid (8x8, 16x16, 24x24, 32x32; image sizes 32..128 with patch 4) the script
+times, as medians after warm-up:
+
+- ``describe`` forward (no grad) and forward + backward (as in ASR training, where the
+  loss is differentiated through the descriptor);
+- one forward pass (no grad) of the untrained tiny LLaVA at that grid on a real
+  easy-VQA batch of the same size, with selective capture (what the spectrum round
+  runs), and the descriptor's share of it.
+
+Usage: ``python -m benchmarks.bench_spectral [--quick] [--out PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    default_out,
+    format_table,
+    machine_info,
+    median,
+    set_threads,
+    write_json,
+)
+from fed_asr.config import DataConfig, ModelConfig, RegularizerConfig
+from fed_asr.data import build_stream
+from fed_asr.models import (
+    VQACollator,
+    build_tiny,
+    forward_with_attention,
+    install_attention_capture,
+)
+from fed_asr.spectral import describe
+
+NAME = "bench_spectral"
+PATCH_SIZE = 4
+GRIDS = (8, 16, 24, 32)
+
+
+def time_call(fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
+    """Wall times of ``repeat`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    Raises
+    ------
+    ValueError
+        ``repeat`` is not positive.
+    """
+    if repeat <= 0:
+        raise ValueError(f"`repeat` must be positive, got {repeat}.")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def random_attention(
+    batch: int, layers: int, heads: int, queries: int, grid: int, seed: int = 0
+) -> torch.Tensor:
+    """Softmax rows (B, L, H, Tq, P) over a grid x grid image block."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, layers, heads, queries, grid * grid)
+    scores = torch.randn(shape, generator=generator)
+    return torch.softmax(scores, dim=-1)  # (B, L, H, Tq, P)
+
+
+def describe_timing(
+    grid: int,
+    batch: int,
+    layers: int,
+    heads: int,
+    queries: int,
+    warmup: int,
+    repeat: int,
+    reg_cfg: RegularizerConfig | None = None,
+) -> dict[str, Any]:
+    """Median forward and forward+backward time of ``describe`` on one batch.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``maps`` per call, ``forward_s``, ``fwd_bwd_s``, ``maps_per_s`` (forward) and
+        ``maps_per_s_fwd_bwd``.
+    """
+    reg_cfg = reg_cfg or RegularizerConfig()
+    attn = random_attention(batch, layers, heads, queries, grid)
+    weights = torch.ones(batch, queries)
+
+    def forward() -> None:
+        with torch.no_grad():
+            describe(attn, (grid, grid), weights, reg_cfg.n_radial, reg_cfg.n_angular)
+
+    leaf = attn.clone().requires_grad_(True)
+
+    def forward_backward() -> None:
+        desc = describe(
+            leaf, (grid, grid), weights, reg_cfg.n_radial, reg_cfg.n_angular
+        )
+        (desc.descriptor.sum() + desc.angular.sum()).backward()
+        leaf.grad = None
+
+    maps = batch * layers * heads
+    fwd = median(time_call(forward, warmup, repeat))
+    both = median(time_call(forward_backward, warmup, repeat))
+    return {
+        "maps": maps,
+        "forward_s": fwd,
+        "fwd_bwd_s": both,
+        "maps_per_s": maps / fwd,
+        "maps_per_s_fwd_bwd": maps / both,
+    }
+
+
+def model_forward_timing(
+    grid: int, batch: int, warmup: int, repeat: int, seed: int = 0
+) -> dict[str, Any]:
+    """Median no-grad forward time of the tiny LLaVA (selective capture) at ``grid``.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``forward_s``, the captured attention's shape (``attn_shape``) and ``seq_len``.
+    """
+    model_cfg = ModelConfig(image_size=grid * PATCH_SIZE, patch_size=PATCH_SIZE)
+    reg_cfg = RegularizerConfig()
+    stream = build_stream(DataConfig(max_train_per_stage=max(batch, 16)), seed)
+    samples = [s for stage in stream.stages for s in stage.train][:batch]
+    model, processor = build_tiny(model_cfg, stream.vocabulary(), seed=seed)
+    install_attention_capture(model)
+    collator = VQACollator(processor, model_cfg.prompt_template, stream.answers)
+    inputs = collator(samples)
+    shape: list[int] = []
+
+    def forward() -> None:
+        with torch.no_grad():
+            capture = forward_with_attention(model, inputs, reg_cfg.l_sel, "selective")
+        shape[:] = list(capture.attn.shape)
+
+    seconds = median(time_call(forward, warmup, repeat))
+    return {
+        "forward_s": seconds,
+        "attn_shape": shape,
+        "seq_len": int(inputs["input_ids"].shape[1]),
+    }
+
+
+def run_benchmark(
+    grids: Sequence[int] = GRIDS,
+    batch: int = 32,
+    warmup: int = 2,
+    repeat: int = 10,
+    model_repeat: int = 3,
+    threads: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Descriptor and model-forward timing at every grid.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``rows`` (one per grid), ``settings`` and ``machine``.
+    """
+    set_threads(threads)
+    rows = []
+    for grid in grids:
+        model = model_forward_timing(grid, batch, 1, model_repeat, seed)
+        _, layers, heads, queries, _ = model["attn_shape"]
+        desc = describe_timing(grid, batch, layers, heads, queries, warmup, repeat)
+        rows.append({
+            "grid": f"{grid}x{grid}",
+            "P": grid * grid,
+            "seq_len": model["seq_len"],
+            "maps": desc["maps"],
+            "describe_fwd_ms": 1e3 * desc["forward_s"],
+            "describe_fwd_bwd_ms": 1e3 * desc["fwd_bwd_s"],
+            "maps_per_s": desc["maps_per_s"],
+            "maps_per_s_fwd_bwd": desc["maps_per_s_fwd_bwd"],
+            "model_fwd_ms": 1e3 * model["forward_s"],
+            "describe_share_of_fwd": desc["forward_s"] / model["forward_s"],
+            "attn_shape": model["attn_shape"],
+        })
+    return {
+        "benchmark": NAME,
+        "settings": {
+            "grids": list(grids),
+            "batch": batch,
+            "warmup": warmup,
+            "repeat": repeat,
+            "model_repeat": model_repeat,
+            "threads": threads,
+            "seed": seed,
+            "model": "untrained tiny LLaVA (build_tiny, default ModelConfig sizes)",
+        },
+        "rows": rows,
+        "machine": machine_info(),
+    }
+
+
+COLUMNS = (
+    "grid", "seq_len", "maps", "describe_fwd_ms", "describe_fwd_bwd_ms", "maps_per_s",
+    "model_fwd_ms", "describe_share_of_fwd",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke setting: 8x8 grid, batch 4, 1 timed call")
+    parser.add_argument("--out", type=Path, default=default_out(NAME))
+    parser.add_argument("--grids", type=int, nargs="+", default=list(GRIDS))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--model-repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; prints a table and writes the JSON result."""
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.grids, args.batch_size, args.warmup = [8], 4, 1
+        args.repeat, args.model_repeat = 1, 1
+    result = run_benchmark(
+        args.grids, args.batch_size, args.warmup, args.repeat, args.model_repeat,
+        args.threads, args.seed,
+    )
+    print(format_table(result["rows"], COLUMNS))
+    print(json.dumps({"threads": result["settings"]["threads"]}))
+    print(write_json(args.out, result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
