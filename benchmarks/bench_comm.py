@@ -112,9 +112,7 @@ def lora_parameters(model: nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
 
 
-def spectrum_payloads(
-    num_skills: int, reg_cfg: RegularizerConfig
-) -> dict[str, int]:
+def spectrum_payloads(num_skills: int, reg_cfg: RegularizerConfig) -> dict[str, int]:
     """Serialised bytes of ``SkillStats`` and ``SkillSpectrum`` of ``num_skills``.
 
     Returns
@@ -217,28 +215,32 @@ def run_benchmark(
     for model in models:
         rounds = per_round(model, spectrum, rounds_per_stage)
         full_round = 2 * model["full_bytes_fp32"]  # FedAvg of all weights: down + up
-        rows.append({
-            "model": model["model"],
-            "parameters": model["parameters"],
-            "lora_parameters": model["lora_parameters"],
-            "adapter_bytes": model["adapter_bytes"],
-            "adapter_raw_bytes": model["adapter_raw_bytes"],
-            "stats_bytes": spectrum["stats"],
-            "stats_raw_bytes": spectrum["stats_raw"],
-            "spectrum_raw_bytes": spectrum["spectrum_raw"],
-            "spectrum_bytes": spectrum["spectrum"],
-            "full_bytes_fp32": model["full_bytes_fp32"],
-            "full_bytes_fp16": model["full_bytes_fp16"],
-            "spectrum_over_adapter": spectrum["spectrum"] / model["adapter_bytes"],
-            "spectrum_over_adapter_raw": spectrum["spectrum_raw"]
-            / model["adapter_raw_bytes"],
-            "stats_over_adapter": spectrum["stats"] / model["adapter_bytes"],
-            "adapter_over_full_fp32": model["adapter_bytes"] / model["full_bytes_fp32"],
-            "adapter_over_full_fp16": model["adapter_bytes"] / model["full_bytes_fp16"],
-            "fedasr_round_bytes": rounds["total"],
-            "fedavg_full_round_bytes": full_round,
-            "round_ratio": rounds["total"] / full_round,
-        })
+        rows.append(
+            {
+                "model": model["model"],
+                "parameters": model["parameters"],
+                "lora_parameters": model["lora_parameters"],
+                "adapter_bytes": model["adapter_bytes"],
+                "adapter_raw_bytes": model["adapter_raw_bytes"],
+                "stats_bytes": spectrum["stats"],
+                "stats_raw_bytes": spectrum["stats_raw"],
+                "spectrum_raw_bytes": spectrum["spectrum_raw"],
+                "spectrum_bytes": spectrum["spectrum"],
+                "full_bytes_fp32": model["full_bytes_fp32"],
+                "full_bytes_fp16": model["full_bytes_fp16"],
+                "spectrum_over_adapter": spectrum["spectrum"] / model["adapter_bytes"],
+                "spectrum_over_adapter_raw": spectrum["spectrum_raw"]
+                / model["adapter_raw_bytes"],
+                "stats_over_adapter": spectrum["stats"] / model["adapter_bytes"],
+                "adapter_over_full_fp32": model["adapter_bytes"]
+                / model["full_bytes_fp32"],
+                "adapter_over_full_fp16": model["adapter_bytes"]
+                / model["full_bytes_fp16"],
+                "fedasr_round_bytes": rounds["total"],
+                "fedavg_full_round_bytes": full_round,
+                "round_ratio": rounds["total"] / full_round,
+            }
+        )
     tiny_row = rows[0]
     targets: dict[str, Any] = {
         "spectrum_over_adapter_tiny": tiny_row["spectrum_over_adapter"],
@@ -254,22 +256,32 @@ def run_benchmark(
     }
     if include_7b:
         big = rows[1]
-        targets.update({
-            "spectrum_over_adapter_7b": big["spectrum_over_adapter"],
-            "target_spectrum_le_2pct_of_adapter_7b_met": bool(
-                max(big["spectrum_over_adapter"], big["stats_over_adapter"])
-                <= MAX_SPECTRUM_OVER_ADAPTER
-            ),
-            "adapter_over_full_7b_fp32": big["adapter_over_full_fp32"],
-            "adapter_over_full_7b_fp16": big["adapter_over_full_fp16"],
-        })
+        targets.update(
+            {
+                "spectrum_over_adapter_7b": big["spectrum_over_adapter"],
+                "target_spectrum_le_2pct_of_adapter_7b_met": bool(
+                    max(big["spectrum_over_adapter"], big["stats_over_adapter"])
+                    <= MAX_SPECTRUM_OVER_ADAPTER
+                ),
+                "adapter_over_full_7b_fp32": big["adapter_over_full_fp32"],
+                "adapter_over_full_7b_fp16": big["adapter_over_full_fp16"],
+            }
+        )
     return {
         "benchmark": NAME,
         "settings": {
-            "lora": {"r": lora.r, "target_modules": list(lora.target_modules),
-                     "scope": "language_model", "dtype": "float32"},
-            "spectrum": {"skills": tiny["num_skills"], "D": spectrum["dim"],
-                         "M": spectrum["n_angular"], "dtype": "float64"},
+            "lora": {
+                "r": lora.r,
+                "target_modules": list(lora.target_modules),
+                "scope": "language_model",
+                "dtype": "float32",
+            },
+            "spectrum": {
+                "skills": tiny["num_skills"],
+                "D": spectrum["dim"],
+                "M": spectrum["n_angular"],
+                "dtype": "float64",
+            },
             "rounds_per_stage": rounds_per_stage,
         },
         "rows": rows,
@@ -289,25 +301,30 @@ def _human(n: float) -> str:
 def _table(rows: Sequence[dict[str, Any]]) -> str:
     shown = []
     for row in rows:
-        shown.append({
-            "model": row["model"].split(" (")[0],
-            "params": f"{row['parameters']:,}",
-            "lora params": f"{row['lora_parameters']:,}",
-            "adapter": _human(row["adapter_bytes"]),
-            "stats": _human(row["stats_bytes"]),
-            "spectrum": _human(row["spectrum_bytes"]),
-            "full fp32": _human(row["full_bytes_fp32"]),
-            "spec/adapter": f"{100 * row['spectrum_over_adapter']:.3f}%",
-            "adapter/full": f"{100 * row['adapter_over_full_fp32']:.4f}%",
-            "round vs FedAvg": f"{100 * row['round_ratio']:.4f}%",
-        })
+        shown.append(
+            {
+                "model": row["model"].split(" (")[0],
+                "params": f"{row['parameters']:,}",
+                "lora params": f"{row['lora_parameters']:,}",
+                "adapter": _human(row["adapter_bytes"]),
+                "stats": _human(row["stats_bytes"]),
+                "spectrum": _human(row["spectrum_bytes"]),
+                "full fp32": _human(row["full_bytes_fp32"]),
+                "spec/adapter": f"{100 * row['spectrum_over_adapter']:.3f}%",
+                "adapter/full": f"{100 * row['adapter_over_full_fp32']:.4f}%",
+                "round vs FedAvg": f"{100 * row['round_ratio']:.4f}%",
+            }
+        )
     return format_table(shown, list(shown[0]))
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke setting: tiny model only (no 7B shapes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke setting: tiny model only (no 7B shapes)",
+    )
     parser.add_argument("--out", type=Path, default=default_out(NAME))
     parser.add_argument("--rounds-per-stage", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -197,9 +197,12 @@ def sim_overrides(
     ValueError
         A count that is not positive.
     """
-    for name, value in (("num_clients", num_clients), ("rounds", rounds),
-                        ("train_per_client", train_per_client),
-                        ("test_per_client", test_per_client)):
+    for name, value in (
+        ("num_clients", num_clients),
+        ("rounds", rounds),
+        ("train_per_client", train_per_client),
+        ("test_per_client", test_per_client),
+    ):
         if value <= 0:
             raise ValueError(f"`{name}` must be positive, got {value}.")
     return [
@@ -316,8 +319,16 @@ def run_one(
     out_dir = out_root / f"n{num_clients}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    overrides = sim_overrides(num_clients, out_dir, cache_dir, method, rounds,
-                              train_per_client, test_per_client, extra=extra)
+    overrides = sim_overrides(
+        num_clients,
+        out_dir,
+        cache_dir,
+        method,
+        rounds,
+        train_per_client,
+        test_per_client,
+        extra=extra,
+    )
     prepare_s = prepare_model(overrides)
     load_log = out_dir / "model_loads.jsonl"
     env = dict(os.environ)
@@ -330,7 +341,11 @@ def run_one(
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         sampler = RssSampler(proc.pid, sample_interval_s).start()
@@ -372,34 +387,40 @@ def run_one(
     client_peaks = [sampler.peaks[p] for p in client_pids if p in sampler.peaks]
     later = [r["seconds"] for r in rounds_log[1:]]
     answered = [r["clients_answered"] for r in rounds_log]
-    result.update({
-        "metrics_wall_time_s": metrics.get("wall_time_s"),
-        "round_seconds": [r["seconds"] for r in rounds_log],
-        "first_round_s": rounds_log[0]["seconds"],
-        "later_round_s": sum(later) / len(later) if later else None,
-        "clients_answered": answered,
-        "failed_replies": metrics.get("failed_replies"),
-        "bytes_up_adapter_per_client_round": [
-            r["bytes_up_adapter"] / max(r["clients_answered"], 1) for r in rounds_log
-        ],
-        "bytes_down_adapter_per_client_round": [
-            r["bytes_down_adapter"] / max(r["clients_sampled"], 1) for r in rounds_log
-        ],
-        "server_model_loads": loads_per_pid.get(proc.pid, 0),
-        "client_processes": len(client_pids),
-        "model_loads_per_client_process": [loads_per_pid[p] for p in client_pids],
-        "model_load_seconds": [line["seconds"] for line in loads],
-        "client_peak_rss_mib": client_peaks,
-        "client_peak_rss_max_mib": max(client_peaks) if client_peaks else None,
-        "driver_peak_rss_mib": sampler.peaks.get(proc.pid),
-        "all_processes_peak_rss_sum_mib": sampler.total_peak,
-        "rss_samples": sampler.samples,
-        "processes_seen": {
-            str(pid): {"peak_mib": sampler.peaks[pid],
-                       "command": sampler.commands.get(pid, "")[:120]}
-            for pid in sorted(sampler.peaks)
-        },
-    })
+    result.update(
+        {
+            "metrics_wall_time_s": metrics.get("wall_time_s"),
+            "round_seconds": [r["seconds"] for r in rounds_log],
+            "first_round_s": rounds_log[0]["seconds"],
+            "later_round_s": sum(later) / len(later) if later else None,
+            "clients_answered": answered,
+            "failed_replies": metrics.get("failed_replies"),
+            "bytes_up_adapter_per_client_round": [
+                r["bytes_up_adapter"] / max(r["clients_answered"], 1)
+                for r in rounds_log
+            ],
+            "bytes_down_adapter_per_client_round": [
+                r["bytes_down_adapter"] / max(r["clients_sampled"], 1)
+                for r in rounds_log
+            ],
+            "server_model_loads": loads_per_pid.get(proc.pid, 0),
+            "client_processes": len(client_pids),
+            "model_loads_per_client_process": [loads_per_pid[p] for p in client_pids],
+            "model_load_seconds": [line["seconds"] for line in loads],
+            "client_peak_rss_mib": client_peaks,
+            "client_peak_rss_max_mib": max(client_peaks) if client_peaks else None,
+            "driver_peak_rss_mib": sampler.peaks.get(proc.pid),
+            "all_processes_peak_rss_sum_mib": sampler.total_peak,
+            "rss_samples": sampler.samples,
+            "processes_seen": {
+                str(pid): {
+                    "peak_mib": sampler.peaks[pid],
+                    "command": sampler.commands.get(pid, "")[:120],
+                }
+                for pid in sorted(sampler.peaks)
+            },
+        }
+    )
     return result
 
 
@@ -463,8 +484,17 @@ def run_benchmark(
     cache = Path(tempfile.mkdtemp(prefix="fed_asr_bench_")) if own_cache else cache_dir
     try:
         runs = [
-            run_one(n, out_root, cache, timeout_s, method, rounds, train_per_client,
-                    test_per_client, sample_interval_s)
+            run_one(
+                n,
+                out_root,
+                cache,
+                timeout_s,
+                method,
+                rounds,
+                train_per_client,
+                test_per_client,
+                sample_interval_s,
+            )
             for n in clients
         ]
     finally:
@@ -510,9 +540,16 @@ def run_benchmark(
 
 
 COLUMNS = (
-    "num_clients", "status", "first_round_s", "later_round_s", "later_per_client_s",
-    "client_processes", "loads_per_process", "client_peak_rss_max_mib",
-    "driver_peak_rss_mib", "subprocess_wall_s",
+    "num_clients",
+    "status",
+    "first_round_s",
+    "later_round_s",
+    "later_per_client_s",
+    "client_processes",
+    "loads_per_process",
+    "client_peak_rss_max_mib",
+    "driver_peak_rss_mib",
+    "subprocess_wall_s",
 )
 
 
@@ -521,29 +558,44 @@ def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         later = run.get("later_round_s")
-        rows.append({
-            **run,
-            "later_per_client_s": None if later is None else later / run["num_clients"],
-            "loads_per_process": run.get("model_loads_per_client_process"),
-        })
+        rows.append(
+            {
+                **run,
+                "later_per_client_s": None
+                if later is None
+                else later / run["num_clients"],
+                "loads_per_process": run.get("model_loads_per_client_process"),
+            }
+        )
     return rows
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke setting: 2 and 4 clients, 8 samples per client")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke setting: 2 and 4 clients, 8 samples per client",
+    )
     parser.add_argument("--out", type=Path, default=default_out(NAME))
     parser.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
     parser.add_argument("--method", default="vanilla")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-per-client", type=int, default=40)
     parser.add_argument("--test-per-client", type=int, default=10)
-    parser.add_argument("--timeout", type=float, default=1800.0,
-                        help="wall-clock guard of each subprocess, seconds")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="wall-clock guard of each subprocess, seconds",
+    )
     parser.add_argument("--sample-interval", type=float, default=0.5)
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="tiny-model cache (default: a temporary folder)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="tiny-model cache (default: a temporary folder)",
+    )
     parser.add_argument("--runs-dir", type=Path, default=RESULTS_DIR / "sim")
     return parser
 
@@ -555,8 +607,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.clients, args.train_per_client, args.test_per_client = [2, 4], 8, 4
         args.timeout = min(args.timeout, 600.0)
     result = run_benchmark(
-        args.clients, args.runs_dir, args.cache_dir, args.timeout, args.method,
-        args.rounds, args.train_per_client, args.test_per_client, args.sample_interval,
+        args.clients,
+        args.runs_dir,
+        args.cache_dir,
+        args.timeout,
+        args.method,
+        args.rounds,
+        args.train_per_client,
+        args.test_per_client,
+        args.sample_interval,
     )
     print(format_table(table_rows(result["runs"]), COLUMNS))
     summary = {"growth": result["growth"], "checks": result["checks"]}

@@ -184,19 +184,21 @@ def run_benchmark(
         model = model_forward_timing(grid, batch, 1, model_repeat, seed)
         _, layers, heads, queries, _ = model["attn_shape"]
         desc = describe_timing(grid, batch, layers, heads, queries, warmup, repeat)
-        rows.append({
-            "grid": f"{grid}x{grid}",
-            "P": grid * grid,
-            "seq_len": model["seq_len"],
-            "maps": desc["maps"],
-            "describe_fwd_ms": 1e3 * desc["forward_s"],
-            "describe_fwd_bwd_ms": 1e3 * desc["fwd_bwd_s"],
-            "maps_per_s": desc["maps_per_s"],
-            "maps_per_s_fwd_bwd": desc["maps_per_s_fwd_bwd"],
-            "model_fwd_ms": 1e3 * model["forward_s"],
-            "describe_share_of_fwd": desc["forward_s"] / model["forward_s"],
-            "attn_shape": model["attn_shape"],
-        })
+        rows.append(
+            {
+                "grid": f"{grid}x{grid}",
+                "P": grid * grid,
+                "seq_len": model["seq_len"],
+                "maps": desc["maps"],
+                "describe_fwd_ms": 1e3 * desc["forward_s"],
+                "describe_fwd_bwd_ms": 1e3 * desc["fwd_bwd_s"],
+                "maps_per_s": desc["maps_per_s"],
+                "maps_per_s_fwd_bwd": desc["maps_per_s_fwd_bwd"],
+                "model_fwd_ms": 1e3 * model["forward_s"],
+                "describe_share_of_fwd": desc["forward_s"] / model["forward_s"],
+                "attn_shape": model["attn_shape"],
+            }
+        )
     return {
         "benchmark": NAME,
         "settings": {
@@ -215,15 +217,24 @@ def run_benchmark(
 
 
 COLUMNS = (
-    "grid", "seq_len", "maps", "describe_fwd_ms", "describe_fwd_bwd_ms", "maps_per_s",
-    "model_fwd_ms", "describe_share_of_fwd",
+    "grid",
+    "seq_len",
+    "maps",
+    "describe_fwd_ms",
+    "describe_fwd_bwd_ms",
+    "maps_per_s",
+    "model_fwd_ms",
+    "describe_share_of_fwd",
 )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke setting: 8x8 grid, batch 4, 1 timed call")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke setting: 8x8 grid, batch 4, 1 timed call",
+    )
     parser.add_argument("--out", type=Path, default=default_out(NAME))
     parser.add_argument("--grids", type=int, nargs="+", default=list(GRIDS))
     parser.add_argument("--batch-size", type=int, default=32)
@@ -242,8 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.grids, args.batch_size, args.warmup = [8], 4, 1
         args.repeat, args.model_repeat = 1, 1
     result = run_benchmark(
-        args.grids, args.batch_size, args.warmup, args.repeat, args.model_repeat,
-        args.threads, args.seed,
+        args.grids,
+        args.batch_size,
+        args.warmup,
+        args.repeat,
+        args.model_repeat,
+        args.threads,
+        args.seed,
     )
     print(format_table(result["rows"], COLUMNS))
     print(json.dumps({"threads": result["settings"]["threads"]}))

@@ -409,14 +409,23 @@ def measure_memory_subprocess(
         It ran longer than ``timeout_s``.
     """
     command = [
-        sys.executable, "-m", "benchmarks.bench_step",
-        "--child-memory", variant_name,
-        "--image-sizes", str(image_size),
-        "--batch-size", str(batch_size),
-        "--memory-steps", str(steps),
-        "--threads", str(threads),
-        "--seed", str(seed),
-        "--device", device,
+        sys.executable,
+        "-m",
+        "benchmarks.bench_step",
+        "--child-memory",
+        variant_name,
+        "--image-sizes",
+        str(image_size),
+        "--batch-size",
+        str(batch_size),
+        "--memory-steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--seed",
+        str(seed),
+        "--device",
+        device,
     ]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, **MALLOC_ENV}
@@ -501,31 +510,40 @@ def run_benchmark(
         base = timed[variants[0].name]["median_s"]
         for variant in variants:
             result = timed[variant.name]
-            rows.append({
-                "image_size": size,
-                "grid": f"{setup.grid[0]}x{setup.grid[1]}",
-                "seq_len": seq_len,
-                "variant": variant.name,
-                "median_s": result["median_s"],
-                "min_s": min(result["seconds"]),
-                "max_s": max(result["seconds"]),
-                f"ratio_vs_{variants[0].name}": result["median_s"] / base,
-                "seconds": result["seconds"],
-                "losses": result["losses"],
-            })
+            rows.append(
+                {
+                    "image_size": size,
+                    "grid": f"{setup.grid[0]}x{setup.grid[1]}",
+                    "seq_len": seq_len,
+                    "variant": variant.name,
+                    "median_s": result["median_s"],
+                    "min_s": min(result["seconds"]),
+                    "max_s": max(result["seconds"]),
+                    f"ratio_vs_{variants[0].name}": result["median_s"] / base,
+                    "seconds": result["seconds"],
+                    "losses": result["losses"],
+                }
+            )
         del setup, timed
         gc.collect()
     if with_memory:
         for row in rows:
             memory = measure_memory_subprocess(
-                row["image_size"], row["variant"], batch_size, memory_steps, threads,
-                seed, device,
+                row["image_size"],
+                row["variant"],
+                batch_size,
+                memory_steps,
+                threads,
+                seed,
+                device,
             )
-            row.update({
-                "peak_mib": memory["peak_mib"],
-                "step_delta_mib": memory["step_delta_mib"],
-                "memory_method": memory["method"],
-            })
+            row.update(
+                {
+                    "peak_mib": memory["peak_mib"],
+                    "step_delta_mib": memory["step_delta_mib"],
+                    "memory_method": memory["method"],
+                }
+            )
     return {
         "benchmark": NAME,
         "settings": {
@@ -550,15 +568,25 @@ def run_benchmark(
 
 
 COLUMNS = (
-    "grid", "seq_len", "variant", "median_s", "min_s", "max_s", "ratio_vs_vanilla",
-    "peak_mib", "step_delta_mib",
+    "grid",
+    "seq_len",
+    "variant",
+    "median_s",
+    "min_s",
+    "max_s",
+    "ratio_vs_vanilla",
+    "peak_mib",
+    "step_delta_mib",
 )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke setting: 8x8 grid, batch 4, 1 timed step")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke setting: 8x8 grid, batch 4, 1 timed step",
+    )
     parser.add_argument("--out", type=Path, default=default_out(NAME))
     parser.add_argument("--image-sizes", type=int, nargs="+", default=list(IMAGE_SIZES))
     parser.add_argument("--batch-size", type=int, default=32)
@@ -580,17 +608,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(args.threads)
     if args.child_memory:
         result = measure_memory(
-            args.image_sizes[0], args.child_memory, args.batch_size, args.memory_steps,
-            args.seed, args.device,
+            args.image_sizes[0],
+            args.child_memory,
+            args.batch_size,
+            args.memory_steps,
+            args.seed,
+            args.device,
         )
         print(json.dumps(result))
         return 0
     if args.quick:
-        args = replace_args(args, image_sizes=[32], batch_size=4, warmup=1, repeat=1,
-                            memory_steps=1)
+        args = replace_args(
+            args, image_sizes=[32], batch_size=4, warmup=1, repeat=1, memory_steps=1
+        )
     result = run_benchmark(
-        args.image_sizes, args.batch_size, args.warmup, args.repeat, args.memory_steps,
-        args.threads, not args.no_memory, seed=args.seed, device=args.device,
+        args.image_sizes,
+        args.batch_size,
+        args.warmup,
+        args.repeat,
+        args.memory_steps,
+        args.threads,
+        not args.no_memory,
+        seed=args.seed,
+        device=args.device,
     )
     print(format_table(result["rows"], COLUMNS))
     print(json.dumps(result["targets"], indent=2))

@@ -1,4 +1,4 @@
-"""Flower ClientApp of FedASR: local training, stage-end spectrum statistics, evaluation.
+"""Flower ClientApp of FedASR: local training, stage-end statistics, evaluation.
 
 Message contents are described in ``docs/protocol.md``; record keys come from
 ``fed_asr.protocol``.
@@ -10,23 +10,106 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from clients.site import Site, site_from_context
 from fed_asr import protocol as P
-from fed_asr.models import adapter_state, load_adapter_state
+from fed_asr.baselines import (
+    FISHER_COUNT_KEY,
+    FISHER_RECORD,
+    LOCAL_SPECTRUM_STATE,
+    PREVIOUS_ADAPTER_RECORD,
+    fisher_sums,
+    update_local_spectrum,
+)
+from fed_asr.lora_aggregation import get_lora_aggregation
+from fed_asr.methods import StageMemory
 from fed_asr.spectrum import SkillSpectrum
 from fed_asr.train import evaluate_samples, spectrum_statistics, train_stage
 from server.records import numpy_record, record_to_numpy
 
 
-def _prepare(msg: Message, context: Context, run_config: Mapping[str, Any] | None) -> Site:
+def _prepare(
+    msg: Message, context: Context, run_config: Mapping[str, Any] | None
+) -> Site:
     """Site of this node with the message's adapter weights loaded."""
     site = site_from_context(run_config or context.run_config, context.node_config)
     state = msg.content[P.ARRAYS_RECORD].to_torch_state_dict()
-    load_adapter_state(site.model, state)
+    get_lora_aggregation(site.cfg.lora.aggregation).load(site.model, state)
     return site
+
+
+def _local_spectrum(context: Context, site: Site) -> SkillSpectrum | None:
+    """This node's own spectrum (``asr_local``), persisted in ``context.state``."""
+    if LOCAL_SPECTRUM_STATE not in context.state:
+        return None
+    arrays = record_to_numpy(context.state[LOCAL_SPECTRUM_STATE])
+    return SkillSpectrum.from_arrays(arrays, tuple(site.stream.skills))
+
+
+def _spectrum(msg: Message, context: Context, site: Site) -> SkillSpectrum | None:
+    """The global spectrum of the message, or this node's own one (``asr_local``)."""
+    if P.SPECTRUM_RECORD in msg.content:
+        arrays = record_to_numpy(msg.content[P.SPECTRUM_RECORD])
+        return SkillSpectrum.from_arrays(arrays, tuple(site.stream.skills))
+    if site.method.keeps_local_spectrum:
+        return _local_spectrum(context, site)
+    return None
+
+
+def _memory(msg: Message) -> StageMemory:
+    """Method memory sent with a train message (previous adapter, Fisher)."""
+    records = msg.content.array_records
+    previous, fisher = records.get(PREVIOUS_ADAPTER_RECORD), records.get(FISHER_RECORD)
+    return StageMemory(
+        previous=previous.to_torch_state_dict() if previous is not None else None,
+        fisher=fisher.to_torch_state_dict() if fisher is not None else None,
+    )
+
+
+def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
+    """Stage-end reply: statistics (shared or kept locally) and/or Fisher sums."""
+    samples = site.stream.stages[stage].train
+    metrics = {P.NUM_EXAMPLES_KEY: len(samples), P.PARTITION_ID_KEY: site.partition_id}
+    content = RecordDict()
+    method = site.method
+    if method.shares_spectrum or method.keeps_local_spectrum:
+        stats = spectrum_statistics(
+            site.model,
+            site.collator,
+            samples,
+            site.stream.skills,
+            site.cfg.regularizer,
+            site.cfg.train.eval_batch_size,
+            site.cfg.model.attn_capture,
+        )
+        if method.shares_spectrum:
+            content[P.STATS_RECORD] = numpy_record(stats.to_arrays())
+        if method.keeps_local_spectrum:
+            own = update_local_spectrum(
+                _local_spectrum(context, site),
+                stats,
+                site.cfg.spectrum,
+                site.cfg.regularizer.cov_floor,
+            )
+            if own is not None:
+                context.state[LOCAL_SPECTRUM_STATE] = numpy_record(own.to_arrays())
+    if method.needs_fisher:
+        sums, count = fisher_sums(
+            site.model, site.collator, samples, site.cfg.method.ewc_fisher_batch_size
+        )
+        content[FISHER_RECORD] = ArrayRecord(torch_state_dict=sums)
+        metrics[FISHER_COUNT_KEY] = count
+    content[P.METRICS_RECORD] = MetricRecord(metrics)
+    return content
 
 
 def _seed(site: Site, config: ConfigRecord) -> int:
@@ -54,19 +137,25 @@ def make_client_app(
         site = _prepare(msg, context, run_config)
         config = msg.content[P.CONFIG_RECORD]
         stage = int(config[P.STAGE_KEY])
-        spectrum = None
-        if P.SPECTRUM_RECORD in msg.content:
-            arrays = record_to_numpy(msg.content[P.SPECTRUM_RECORD])
-            spectrum = SkillSpectrum.from_arrays(arrays, tuple(site.stream.skills))
         site.method.configure_stage(
-            spectrum, float(config[P.BETA_KEY]), float(config[P.GAMMA_KEY])
+            _spectrum(msg, context, site),
+            float(config[P.BETA_KEY]),
+            float(config[P.GAMMA_KEY]),
         )
-        samples = site.stream.stages[stage].train
+        site.method.set_memory(site.model, _memory(msg))
+        samples = site.method.training_samples(site.stream.stages, stage)
         torch.manual_seed(_seed(site, config))
         result = train_stage(
-            site.model, site.collator, samples, site.stream.skills, site.method,
-            site.cfg.train, site.cfg.regularizer, capture_mode=site.cfg.model.attn_capture,
-            epochs=int(config[P.LOCAL_EPOCHS_KEY]), seed=_seed(site, config),
+            site.model,
+            site.collator,
+            samples,
+            site.stream.skills,
+            site.method,
+            site.cfg.train,
+            site.cfg.regularizer,
+            capture_mode=site.cfg.model.attn_capture,
+            epochs=int(config[P.LOCAL_EPOCHS_KEY]),
+            seed=_seed(site, config),
         )
         metrics = {
             P.NUM_EXAMPLES_KEY: result.num_examples,
@@ -74,27 +163,23 @@ def make_client_app(
             P.TRAIN_SECONDS_KEY: result.seconds,
             **{P.loss_key(k): v for k, v in result.losses.items()},
         }
-        content = RecordDict({
-            P.ARRAYS_RECORD: ArrayRecord(torch_state_dict=adapter_state(site.model)),
-            P.METRICS_RECORD: MetricRecord(metrics),
-        })
+        content = RecordDict(
+            {
+                P.ARRAYS_RECORD: ArrayRecord(
+                    torch_state_dict=get_lora_aggregation(
+                        site.cfg.lora.aggregation
+                    ).exchanged_state(site.model)
+                ),
+                P.METRICS_RECORD: MetricRecord(metrics),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
     @app.query(P.SPECTRUM_ACTION)
     def spectrum(msg: Message, context: Context) -> Message:
         site = _prepare(msg, context, run_config)
         stage = int(msg.content[P.CONFIG_RECORD][P.STAGE_KEY])
-        samples = site.stream.stages[stage].train
-        stats = spectrum_statistics(
-            site.model, site.collator, samples, site.stream.skills, site.cfg.regularizer,
-            site.cfg.train.eval_batch_size, site.cfg.model.attn_capture,
-        )
-        metrics = {P.NUM_EXAMPLES_KEY: len(samples), P.PARTITION_ID_KEY: site.partition_id}
-        content = RecordDict({
-            P.STATS_RECORD: numpy_record(stats.to_arrays()),
-            P.METRICS_RECORD: MetricRecord(metrics),
-        })
-        return Message(content=content, reply_to=msg)
+        return Message(content=_stage_end(site, context, stage), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -15,12 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from fed_asr.config import ExperimentConfig, load_config, to_yaml
 from fed_asr.data import ContinualStream, build_stream, partition_stream
+from fed_asr.lora_aggregation import get_lora_aggregation
 from fed_asr.methods import ContinualMethod, build_method
-from fed_asr.models import VQACollator, attach_lora, load_base_model, resolve_device
+from fed_asr.models import VQACollator, load_base_model, resolve_device
 from fed_asr.protocol import NODE_DATA_ROOT, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 
 
@@ -53,7 +52,9 @@ def site_from_context(
     data_root = node_config.get(NODE_DATA_ROOT)
     partition_id = int(node_config.get(NODE_PARTITION_ID, 0))
     num_partitions = int(node_config.get(NODE_NUM_PARTITIONS, 1))
-    return _site(key, partition_id, num_partitions, str(data_root) if data_root else None)
+    return _site(
+        key, partition_id, num_partitions, str(data_root) if data_root else None
+    )
 
 
 @functools.cache
@@ -95,18 +96,21 @@ def _client_stream(
             f"0..{num_partitions - 1} (`{NODE_NUM_PARTITIONS}`={num_partitions})."
         )
     stream = build_stream(cfg.data, cfg.seed)
-    shares = partition_stream(stream, num_partitions, cfg.data.dirichlet_alpha, cfg.seed)
+    shares = partition_stream(
+        stream, num_partitions, cfg.data.dirichlet_alpha, cfg.seed
+    )
     return shares[partition_id], tuple(stream.vocabulary())
 
 
 @functools.cache
 def _shared_model(config_yaml: str, vocabulary: tuple[str, ...]) -> tuple[Any, Any]:
     """Base model + LoRA wrapper, once per process and config."""
-    from fed_asr.config import to_experiment_config
     from omegaconf import OmegaConf
+
+    from fed_asr.config import to_experiment_config
 
     cfg = to_experiment_config(OmegaConf.create(config_yaml))
     device = resolve_device(cfg.model.device)
     base, processor = load_base_model(cfg.model, list(vocabulary), device)
-    torch.manual_seed(cfg.seed)
-    return attach_lora(base, cfg.lora), processor
+    aggregation = get_lora_aggregation(cfg.lora.aggregation)
+    return aggregation.attach(base, cfg.lora, cfg.seed), processor

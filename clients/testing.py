@@ -22,7 +22,9 @@ def failing_mod(partition_id: int, global_round: int) -> Mod:
         Global round (``global-round`` in the train config) in which it fails.
     """
 
-    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    def mod(
+        msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
         config = msg.content.config_records.get(P.CONFIG_RECORD)
         is_train = msg.metadata.message_type.startswith("train")
         if (

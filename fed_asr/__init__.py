@@ -1,3 +1,3 @@
-"""fed-asr: federated continual learning for MLLMs with Attention-Spectrum Regularization."""
+"""Federated continual learning of MLLMs with attention-spectrum regularisation."""
 
 __version__ = "0.1.0"

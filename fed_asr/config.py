@@ -48,6 +48,10 @@ class MethodConfig:
     lwf_weight: float = 1.0
     lwf_temperature: float = 2.0
     ewc_lambda: float = 100.0
+    # EWC: Fisher accumulation across stages, F <- ewc_decay * F + F_new (1 = sum)
+    ewc_decay: float = 1.0
+    # EWC: samples per gradient when estimating the Fisher (1 = empirical Fisher)
+    ewc_fisher_batch_size: int = 1
 
 
 @dataclass
@@ -187,7 +191,8 @@ class SpectrumConfig:
             raise ValueError(f"`spectrum.alpha` must be in [0, 1], got {self.alpha}.")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(
-                f"`spectrum.trim_fraction` must be in [0, 0.5), got {self.trim_fraction}."
+                "`spectrum.trim_fraction` must be in [0, 0.5), "
+                f"got {self.trim_fraction}."
             )
 
 
@@ -224,7 +229,12 @@ class FederationConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("num_clients", "rounds_per_stage", "local_epochs", "keep_checkpoints"):
+        for name in (
+            "num_clients",
+            "rounds_per_stage",
+            "local_epochs",
+            "keep_checkpoints",
+        ):
             _check_positive(f"federation.{name}", getattr(self, name))
         for name in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, name)

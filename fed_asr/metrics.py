@@ -31,11 +31,14 @@ def _as_square(matrix: Sequence[Sequence[float]]) -> np.ndarray:
     acc = np.asarray(matrix, dtype=np.float64)
     if acc.ndim != 2 or acc.shape[0] != acc.shape[1] or acc.shape[0] == 0:
         raise ValueError(
-            f"`accuracy_matrix` must be a non-empty T x T matrix, got shape {acc.shape}."
+            "`accuracy_matrix` must be a non-empty T x T matrix, "
+            f"got shape {acc.shape}."
         )
     lower = np.tril(acc)
     if not np.all(np.isfinite(lower)):
-        raise ValueError("`accuracy_matrix` has non-finite entries on or below the diagonal.")
+        raise ValueError(
+            "`accuracy_matrix` has non-finite entries on or below the diagonal."
+        )
     return acc
 
 
@@ -88,11 +91,15 @@ class AccuracyMatrix:
     @property
     def completed_rows(self) -> int:
         """Number of leading rows whose diagonal entry is filled."""
-        return int(sum(1 for t in range(len(self.values)) if np.isfinite(self.values[t, t])))
+        return int(
+            sum(1 for t in range(len(self.values)) if np.isfinite(self.values[t, t]))
+        )
 
     def to_list(self) -> list[list[float | None]]:
         """JSON-friendly rows (``None`` where not measured)."""
-        return [[None if math.isnan(v) else float(v) for v in row] for row in self.values]
+        return [
+            [None if math.isnan(v) else float(v) for v in row] for row in self.values
+        ]
 
     @classmethod
     def from_list(cls, rows: Sequence[Sequence[float | None]]) -> AccuracyMatrix:

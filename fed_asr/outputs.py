@@ -1,4 +1,4 @@
-"""Run outputs shared by every engine: config, metrics.json, adapter, spectrum, plots."""
+"""Run outputs of every engine: config, metrics.json, adapter, spectrum, plots."""
 
 from __future__ import annotations
 
@@ -95,14 +95,22 @@ def write_run_outputs(
         **extra,
     }
     plot_accuracy_matrix(
-        rows, stage_names, out / HEATMAP_FILE, title=f"{cfg.method.name}: accuracy matrix"
+        rows,
+        stage_names,
+        out / HEATMAP_FILE,
+        title=f"{cfg.method.name}: accuracy matrix",
     )
     if curves:
         plot_forgetting_curves(
-            curves, out / CURVES_FILE, xlabel=curve_xlabel, stage_boundaries=stage_boundaries
+            curves,
+            out / CURVES_FILE,
+            xlabel=curve_xlabel,
+            stage_boundaries=stage_boundaries,
         )
     path = out / METRICS_FILE
-    atomic_write_text(path, json.dumps(metrics, indent=2, allow_nan=False, default=_json_default))
+    atomic_write_text(
+        path, json.dumps(metrics, indent=2, allow_nan=False, default=_json_default)
+    )
     return path
 
 

@@ -31,7 +31,9 @@ def plot_accuracy_matrix(
         for i in range(n):
             if not math.isnan(values[t][i]):
                 colour = "black" if values[t][i] > 0.6 else "white"
-                ax.text(i, t, f"{values[t][i]:.2f}", ha="center", va="center", color=colour)
+                ax.text(
+                    i, t, f"{values[t][i]:.2f}", ha="center", va="center", color=colour
+                )
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -48,7 +50,10 @@ def plot_forgetting_curves(
     stage_boundaries: Sequence[float] = (),
     title: str = "Accuracy of each stage over training",
 ) -> Path:
-    """Save accuracy-over-time lines, one per stage (``curves[name] = [(x, acc), ...]``)."""
+    """Save accuracy-over-time lines, one per stage.
+
+    ``curves[name] = [(x, acc), ...]``.
+    """
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in curves.items():
         if points:

@@ -14,7 +14,9 @@ ARRAYS_RECORD = "arrays"  # ArrayRecord: LoRA adapter state (peft keys)
 CONFIG_RECORD = "config"  # ConfigRecord: per-round settings (keys below)
 METRICS_RECORD = "metrics"  # MetricRecord: reply metrics
 SPECTRUM_RECORD = "spectrum"  # ArrayRecord: global skill spectrum (server -> client)
-STATS_RECORD = "stats"  # ArrayRecord: per-skill sufficient statistics (client -> server)
+STATS_RECORD = (
+    "stats"  # ArrayRecord: per-skill sufficient statistics (client -> server)
+)
 SIGNATURE_RECORD = "signature"  # ConfigRecord: Ed25519 signatures of global state
 
 # ConfigRecord keys (server -> client)

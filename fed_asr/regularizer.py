@@ -225,8 +225,12 @@ def geometry_loss(
             f"got {tuple(text_mask.shape)}."
         )
     with torch.no_grad():
-        log_ref = reference_log_similarity(image_ref.detach(), text_ref.detach(), temperature)
-    return geometry_loss_from_reference(image_cur, text_cur, log_ref, text_mask, temperature)
+        log_ref = reference_log_similarity(
+            image_ref.detach(), text_ref.detach(), temperature
+        )
+    return geometry_loss_from_reference(
+        image_cur, text_cur, log_ref, text_mask, temperature
+    )
 
 
 def reference_log_similarity(image: Tensor, text: Tensor, temperature: float) -> Tensor:

@@ -110,12 +110,17 @@ def train_stage(
     )
     generator = torch.Generator().manual_seed(seed)
     n_epochs = train_cfg.epochs if epochs is None else epochs
-    plan = [b for _ in range(n_epochs) for b in _batches(len(samples), train_cfg.batch_size, generator)]
+    plan = [
+        b
+        for _ in range(n_epochs)
+        for b in _batches(len(samples), train_cfg.batch_size, generator)
+    ]
     if train_cfg.max_steps_per_stage is not None:
         plan = plan[: train_cfg.max_steps_per_stage]
     if progress is not None:
         progress.total = len(plan)
     sums: dict[str, float] = {}
+    method.before_training(model)
     model.train()
     for step, indices in enumerate(plan, start=1):
         chunk = [samples[i] for i in indices]
@@ -137,7 +142,9 @@ def train_stage(
         optimizer.step()
         for name, value in {**terms, "total": total}.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
-        if progress is not None and (step % train_cfg.log_every == 0 or step == len(plan)):
+        if progress is not None and (
+            step % train_cfg.log_every == 0 or step == len(plan)
+        ):
             shown = " ".join(f"{k}={v / step:.4f}" for k, v in sums.items())
             progress.update(step, shown)
     model.eval()
@@ -164,12 +171,14 @@ def _step_losses(
     ``sample_keys`` identify the batch rows (image, question) for per-sample caches.
     """
     forward = partial(forward_with_attention, model, batch, reg_cfg.l_sel, capture_mode)
+    outputs = None
     if method.needs_attention or method.needs_hidden:
         capture = forward(hidden=method.needs_hidden)
         task_loss = capture.loss
     else:
         capture = None
-        task_loss = model(**{k: batch[k] for k in MODEL_INPUT_KEYS}).loss
+        outputs = model(**{k: batch[k] for k in MODEL_INPUT_KEYS})
+        task_loss = outputs.loss
     ctx = StepContext(
         model=model,
         batch=batch,
@@ -177,6 +186,7 @@ def _step_losses(
         skill_probs=skill_probs,
         forward=forward,
         sample_keys=sample_keys,
+        outputs=outputs,
     )
     return {"task": task_loss, **method.penalties(ctx)}
 
@@ -240,5 +250,7 @@ def spectrum_statistics(
             n_angular=reg_cfg.n_angular,
         )
         probs = skill_probabilities(chunk, skills)
-        stats = stats + SkillStats.from_batch(desc, probs, tuple(skills), reg_cfg.tau_skill)
+        stats = stats + SkillStats.from_batch(
+            desc, probs, tuple(skills), reg_cfg.tau_skill
+        )
     return stats

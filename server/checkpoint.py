@@ -30,7 +30,7 @@ STATE = "state.json"
 
 @dataclass
 class Checkpoint:
-    """A saved point of the run: after ``global_round`` (and maybe its spectrum round)."""
+    """A saved point of the run: after ``global_round`` (and its spectrum round)."""
 
     global_round: int
     adapter: dict[str, torch.Tensor]
@@ -55,7 +55,9 @@ class Checkpointer:
         tmp = self.folder / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in checkpoint.adapter.items()}, tmp / ADAPTER)
+        save_file(
+            {k: v.contiguous() for k, v in checkpoint.adapter.items()}, tmp / ADAPTER
+        )
         if checkpoint.spectrum is not None:
             checkpoint.spectrum.save(tmp / SPECTRUM)
         state = {**checkpoint.state, "global_round": checkpoint.global_round}
@@ -95,7 +97,11 @@ class Checkpointer:
             raise ValueError(f"Checkpoint {folder} named in {pointer} is incomplete.")
         self._verify(folder)
         state = json.loads((folder / STATE).read_text())
-        spectrum = SkillSpectrum.load(folder / SPECTRUM) if (folder / SPECTRUM).exists() else None
+        spectrum = (
+            SkillSpectrum.load(folder / SPECTRUM)
+            if (folder / SPECTRUM).exists()
+            else None
+        )
         return Checkpoint(
             global_round=int(state["global_round"]),
             adapter=load_file(folder / ADAPTER),

@@ -12,7 +12,9 @@ from fed_asr import protocol as P
 
 def numpy_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """ArrayRecord from named NumPy arrays (order kept)."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    return ArrayRecord(
+        {name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()}
+    )
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The federated continual run driven by the ServerApp: stages, rounds, spectrum, resume."""
+"""The federated continual run of the ServerApp: stages, rounds, spectrum, resume."""
 
 from __future__ import annotations
 
@@ -9,26 +9,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_asr import protocol as P
+from fed_asr.baselines import (
+    FISHER_COUNT_KEY,
+    FISHER_RECORD,
+    PREVIOUS_ADAPTER_RECORD,
+    mean_fisher,
+    update_memory,
+)
 from fed_asr.config import ExperimentConfig
 from fed_asr.data import build_stream
-from fed_asr.methods import METHODS
+from fed_asr.lora_aggregation import get_lora_aggregation
+from fed_asr.methods import METHODS, StageMemory
 from fed_asr.metrics import AccuracyMatrix
-from fed_asr.models import (
-    adapter_state,
-    attach_lora,
-    load_adapter_state,
-    load_base_model,
-    resolve_device,
-)
+from fed_asr.models import load_base_model, resolve_device
 from fed_asr.outputs import seed_everything, write_run_outputs
 from fed_asr.progress import format_seconds
 from server.checkpoint import Checkpoint, Checkpointer
+from server.records import record_bytes, record_to_numpy
 from server.strategy import FedASR, RoundLog
+
+# Checkpointed with the adapter under these key prefixes (StageMemory of the method)
+_MEMORY_PREFIXES = {"previous": "memory/previous/", "fisher": "memory/fisher/"}
 
 
 class FederatedRun:
@@ -56,6 +63,7 @@ class FederatedRun:
         self.elapsed_before = 0.0
         self.rounds_at_start = 0
         self.spectrum_stage = -1
+        self.memory = StageMemory()
 
     def run(self) -> Path:
         """Run (or resume) the experiment and return the ``metrics.json`` path."""
@@ -65,14 +73,17 @@ class FederatedRun:
         self.stage_names = [s.name for s in stream.stages]
         method_cls = METHODS[cfg.method.name] if cfg.method.name in METHODS else None
         if method_cls is None:
-            raise KeyError(f"Unknown method {cfg.method.name!r}. Available: {sorted(METHODS)}.")
+            raise KeyError(
+                f"Unknown method {cfg.method.name!r}. Available: {sorted(METHODS)}."
+            )
         shares_spectrum = method_cls.shares_spectrum
+        self.method_cls = method_cls
+        self.lora_aggregation = get_lora_aggregation(cfg.lora.aggregation)
         base, _ = load_base_model(cfg.model, stream.vocabulary(), resolve_device("cpu"))
-        import torch
-
-        torch.manual_seed(cfg.seed)
-        self.model = attach_lora(base, cfg.lora)
-        arrays = ArrayRecord(torch_state_dict=adapter_state(self.model))
+        self.model = self.lora_aggregation.attach(base, cfg.lora, cfg.seed)
+        arrays = ArrayRecord(
+            torch_state_dict=self.lora_aggregation.exchanged_state(self.model)
+        )
         fed = cfg.federation
         self.strategy = FedASR(
             skills=stream.skills,
@@ -85,13 +96,23 @@ class FederatedRun:
             min_train_nodes=min(fed.min_available_clients, fed.num_clients),
             min_evaluate_nodes=min(fed.min_available_clients, fed.num_clients),
             min_available_nodes=min(fed.min_available_clients, fed.num_clients),
+            arrays_aggregator=(
+                self.lora_aggregation.aggregate
+                if self.lora_aggregation.server_merges
+                else None
+            ),
         )
         self.strategy.on_round_end = self._round_end
         nodes = len(list(self.grid.get_node_ids()))
         if nodes != fed.num_clients:
-            log(WARNING, "The federation has %d SuperNodes but `federation.num_clients` "
+            log(
+                WARNING,
+                "The federation has %d SuperNodes but `federation.num_clients` "
                 "is %d: the data is split into %d shares (one per SuperNode).",
-                nodes, fed.num_clients, nodes)
+                nodes,
+                fed.num_clients,
+                nodes,
+            )
         done_rounds = 0
         if cfg.resume:
             done_rounds, arrays = self._restore(arrays)
@@ -102,6 +123,7 @@ class FederatedRun:
         for t in range(T):
             done_in_stage = min(max(done_rounds - t * R, 0), R)
             self.strategy.stage = t
+            self.strategy.extra_train_records = self._memory_records()
             if done_in_stage < R:
                 self.strategy.round_offset = t * R + done_in_stage
                 result = self.strategy.start(
@@ -113,24 +135,77 @@ class FederatedRun:
                     evaluate_config=ConfigRecord(),
                 )
                 arrays = self.strategy.current_arrays or result.arrays or arrays
-            if shares_spectrum and self.spectrum_stage < t:
-                self.strategy.spectrum_round(self.grid, arrays, t, timeout)
+            keeps_memory = t < T - 1 and (
+                method_cls.needs_previous_adapter or method_cls.needs_fisher
+            )
+            query = method_cls.stage_end_round(t, T)
+            if (query or keeps_memory) and self.spectrum_stage < t:
+                if query:
+                    self.strategy.spectrum_round(
+                        self.grid, arrays, t, timeout, merge=shares_spectrum
+                    )
+                if keeps_memory:
+                    self._update_memory(arrays)
                 self.spectrum_stage = t
                 self._save(arrays, (t + 1) * R)
-        load_adapter_state(self.model, arrays.to_torch_state_dict())
+        self.lora_aggregation.load(self.model, arrays.to_torch_state_dict())
         return self._write_outputs(T, R)
 
     # -- configuration -------------------------------------------------------------
     def _train_config(self, stage: int) -> ConfigRecord:
         cfg = self.cfg
-        return ConfigRecord({
-            P.STAGE_KEY: stage,
-            P.BETA_KEY: float(cfg.regularizer.beta),
-            P.GAMMA_KEY: float(cfg.regularizer.gamma),
-            P.LOCAL_EPOCHS_KEY: int(cfg.federation.local_epochs),
-            P.LR_KEY: float(cfg.train.lr),
-            P.SEED_KEY: int(cfg.seed),
-        })
+        return ConfigRecord(
+            {
+                P.STAGE_KEY: stage,
+                P.BETA_KEY: float(cfg.regularizer.beta),
+                P.GAMMA_KEY: float(cfg.regularizer.gamma),
+                P.LOCAL_EPOCHS_KEY: int(cfg.federation.local_epochs),
+                P.LR_KEY: float(cfg.train.lr),
+                P.SEED_KEY: int(cfg.seed),
+            }
+        )
+
+    # -- method memory (LwF teacher, EWC anchor and Fisher) --------------------------
+    def _update_memory(self, arrays: ArrayRecord) -> None:
+        """Keep the stage-end global adapter and the pooled Fisher of the replies."""
+        fisher = None
+        if self.method_cls.needs_fisher:
+            parts = []
+            up = 0
+            for msg in self.strategy.stage_end_replies:
+                record = msg.content.array_records.get(FISHER_RECORD)
+                metrics = msg.content.metric_records.get(P.METRICS_RECORD)
+                if record is None or metrics is None or FISHER_COUNT_KEY not in metrics:
+                    log(
+                        WARNING,
+                        "Stage-end round: reply from node %d has no Fisher; skipped.",
+                        msg.metadata.src_node_id,
+                    )
+                    continue
+                arrays_np = record_to_numpy(record)
+                sums = {k: torch.from_numpy(v) for k, v in arrays_np.items()}
+                parts.append((sums, int(metrics[FISHER_COUNT_KEY])))
+                up += record_bytes(record)
+            if self.strategy.rounds:
+                self.strategy.rounds[-1].bytes_up_extra += up
+            fisher = mean_fisher(parts)
+        self.memory = update_memory(
+            self.method_cls,
+            self.memory,
+            arrays.to_torch_state_dict(),
+            fisher,
+            self.cfg.method.ewc_decay,
+        )
+
+    def _memory_records(self) -> dict[str, ArrayRecord]:
+        records = {}
+        if self.memory.previous is not None:
+            records[PREVIOUS_ADAPTER_RECORD] = ArrayRecord(
+                torch_state_dict=self.memory.previous
+            )
+        if self.memory.fisher is not None:
+            records[FISHER_RECORD] = ArrayRecord(torch_state_dict=self.memory.fisher)
+        return records
 
     # -- per-round bookkeeping -------------------------------------------------------
     def _round_end(self, global_round: int) -> None:
@@ -141,12 +216,24 @@ class FederatedRun:
         done = global_round - self.rounds_at_start
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(done, 1) * (self.total_rounds - global_round)
-        acc = " ".join(f"{self.stage_names[int(k)]}={v:.3f}" for k, v in entry.accuracy.items())
-        log(INFO, "[fed-asr] stage %d/%d (%s) | round %d/%d | clients %d/%d answered | %s | "
-            "elapsed %s | ETA %s", entry.stage + 1, len(self.stage_names),
-            self.stage_names[entry.stage], global_round, self.total_rounds,
-            entry.clients_answered, entry.clients_sampled, acc,
-            format_seconds(elapsed), format_seconds(eta))
+        acc = " ".join(
+            f"{self.stage_names[int(k)]}={v:.3f}" for k, v in entry.accuracy.items()
+        )
+        log(
+            INFO,
+            "[fed-asr] stage %d/%d (%s) | round %d/%d | clients %d/%d answered | %s | "
+            "elapsed %s | ETA %s",
+            entry.stage + 1,
+            len(self.stage_names),
+            self.stage_names[entry.stage],
+            global_round,
+            self.total_rounds,
+            entry.clients_answered,
+            entry.clients_sampled,
+            acc,
+            format_seconds(elapsed),
+            format_seconds(eta),
+        )
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -157,35 +244,60 @@ class FederatedRun:
         }
 
     def _save(self, arrays: ArrayRecord, global_round: int) -> None:
-        self.checkpointer.save(Checkpoint(
-            global_round=global_round,
-            adapter=arrays.to_torch_state_dict(),
-            spectrum=self.strategy.global_spectrum,
-            state=self._state(),
-        ))
+        adapter = arrays.to_torch_state_dict()
+        for field_name, prefix in _MEMORY_PREFIXES.items():
+            for key, value in (getattr(self.memory, field_name) or {}).items():
+                adapter[prefix + key] = value
+        self.checkpointer.save(
+            Checkpoint(
+                global_round=global_round,
+                adapter=adapter,
+                spectrum=self.strategy.global_spectrum,
+                state=self._state(),
+            )
+        )
 
     def _restore(self, arrays: ArrayRecord) -> tuple[int, ArrayRecord]:
         checkpoint = self.checkpointer.load_latest()
         if checkpoint is None:
-            log(INFO, "resume=true but no checkpoint in %s: starting fresh.",
-                self.checkpointer.folder)
+            log(
+                INFO,
+                "resume=true but no checkpoint in %s: starting fresh.",
+                self.checkpointer.folder,
+            )
             return 0, arrays
         state = checkpoint.state
         self.spectrum_stage = int(state["spectrum_stage"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.strategy.rounds = [RoundLog(**r) for r in state["rounds"]]
         self.strategy.global_spectrum = checkpoint.spectrum
-        restored = ArrayRecord(torch_state_dict=checkpoint.adapter)
+        adapter = dict(checkpoint.adapter)
+        memory: dict[str, dict[str, torch.Tensor] | None] = {}
+        for field_name, prefix in _MEMORY_PREFIXES.items():
+            part = {
+                k[len(prefix) :]: adapter.pop(k)
+                for k in list(adapter)
+                if k.startswith(prefix)
+            }
+            memory[field_name] = part or None
+        self.memory = StageMemory(**memory)
+        restored = ArrayRecord(torch_state_dict=adapter)
         self.strategy.current_arrays = restored
-        log(INFO, "Resuming from %s after global round %d.", self.checkpointer.folder,
-            checkpoint.global_round)
+        log(
+            INFO,
+            "Resuming from %s after global round %d.",
+            self.checkpointer.folder,
+            checkpoint.global_round,
+        )
         return checkpoint.global_round, restored
 
     # -- outputs ----------------------------------------------------------------------
     def _write_outputs(self, T: int, R: int) -> Path:
         by_round = {r.round: r for r in self.strategy.rounds}
         matrix = AccuracyMatrix(T)
-        partitions = sorted({int(p) for r in self.strategy.rounds for p in r.per_client})
+        partitions = sorted(
+            {int(p) for r in self.strategy.rounds for p in r.per_client}
+        )
         per_client = {str(p): AccuracyMatrix(T) for p in partitions}
         for t in range(T):
             end = by_round.get((t + 1) * R)
@@ -194,26 +306,39 @@ class FederatedRun:
             matrix.set_row(t, [end.accuracy.get(str(i), np.nan) for i in range(t + 1)])
             for p, row in end.per_client.items():
                 per_client[str(p)].set_row(
-                    t, [row.get(str(i), np.nan) for i in range(t + 1)])
+                    t, [row.get(str(i), np.nan) for i in range(t + 1)]
+                )
         curves = {
-            name: [(r.round, r.accuracy[str(i)]) for r in self.strategy.rounds
-                   if str(i) in r.accuracy]
+            name: [
+                (r.round, r.accuracy[str(i)])
+                for r in self.strategy.rounds
+                if str(i) in r.accuracy
+            ]
             for i, name in enumerate(self.stage_names)
         }
         rounds = [dataclasses.asdict(r) for r in self.strategy.rounds]
         totals = {
             key: sum(r[key] for r in rounds)
-            for key in ("bytes_down_adapter", "bytes_down_spectrum", "bytes_up_adapter",
-                        "bytes_up_spectrum")
+            for key in (
+                "bytes_down_adapter",
+                "bytes_down_spectrum",
+                "bytes_up_adapter",
+                "bytes_up_spectrum",
+                "bytes_down_extra",
+                "bytes_up_extra",
+            )
         }
         extra = {
             "engine": self.engine,
             "method": self.cfg.method.name,
-            "stream": self.cfg.data.stream if self.cfg.data.name == "easyvqa" else "manifest",
+            "stream": self.cfg.data.stream
+            if self.cfg.data.name == "easyvqa"
+            else "manifest",
             "seed": self.cfg.seed,
             "num_clients": self.cfg.federation.num_clients,
             "rounds_per_stage": R,
             "spectrum_strategy": self.cfg.spectrum.strategy,
+            "lora_aggregation": self.cfg.lora.aggregation,
             "per_client": {p: m.to_list() for p, m in per_client.items()},
             "rounds": rounds,
             "communication_bytes": totals,
@@ -222,8 +347,15 @@ class FederatedRun:
             "wall_time_s": self.elapsed_before + time.perf_counter() - self.started,
         }
         path = write_run_outputs(
-            self.out, self.cfg, self.stage_names, matrix, self.model,
-            self.strategy.global_spectrum, extra, curves=curves, curve_xlabel="round",
+            self.out,
+            self.cfg,
+            self.stage_names,
+            matrix,
+            self.model,
+            self.strategy.global_spectrum,
+            extra,
+            curves=curves,
+            curve_xlabel="round",
             stage_boundaries=[(t + 1) * R + 0.5 for t in range(T - 1)],
         )
         log(INFO, "[fed-asr] metrics written to %s", path)

@@ -1,4 +1,4 @@
-"""``engine=simulation``: run the ServerApp and ClientApp in Flower's simulation engine."""
+"""``engine=simulation``: the ServerApp and ClientApp in Flower's simulation engine."""
 
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ def run_simulation_engine(
             "init_args": {"log_to_driver": True},
         },
     )
-    if not metrics.exists() or (before is not None and metrics.stat().st_mtime == before):
+    if not metrics.exists() or (
+        before is not None and metrics.stat().st_mtime == before
+    ):
         raise RuntimeError(
             f"The simulation ended without writing {metrics}; see the log above."
         )

@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
-from flwr.app import RecordDict
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -22,6 +29,10 @@ from fed_asr.spectrum import SkillSpectrum, SkillStats, blend
 from server.records import numpy_record, partition_of, record_bytes, record_to_numpy
 
 ReplyCheck = Callable[[Message, ArrayRecord | None], str | None]
+# Replaces FedAvg's per-array mean: (client adapters, num-examples) -> merged adapter
+ArraysAggregator = Callable[
+    [list[dict[str, np.ndarray]], list[float]], dict[str, np.ndarray]
+]
 
 
 def aggregate_losses(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -54,6 +65,8 @@ class RoundLog:
     bytes_down_spectrum: int = 0
     bytes_up_adapter: int = 0
     bytes_up_spectrum: int = 0
+    bytes_down_extra: int = 0  # method records (previous adapter, Fisher)
+    bytes_up_extra: int = 0  # method records (Fisher sums, stage-end round)
     accuracy: dict[str, float] = field(default_factory=dict)
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -83,6 +96,9 @@ class FedASR(FedAvg):
     min_available_nodes : see ``FedAvg``.
     reply_check : Callable | None
         Extra validation of each train reply; returns a reason to drop it, or None.
+    arrays_aggregator : Callable | None
+        Replaces FedAvg's per-array mean of the adapters (e.g. ``lora.aggregation``
+        ``exact``); called with the kept replies' arrays and ``num-examples``.
     """
 
     def __init__(
@@ -99,6 +115,7 @@ class FedASR(FedAvg):
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
         reply_check: ReplyCheck | None = None,
+        arrays_aggregator: ArraysAggregator | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -118,6 +135,11 @@ class FedASR(FedAvg):
         self.send_spectrum = send_spectrum
         self.seed = seed
         self.reply_check = reply_check
+        self.arrays_aggregator = arrays_aggregator
+        # Method records added to every train message (set per stage by the run)
+        self.extra_train_records: dict[str, ArrayRecord] = {}
+        # Replies (without errors) of the last stage-end round
+        self.stage_end_replies: list[Message] = []
         self.global_spectrum: SkillSpectrum | None = None
         self.current_arrays: ArrayRecord | None = None
         self.stage = 0
@@ -126,7 +148,10 @@ class FedASR(FedAvg):
         self.on_round_end: Callable[[int], None] | None = None
         self._round_start = time.perf_counter()
         if not send_spectrum:
-            log(INFO, "FedASR: the global spectrum is not sent (method does not use it).")
+            log(
+                INFO,
+                "FedASR: the global spectrum is not sent (method does not use it).",
+            )
 
     # -- helpers -------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -157,12 +182,16 @@ class FedASR(FedAvg):
             for message in messages:
                 message.content[P.SPECTRUM_RECORD] = spectrum_record
             entry.bytes_down_spectrum = record_bytes(spectrum_record) * len(messages)
+        for name, record in self.extra_train_records.items():
+            for message in messages:
+                message.content[name] = record
+            entry.bytes_down_extra += record_bytes(record) * len(messages)
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop failed, empty or invalid replies, then FedAvg the rest (sorted by node)."""
+        """Drop failed, empty or invalid replies, then FedAvg the rest (by node id)."""
         entry = self._log(server_round)
         replies = sorted(replies, key=partition_of)
         kept: list[Message] = []
@@ -175,28 +204,48 @@ class FedASR(FedAvg):
                 entry.failures += 1
             else:
                 entry.dropped.append(
-                    {"node": msg.metadata.src_node_id, "partition": partition_of(msg),
-                     "reason": reason}
+                    {
+                        "node": msg.metadata.src_node_id,
+                        "partition": partition_of(msg),
+                        "reason": reason,
+                    }
                 )
-            log(WARNING, "Round %d: reply from node %d dropped: %s",
-                self.global_round(server_round), msg.metadata.src_node_id, reason)
+            log(
+                WARNING,
+                "Round %d: reply from node %d dropped: %s",
+                self.global_round(server_round),
+                msg.metadata.src_node_id,
+                reason,
+            )
         entry.clients_answered = sum(not m.has_error() for m in replies)
         entry.bytes_up_adapter = sum(
             record_bytes(m.content.array_records.get(P.ARRAYS_RECORD))
-            for m in replies if not m.has_error()
+            for m in replies
+            if not m.has_error()
         )
         with_data = [m for m in kept if self._num_examples(m) > 0]
         if not with_data:
-            log(WARNING, "Round %d: no reply with training data. Skipping aggregation.",
-                self.global_round(server_round))
+            log(
+                WARNING,
+                "Round %d: no reply with training data. Skipping aggregation.",
+                self.global_round(server_round),
+            )
             return None, None
         arrays, metrics = super().aggregate_train(server_round, with_data)
+        if arrays is not None and self.arrays_aggregator is not None:
+            arrays = numpy_record(
+                self.arrays_aggregator(
+                    [record_to_numpy(m.content[P.ARRAYS_RECORD]) for m in with_data],
+                    [float(self._num_examples(m)) for m in with_data],
+                )
+            )
         if arrays is not None:
             self.current_arrays = arrays
         if metrics is not None:
             entry.losses = {
-                k[len(P.LOSS_PREFIX):]: float(v)  # type: ignore[arg-type]
-                for k, v in metrics.items() if k.startswith(P.LOSS_PREFIX)
+                k[len(P.LOSS_PREFIX) :]: float(v)  # type: ignore[arg-type]
+                for k, v in metrics.items()
+                if k.startswith(P.LOSS_PREFIX)
             }
         return arrays, metrics
 
@@ -231,8 +280,10 @@ class FedASR(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Pool correct/total counts per stage over clients; keep per-client accuracy."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        """Pool correct/total counts per stage over clients; keep per-client scores."""
+        valid, _ = self._check_and_log_replies(
+            list(replies), is_train=False, validate=False
+        )
         entry = self._log(server_round)
         correct = [0] * (self.stage + 1)
         total = [0] * (self.stage + 1)
@@ -258,29 +309,52 @@ class FedASR(FedAvg):
 
     # -- stage-end spectrum round ----------------------------------------------------
     def spectrum_round(
-        self, grid: Grid, arrays: ArrayRecord, stage: int, timeout: float
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        stage: int,
+        timeout: float,
+        merge: bool = True,
     ) -> SkillSpectrum | None:
         """Collect per-skill statistics from every node and update the global spectrum.
 
         Returns the new global spectrum (also kept on ``self``), or None when no node
-        answered with statistics (the previous spectrum is kept).
+        answered with statistics (the previous spectrum is kept). With ``merge=False``
+        (methods whose clients keep their own spectrum or only send a Fisher) the
+        round only queries the nodes; the replies are kept in ``stage_end_replies``.
         """
         node_ids = list(grid.get_node_ids())
         config = ConfigRecord({P.STAGE_KEY: stage})
         record = RecordDict({P.ARRAYS_RECORD: arrays, P.CONFIG_RECORD: config})
         messages = [
-            Message(content=record, dst_node_id=node, message_type=(
-                f"{MessageType.QUERY}.{P.SPECTRUM_ACTION}"))
+            Message(
+                content=record,
+                dst_node_id=node,
+                message_type=(f"{MessageType.QUERY}.{P.SPECTRUM_ACTION}"),
+            )
             for node in node_ids
         ]
-        replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=partition_of)
+        replies = sorted(
+            grid.send_and_receive(messages, timeout=timeout), key=partition_of
+        )
+        self.stage_end_replies = [m for m in replies if not m.has_error()]
+        if not merge:
+            if self.rounds:
+                down = record_bytes(arrays) * len(messages)
+                self.rounds[-1].bytes_down_adapter += down
+            return None
         stats: list[SkillStats] = []
         up = 0
         for msg in replies:
             parsed = self._parse_stats(msg)
             if isinstance(parsed, str):
-                log(WARNING, "Spectrum round, stage %d: reply from node %d dropped: %s",
-                    stage, msg.metadata.src_node_id, parsed)
+                log(
+                    WARNING,
+                    "Spectrum round, stage %d: reply from node %d dropped: %s",
+                    stage,
+                    msg.metadata.src_node_id,
+                    parsed,
+                )
                 continue
             up += record_bytes(msg.content.array_records[P.STATS_RECORD])
             stats.append(parsed)
@@ -288,16 +362,27 @@ class FedASR(FedAvg):
             self.rounds[-1].bytes_down_adapter += record_bytes(arrays) * len(messages)
             self.rounds[-1].bytes_up_spectrum += up
         if not stats or not any(float(s.count.sum()) > 0 for s in stats):
-            log(WARNING, "Spectrum round, stage %d: no statistics. Keeping the spectrum.",
-                stage)
+            log(
+                WARNING,
+                "Spectrum round, stage %d: no statistics. Keeping the spectrum.",
+                stage,
+            )
             return None
         merged = self.spectrum_strategy.merge(stats, self.spectrum_cfg, self.cov_floor)
         self.global_spectrum = blend(
-            self.global_spectrum, merged, mode=self.spectrum_cfg.blend,
+            self.global_spectrum,
+            merged,
+            mode=self.spectrum_cfg.blend,
             alpha=self.spectrum_cfg.alpha,
         )
-        log(INFO, "Spectrum round, stage %d: merged %d clients with '%s' (%s blend).",
-            stage, len(stats), self.spectrum_cfg.strategy, self.spectrum_cfg.blend)
+        log(
+            INFO,
+            "Spectrum round, stage %d: merged %d clients with '%s' (%s blend).",
+            stage,
+            len(stats),
+            self.spectrum_cfg.strategy,
+            self.spectrum_cfg.blend,
+        )
         return self.global_spectrum
 
     def _parse_stats(self, msg: Message) -> SkillStats | str:
@@ -315,13 +400,20 @@ class FedASR(FedAvg):
         if metrics is not None and P.NUM_EXAMPLES_KEY in metrics:
             n = int(metrics[P.NUM_EXAMPLES_KEY])
             if stats.count.numel() and float(stats.count.max()) > n:
-                return f"skill count {float(stats.count.max())} exceeds num-examples {n}"
+                return (
+                    f"skill count {float(stats.count.max())} exceeds num-examples {n}"
+                )
         return stats
 
     def summary(self) -> None:
         """Log FedASR's settings, then FedAvg's."""
-        log(INFO, "\t├──> FedASR: stage %d, spectrum strategy '%s', blend '%s' (alpha %.2f)",
-            self.stage, self.spectrum_cfg.strategy, self.spectrum_cfg.blend,
-            self.spectrum_cfg.alpha)
+        log(
+            INFO,
+            "\t├──> FedASR: stage %d, spectrum strategy '%s', blend '%s' (alpha %.2f)",
+            self.stage,
+            self.spectrum_cfg.strategy,
+            self.spectrum_cfg.blend,
+            self.spectrum_cfg.alpha,
+        )
         log(INFO, "\t├──> Skills: %s", ", ".join(self.skills))
         super().summary()

@@ -22,8 +22,7 @@ from fed_asr.config import (
 )
 
 GROUP_OPTIONS = sorted(
-    (path.parent.name, path.stem)
-    for path in CONFIG_DIR.glob("*/*.yaml")
+    (path.parent.name, path.stem) for path in CONFIG_DIR.glob("*/*.yaml")
 )
 
 
@@ -36,9 +35,13 @@ def _required_overrides(group: str, option: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
-def test_compose_every_group_option_builds_experiment_config(group: str, option: str) -> None:
+def test_compose_every_group_option_builds_experiment_config(
+    group: str, option: str
+) -> None:
     # Execute
-    cfg = compose_config("config", [f"{group}={option}", *_required_overrides(group, option)])
+    cfg = compose_config(
+        "config", [f"{group}={option}", *_required_overrides(group, option)]
+    )
     # Assert
     assert isinstance(cfg, ExperimentConfig)
 
@@ -51,7 +54,9 @@ def test_compose_default_config_gives_defaults() -> None:
 
 
 def test_load_config_reads_flower_run_config_overrides() -> None:
-    cfg = load_config({"config-name": "config", "overrides": "method=vanilla 'data.stream=domain'"})
+    cfg = load_config(
+        {"config-name": "config", "overrides": "method=vanilla 'data.stream=domain'"}
+    )
     assert (cfg.method.name, cfg.data.stream) == ("vanilla", "domain")
 
 

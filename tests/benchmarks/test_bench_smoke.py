@@ -55,10 +55,18 @@ def test_bench_step_check_targets_ratios_of_medians() -> None:
     # Prepare
     rows = [
         {"image_size": 96, "variant": "vanilla", "median_s": 1.0, "peak_mib": 1.0},
-        {"image_size": 96, "variant": "asr_spec_selective", "median_s": 1.1,
-         "peak_mib": 2.0},
-        {"image_size": 96, "variant": "asr_spec_eager", "median_s": 3.3,
-         "peak_mib": 3.0},
+        {
+            "image_size": 96,
+            "variant": "asr_spec_selective",
+            "median_s": 1.1,
+            "peak_mib": 2.0,
+        },
+        {
+            "image_size": 96,
+            "variant": "asr_spec_eager",
+            "median_s": 3.3,
+            "peak_mib": 3.0,
+        },
     ]
     # Execute
     targets = bench_step.check_targets(rows, 96)
@@ -142,13 +150,16 @@ def test_bench_sim_load_hook_wraps_load_base_model(tmp_path: Path) -> None:
         "PYTHONPATH": str(bench_sim.LOAD_HOOK_DIR),
     }
     code = (
-        "import fed_asr.models as m; "
-        "print(hasattr(m.load_base_model, '__wrapped__'))"
+        "import fed_asr.models as m; print(hasattr(m.load_base_model, '__wrapped__'))"
     )
     # Execute
     done = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     # Assert
     assert done.returncode == 0, done.stderr
@@ -174,8 +185,12 @@ def test_bench_sim_quick_run_loads_the_model_once_per_client_process(
 ) -> None:
     # Prepare / Execute: a real (slow) simulation with 2 clients
     result = bench_sim.run_benchmark(
-        clients=[2], out_root=tmp_path / "runs", cache_dir=tmp_path / "cache",
-        timeout_s=600, train_per_client=8, test_per_client=4,
+        clients=[2],
+        out_root=tmp_path / "runs",
+        cache_dir=tmp_path / "cache",
+        timeout_s=600,
+        train_per_client=8,
+        test_per_client=4,
     )
     # Assert
     (run,) = result["runs"]

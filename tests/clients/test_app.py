@@ -7,7 +7,14 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 
 from clients.app import make_client_app
 from clients.site import site_from_context
@@ -44,7 +51,9 @@ def _context(run_config: dict[str, str], partition: int, partitions: int) -> Con
 
 
 def _message(kind: str, arrays: ArrayRecord, config: dict[str, object]) -> Message:
-    content = RecordDict({P.ARRAYS_RECORD: arrays, P.CONFIG_RECORD: ConfigRecord(config)})
+    content = RecordDict(
+        {P.ARRAYS_RECORD: arrays, P.CONFIG_RECORD: ConfigRecord(config)}
+    )
     return Message(content=content, dst_node_id=1, message_type=kind)
 
 
@@ -52,7 +61,9 @@ def _message(kind: str, arrays: ArrayRecord, config: dict[str, object]) -> Messa
 def setup(run_overrides):  # type: ignore[no-untyped-def]
     overrides = run_overrides("client")
     run_config = _run_config(overrides)
-    site = site_from_context(run_config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 2})
+    site = site_from_context(
+        run_config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 2}
+    )
     arrays = ArrayRecord(torch_state_dict=adapter_state(site.model))
     return overrides, run_config, arrays
 
@@ -69,17 +80,25 @@ def test_spectrum_round_sum_equals_statistics_of_union(setup) -> None:  # type: 
     ]
     client_stats = [
         SkillStats.from_arrays(
-            record_to_numpy(r.content[P.STATS_RECORD]), ("shape", "color", "existence",
-                                                         "negated_existence"))
+            record_to_numpy(r.content[P.STATS_RECORD]),
+            ("shape", "color", "existence", "negated_existence"),
+        )
         for r in replies
     ]
     # Assert: pooled merge of the clients == statistics of the union, computed centrally
     cfg = compose_config("config", overrides)
     stream = build_stream(cfg.data, cfg.seed)
-    site = site_from_context(run_config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 2})
+    site = site_from_context(
+        run_config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 2}
+    )
     union = spectrum_statistics(
-        site.model, site.collator, stream.stages[0].train, stream.skills,
-        cfg.regularizer, batch_size=32, capture_mode="selective",
+        site.model,
+        site.collator,
+        stream.stages[0].train,
+        stream.skills,
+        cfg.regularizer,
+        batch_size=32,
+        capture_mode="selective",
     )
     summed = client_stats[0] + client_stats[1]
     torch.testing.assert_close(summed.count, union.count, atol=0, rtol=0)
@@ -91,9 +110,9 @@ def test_spectrum_round_sum_equals_statistics_of_union(setup) -> None:  # type: 
     direct = union.to_prototypes(cfg.regularizer.cov_floor)
     torch.testing.assert_close(merged.mean, direct.mean, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(merged.var, direct.var, atol=1e-6, rtol=1e-6)
-    assert sum(int(r.content[P.METRICS_RECORD][P.NUM_EXAMPLES_KEY]) for r in replies) == len(
-        stream.stages[0].train
-    )
+    assert sum(
+        int(r.content[P.METRICS_RECORD][P.NUM_EXAMPLES_KEY]) for r in replies
+    ) == len(stream.stages[0].train)
 
 
 def test_train_client_without_stage_data_replies_zero_examples(setup) -> None:  # type: ignore[no-untyped-def]
@@ -101,15 +120,25 @@ def test_train_client_without_stage_data_replies_zero_examples(setup) -> None:  
     _, run_config, arrays = setup
     app = make_client_app()
     empty = next(
-        p for p in range(64)
+        p
+        for p in range(64)
         if not site_from_context(
             run_config, {P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: 64}
-        ).stream.stages[0].train
+        )
+        .stream.stages[0]
+        .train
     )
-    config = {P.STAGE_KEY: 0, P.BETA_KEY: 0.5, P.GAMMA_KEY: 0.05, P.LOCAL_EPOCHS_KEY: 1,
-              P.GLOBAL_ROUND_KEY: 1}
+    config = {
+        P.STAGE_KEY: 0,
+        P.BETA_KEY: 0.5,
+        P.GAMMA_KEY: 0.05,
+        P.LOCAL_EPOCHS_KEY: 1,
+        P.GLOBAL_ROUND_KEY: 1,
+    }
     # Execute
-    reply = app(_message(MessageType.TRAIN, arrays, config), _context(run_config, empty, 64))
+    reply = app(
+        _message(MessageType.TRAIN, arrays, config), _context(run_config, empty, 64)
+    )
     # Assert
     assert not reply.has_error()
     assert reply.content[P.METRICS_RECORD][P.NUM_EXAMPLES_KEY] == 0
@@ -124,13 +153,21 @@ def test_train_then_evaluate_reports_losses_and_counts(setup) -> None:  # type: 
     # Prepare
     _, run_config, arrays = setup
     app = make_client_app()
-    config = {P.STAGE_KEY: 0, P.BETA_KEY: 0.5, P.GAMMA_KEY: 0.05, P.LOCAL_EPOCHS_KEY: 1,
-              P.GLOBAL_ROUND_KEY: 1}
+    config = {
+        P.STAGE_KEY: 0,
+        P.BETA_KEY: 0.5,
+        P.GAMMA_KEY: 0.05,
+        P.LOCAL_EPOCHS_KEY: 1,
+        P.GLOBAL_ROUND_KEY: 1,
+    }
     # Execute
     reply = app(_message(MessageType.TRAIN, arrays, config), _context(run_config, 0, 2))
     evaluation = app(
-        _message(MessageType.EVALUATE, reply.content[P.ARRAYS_RECORD],
-                 {P.NUM_SEEN_STAGES_KEY: 2}),
+        _message(
+            MessageType.EVALUATE,
+            reply.content[P.ARRAYS_RECORD],
+            {P.NUM_SEEN_STAGES_KEY: 2},
+        ),
         _context(run_config, 0, 2),
     )
     # Assert
@@ -140,12 +177,16 @@ def test_train_then_evaluate_reports_losses_and_counts(setup) -> None:  # type: 
     assert P.loss_key("geo") in metrics
     changed = any(
         not np.array_equal(a, b)
-        for a, b in zip(record_to_numpy(arrays).values(),
-                        record_to_numpy(reply.content[P.ARRAYS_RECORD]).values(),
-                        strict=True)
+        for a, b in zip(
+            record_to_numpy(arrays).values(),
+            record_to_numpy(reply.content[P.ARRAYS_RECORD]).values(),
+            strict=True,
+        )
     )
     assert changed
     eval_metrics = evaluation.content[P.METRICS_RECORD]
     for stage in (0, 1):
-        assert 0 <= eval_metrics[P.correct_key(stage)] <= eval_metrics[P.total_key(stage)]
+        assert (
+            0 <= eval_metrics[P.correct_key(stage)] <= eval_metrics[P.total_key(stage)]
+        )
     assert eval_metrics[P.total_key(0)] > 0

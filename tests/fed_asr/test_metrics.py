@@ -20,7 +20,9 @@ def test_continual_metrics_three_stages_match_hand_computation() -> None:
     metrics = continual_metrics(matrix)
     # Assert
     assert metrics.last == pytest.approx((0.3 + 0.7 + 0.95) / 3)
-    assert metrics.avg == pytest.approx((0.9 + (0.6 + 0.8) / 2 + (0.3 + 0.7 + 0.95) / 3) / 3)
+    assert metrics.avg == pytest.approx(
+        (0.9 + (0.6 + 0.8) / 2 + (0.3 + 0.7 + 0.95) / 3) / 3
+    )
     # AF: stage 0 max 0.9 -> 0.3 (0.6); stage 1 max 0.8 -> 0.7 (0.1)
     assert metrics.af == pytest.approx((0.6 + 0.1) / 2)
     # BWT: (0.3 - 0.9 + 0.7 - 0.8) / 2

@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from peft import PeftModel
 
 from clients.testing import failing_mod
 from fed_asr.config import compose_config
-from fed_asr.models import load_base_model
 from fed_asr.data import build_stream
+from fed_asr.models import load_base_model
 from fed_asr.spectrum import SkillSpectrum
 from server.simulation import run_simulation_engine
 
@@ -28,7 +27,9 @@ def _run(overrides: list[str], **kwargs) -> dict:  # type: ignore[no-untyped-def
     return json.loads(Path(path).read_text())
 
 
-def test_simulation_two_clients_two_stages_survives_a_failing_client(run_overrides) -> None:  # type: ignore[no-untyped-def]
+def test_simulation_two_clients_two_stages_survives_a_failing_client(
+    run_overrides,
+) -> None:  # type: ignore[no-untyped-def]
     # Prepare: partition 0 raises in global round 1
     overrides = run_overrides("e2e")
     # Execute
@@ -37,18 +38,28 @@ def test_simulation_two_clients_two_stages_survives_a_failing_client(run_overrid
     out = Path(compose_config("config", overrides).output_dir)
     assert metrics["stages"] == ["shape", "color"]
     matrix = metrics["accuracy_matrix"]
-    assert matrix[0][0] is not None and matrix[1][0] is not None and matrix[1][1] is not None
+    assert (
+        matrix[0][0] is not None
+        and matrix[1][0] is not None
+        and matrix[1][1] is not None
+    )
     assert metrics["failed_replies"] == 1
     assert metrics["rounds"][0]["clients_answered"] == 1
     assert metrics["rounds"][1]["clients_answered"] == 2
     assert set(metrics["per_client"]) == {"0", "1"}
-    assert metrics["rounds"][1]["bytes_down_spectrum"] > 0  # stage 2 carries the spectrum
+    assert (
+        metrics["rounds"][1]["bytes_down_spectrum"] > 0
+    )  # stage 2 carries the spectrum
     assert metrics["rounds"][0]["bytes_up_spectrum"] > 0
     assert metrics["rounds"][1]["losses"]["spec"] > 0
     for key in ("Last", "Avg", "AF", "BWT", "wall_time_s"):
         assert isinstance(metrics[key], float)
-    for name in ("config.yaml", "accuracy_matrix.png", "forgetting_curves.png",
-                 "spectrum.safetensors"):
+    for name in (
+        "config.yaml",
+        "accuracy_matrix.png",
+        "forgetting_curves.png",
+        "spectrum.safetensors",
+    ):
         assert (out / name).exists(), name
     cfg = compose_config("config", overrides)
     stream = build_stream(cfg.data, cfg.seed)
@@ -59,7 +70,9 @@ def test_simulation_two_clients_two_stages_survives_a_failing_client(run_overrid
     assert bool(spectrum.present.any())
 
 
-def test_simulation_resume_from_checkpoint_gives_same_result(run_overrides, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_simulation_resume_from_checkpoint_gives_same_result(
+    run_overrides, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     # Prepare: an uninterrupted run that keeps every checkpoint
     full = run_overrides("full", **{"federation.keep_checkpoints": 10})
     reference = _run(full)
@@ -69,15 +82,19 @@ def test_simulation_resume_from_checkpoint_gives_same_result(run_overrides, tmp_
     resumed = run_overrides("resumed", resume="true")
     resumed_dir = Path(compose_config("config", resumed).output_dir)
     (resumed_dir / "checkpoint").mkdir(parents=True)
-    shutil.copytree(full_dir / "checkpoint" / "round-000001",
-                    resumed_dir / "checkpoint" / "round-000001")
+    shutil.copytree(
+        full_dir / "checkpoint" / "round-000001",
+        resumed_dir / "checkpoint" / "round-000001",
+    )
     (resumed_dir / "checkpoint" / "LATEST").write_text("round-000001")
     # Execute
     result = _run(resumed)
     # Assert
     assert result["accuracy_matrix"] == reference["accuracy_matrix"]
     assert result["per_client"] == reference["per_client"]
-    assert [r["losses"] for r in result["rounds"]] == [r["losses"] for r in reference["rounds"]]
+    assert [r["losses"] for r in result["rounds"]] == [
+        r["losses"] for r in reference["rounds"]
+    ]
     # round 1 came from the checkpoint (its timing is restored, not re-measured) ...
     assert result["rounds"][0]["seconds"] == reference["rounds"][0]["seconds"]
     # ... and round 2 was really run again
@@ -93,7 +110,9 @@ def test_simulation_killed_process_resumes_to_same_result(run_overrides) -> None
     out = Path(compose_config("config", killed).output_dir)
     proc = subprocess.Popen(
         ["fed-asr", "engine=simulation", *killed],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while not (out / "checkpoint" / "LATEST").exists():

@@ -39,7 +39,9 @@ def test_asr_geo_term_cached_reference_equals_recomputed(
     keys = [(s.image, s.question) for s in vqa_samples]
     reg = RegularizerConfig(l_sel=2, beta=0.0)
     cached = ASR(MethodConfig(), reg, cfg)
-    uncached = ASR(MethodConfig(), RegularizerConfig(l_sel=2, beta=0.0, geo_cache_entries=0), cfg)
+    uncached = ASR(
+        MethodConfig(), RegularizerConfig(l_sel=2, beta=0.0, geo_cache_entries=0), cfg
+    )
     # Execute
     first = cached.penalties(_context(model, batch, keys))["geo"]
     second = cached.penalties(_context(model, batch, keys))["geo"]

@@ -1,0 +1,384 @@
+"""Baselines (FedProx, LwF, EWC, ASR-local, joint) and LoRA aggregations."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from fed_asr.baselines import (
+    TEACHER_ADAPTER,
+    accumulate_fisher,
+    distillation_loss,
+    fisher_sums,
+    mean_fisher,
+    trainable_parameters,
+    update_local_spectrum,
+    update_memory,
+)
+from fed_asr.config import (
+    DataConfig,
+    LoraSettings,
+    MethodConfig,
+    ModelConfig,
+    RegularizerConfig,
+    SpectrumConfig,
+)
+from fed_asr.data import ContinualStream, build_stream
+from fed_asr.lora_aggregation import exact_lora_merge, get_lora_aggregation
+from fed_asr.methods import METHODS, StageMemory, StepContext, build_method
+from fed_asr.models import VQACollator, adapter_state, forward_with_attention
+from fed_asr.models.batching import MODEL_INPUT_KEYS
+from fed_asr.models.tiny import build_tiny
+from fed_asr.spectrum import SkillStats
+
+MODEL = ModelConfig(
+    image_size=16,
+    vision_hidden_size=16,
+    vision_layers=1,
+    vision_heads=2,
+    text_hidden_size=32,
+    text_layers=2,
+    text_heads=4,
+    text_intermediate_size=64,
+)
+REG = RegularizerConfig(l_sel=2)
+
+
+@pytest.fixture(scope="module")
+def stream() -> ContinualStream:
+    data = DataConfig(max_train_per_stage=8, max_test_per_stage=4)
+    return build_stream(data, seed=0)
+
+
+def _model(stream, aggregation: str = "fedavg"):  # type: ignore[no-untyped-def]
+    base, processor = build_tiny(MODEL, stream.vocabulary())
+    model = get_lora_aggregation(aggregation).attach(base, LoraSettings(r=4), seed=0)
+    collator = VQACollator(processor, MODEL.prompt_template, stream.answers)
+    return model, collator
+
+
+def _method(name: str, **fields: object):  # type: ignore[no-untyped-def]
+    return build_method(replace(MethodConfig(name=name), **fields), REG, MODEL)
+
+
+def _ctx(model, collator, samples, method) -> StepContext:  # type: ignore[no-untyped-def]
+    batch = collator(samples)
+    forward = partial(forward_with_attention, model, batch, REG.l_sel, "selective")
+    outputs = model(**{k: batch[k] for k in MODEL_INPUT_KEYS})
+    return StepContext(
+        model=model,
+        batch=batch,
+        capture=None,
+        skill_probs=torch.zeros(len(samples), 1),
+        forward=forward,
+        outputs=outputs,
+    )
+
+
+def _sgd_step(model, loss: torch.Tensor, lr: float = 0.5) -> None:  # type: ignore[no-untyped-def]
+    loss.backward()
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p -= lr * p.grad
+            p.grad = None
+
+
+def _perturb(model, seed: int = 1) -> None:  # type: ignore[no-untyped-def]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def test_fedprox_penalty_zero_at_received_weights_positive_after_a_step(
+    stream: ContinualStream,
+) -> None:
+    # Prepare
+    model, collator = _model(stream)
+    _perturb(model)
+    method = _method("fedprox", fedprox_mu=0.5)
+    samples = stream.stages[0].train[:4]
+    method.before_training(model)
+    # Execute
+    at_start = method.penalties(_ctx(model, collator, samples, method))["prox"]
+    _sgd_step(model, _ctx(model, collator, samples, method).outputs.loss)
+    after = method.penalties(_ctx(model, collator, samples, method))["prox"]
+    # Assert
+    torch.testing.assert_close(at_start, torch.tensor(0.0), atol=0, rtol=0)
+    expected = 0.25 * sum(
+        (p - method.anchor[k]).square().sum()
+        for k, p in trainable_parameters(model).items()
+    )
+    torch.testing.assert_close(after, expected, atol=1e-7, rtol=1e-5)
+    assert float(after) > 0
+    after.backward()
+    assert all(p.grad is not None for p in trainable_parameters(model).values())
+
+
+def test_lwf_penalty_zero_when_teacher_equals_student_and_keeps_ffa_a_frozen(
+    stream: ContinualStream,
+) -> None:
+    # Prepare: FFA-LoRA student (A frozen); the teacher is the current adapter
+    model, collator = _model(stream, "ffa")
+    _perturb(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    method = _method("lwf", lwf_weight=1.0, lwf_temperature=2.0)
+    samples = stream.stages[0].train[:4]
+    # Execute
+    method.set_memory(
+        model, StageMemory(previous=adapter_state(model, trainable_only=True))
+    )
+    same = method.penalties(_ctx(model, collator, samples, method))["lwf"]
+    _perturb(model, seed=2)
+    differs = method.penalties(_ctx(model, collator, samples, method))["lwf"]
+    differs.backward()
+    # Assert
+    assert TEACHER_ADAPTER in model.peft_config
+    torch.testing.assert_close(same, torch.tensor(0.0), atol=1e-6, rtol=0)
+    assert float(differs) > 1e-6
+    assert {
+        n: p.requires_grad
+        for n, p in model.named_parameters()
+        if f".{TEACHER_ADAPTER}." not in n
+    } == flags
+    assert all(p.grad is not None for p in trainable_parameters(model).values())
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora_A." in n)
+    # The teacher's frozen A are the shared ones; only the student's B moved
+    state = model.state_dict()
+    for name, value in state.items():
+        if f"lora_A.{TEACHER_ADAPTER}." in name:
+            torch.testing.assert_close(
+                value, state[name.replace(TEACHER_ADAPTER, "default")]
+            )
+
+
+def test_lwf_without_previous_adapter_adds_nothing_and_drops_teacher(
+    stream: ContinualStream,
+) -> None:
+    # Prepare
+    model, collator = _model(stream)
+    method = _method("lwf")
+    method.set_memory(model, StageMemory(previous=adapter_state(model)))
+    # Execute
+    method.set_memory(model, StageMemory())
+    terms = method.penalties(_ctx(model, collator, stream.stages[0].train[:2], method))
+    # Assert
+    assert terms == {}
+    assert TEACHER_ADAPTER not in model.peft_config
+
+
+def test_distillation_loss_matches_hand_computed_kl() -> None:
+    # Prepare: one position, two classes, T = 2
+    student = torch.tensor([[[0.0, 2.0]]])
+    teacher = torch.tensor([[[2.0, 0.0]]])
+    mask = torch.tensor([[True]])
+    p = torch.softmax(teacher[0, 0] / 2, -1)
+    q = torch.softmax(student[0, 0] / 2, -1)
+    expected = 4 * (p * (p.log() - q.log())).sum()
+    # Execute
+    loss = distillation_loss(student, teacher, mask, temperature=2.0)
+    # Assert
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_ewc_penalty_zero_at_anchor_and_weighted_by_fisher(
+    stream: ContinualStream,
+) -> None:
+    # Prepare
+    model, collator = _model(stream)
+    _perturb(model)
+    method = _method("ewc", ewc_lambda=4.0)
+    anchor = adapter_state(model)
+    fisher = {k: torch.full_like(v, 0.5) for k, v in anchor.items()}
+    samples = stream.stages[0].train[:2]
+    method.set_memory(model, StageMemory(previous=anchor, fisher=fisher))
+    # Execute
+    at_anchor = method.penalties(_ctx(model, collator, samples, method))["ewc"]
+    with torch.no_grad():
+        next(iter(trainable_parameters(model).values())).add_(1.0)
+    moved = method.penalties(_ctx(model, collator, samples, method))["ewc"]
+    moved.backward()
+    # Assert
+    torch.testing.assert_close(at_anchor, torch.tensor(0.0), atol=0, rtol=0)
+    first = next(iter(trainable_parameters(model).values()))
+    torch.testing.assert_close(moved, torch.tensor(2.0 * 0.5 * first.numel()))
+    assert first.grad is not None and float(first.grad.abs().sum()) > 0
+
+
+def test_fisher_sums_batch_one_equal_per_sample_squared_gradients(
+    stream: ContinualStream,
+) -> None:
+    # Prepare
+    model, collator = _model(stream)
+    _perturb(model)
+    samples = stream.stages[0].train[:3]
+    params = trainable_parameters(model)
+    expected = {k: torch.zeros_like(p) for k, p in params.items()}
+    for sample in samples:
+        batch = collator([sample])
+        loss = model(**{k: batch[k] for k in MODEL_INPUT_KEYS}).loss
+        for (k, _), g in zip(
+            params.items(),
+            torch.autograd.grad(loss, list(params.values())),
+            strict=True,
+        ):
+            expected[k] += g.square()
+    # Execute
+    sums, count = fisher_sums(model, collator, samples, batch_size=1)
+    # Assert
+    assert count == 3
+    for k in expected:
+        torch.testing.assert_close(sums[k], expected[k], atol=1e-7, rtol=1e-4)
+    assert all(p.grad is None for p in params.values())
+
+
+def test_mean_fisher_weights_sites_by_examples_and_accumulates() -> None:
+    # Prepare
+    parts = [
+        ({"w": torch.tensor([2.0])}, 2),
+        ({"w": torch.tensor([10.0])}, 6),
+        ({"w": torch.tensor([99.0])}, 0),
+    ]
+    # Execute
+    pooled = mean_fisher(parts)
+    summed = accumulate_fisher({"w": torch.tensor([1.0])}, pooled, decay=1.0)
+    online = accumulate_fisher({"w": torch.tensor([1.0])}, pooled, decay=0.5)
+    # Assert
+    torch.testing.assert_close(pooled["w"], torch.tensor([1.5]))
+    torch.testing.assert_close(summed["w"], torch.tensor([2.5]))
+    torch.testing.assert_close(online["w"], torch.tensor([2.0]))
+    assert mean_fisher([({"w": torch.tensor([1.0])}, 0)]) is None
+
+
+def test_update_memory_keeps_what_the_method_needs() -> None:
+    # Prepare
+    adapter = {"w": torch.tensor([1.0])}
+    fisher = {"w": torch.tensor([3.0])}
+    # Execute
+    lwf = update_memory(METHODS["lwf"], StageMemory(), adapter, fisher, 1.0)
+    ewc = update_memory(
+        METHODS["ewc"],
+        StageMemory(fisher={"w": torch.tensor([1.0])}),
+        adapter,
+        fisher,
+        1.0,
+    )
+    # Assert
+    assert lwf.previous is not None and lwf.fisher is None
+    torch.testing.assert_close(ewc.fisher["w"], torch.tensor([4.0]))
+    adapter["w"].add_(5.0)
+    torch.testing.assert_close(ewc.previous["w"], torch.tensor([1.0]))  # a copy
+
+
+def test_joint_trains_on_union_of_stages_so_far(stream: ContinualStream) -> None:
+    # Prepare
+    joint, vanilla = _method("joint"), _method("vanilla")
+    # Execute
+    union = joint.training_samples(stream.stages, 1)
+    own = vanilla.training_samples(stream.stages, 1)
+    # Assert
+    assert union == list(stream.stages[0].train) + list(stream.stages[1].train)
+    assert own == list(stream.stages[1].train)
+
+
+def test_update_local_spectrum_blends_and_keeps_old_without_data() -> None:
+    # Prepare
+    skills = ("a", "b")
+    spectrum_cfg = SpectrumConfig(blend="ema", alpha=0.5)
+    first = SkillStats.empty(skills, 2, 1)
+    first.count[0], first.sum[0], first.sumsq[0] = 2, torch.tensor([2.0, 4.0]), 10.0
+    first.angular_sum[0] = 2.0
+    second = SkillStats.empty(skills, 2, 1)
+    second.count[0], second.sum[0], second.sumsq[0] = 1, torch.tensor([3.0, 3.0]), 9.0
+    second.angular_sum[0] = 1.0
+    # Execute
+    own = update_local_spectrum(None, first, spectrum_cfg, 1e-4)
+    blended = update_local_spectrum(own, second, spectrum_cfg, 1e-4)
+    kept = update_local_spectrum(
+        blended, SkillStats.empty(skills, 2, 1), spectrum_cfg, 1e-4
+    )
+    # Assert
+    torch.testing.assert_close(
+        own.mean[0], torch.tensor([1.0, 2.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        blended.mean[0], torch.tensor([2.0, 2.5], dtype=torch.float64)
+    )
+    assert kept is blended
+
+
+def test_stage_end_round_flags_per_method() -> None:
+    # Execute
+    plan = {
+        name: [cls.stage_end_round(t, 3) for t in range(3)]
+        for name, cls in METHODS.items()
+    }
+    # Assert
+    assert plan["asr"] == [True, True, True]
+    assert plan["asr_local"] == [True, True, False]
+    assert plan["ewc"] == [True, True, False]
+    for name in ("vanilla", "fedprox", "lwf", "joint"):
+        assert plan[name] == [False, False, False]
+
+
+def test_build_method_unknown_name_lists_choices() -> None:
+    with pytest.raises(KeyError, match="Available: .*'ewc'.*'joint'.*'lwf'"):
+        _method("ewk")
+
+
+def test_method_negative_weight_raises_naming_field() -> None:
+    with pytest.raises(ValueError, match="`method.fedprox_mu` must be >= 0, got -1"):
+        _method("fedprox", fedprox_mu=-1.0)
+    with pytest.raises(ValueError, match="`method.ewc_decay` must be in"):
+        _method("ewc", ewc_decay=1.5)
+    with pytest.raises(ValueError, match="`method.lwf_temperature` must be positive"):
+        _method("lwf", lwf_temperature=0.0)
+
+
+def test_get_lora_aggregation_unknown_name_lists_choices() -> None:
+    with pytest.raises(
+        KeyError, match=r"`lora.aggregation` 'fedavgg'.*\['exact', 'fedavg', 'ffa'\]"
+    ):
+        get_lora_aggregation("fedavgg")
+
+
+def test_ffa_exchanges_only_b_and_seeds_identical_a(stream: ContinualStream) -> None:
+    # Prepare / Execute: two independent models attached with the same seed
+    first, _ = _model(stream, "ffa")
+    second, _ = _model(stream, "ffa")
+    ffa = get_lora_aggregation("ffa")
+    # Assert
+    sent = ffa.exchanged_state(first)
+    assert sent and all(".lora_B." in k for k in sent)
+    full = adapter_state(first)
+    assert len(sent) == len(full) // 2
+    for key, value in adapter_state(second).items():
+        if ".lora_A." in key:
+            torch.testing.assert_close(value, full[key], atol=0, rtol=0)
+
+
+def test_exact_lora_merge_equals_mean_of_products_when_rank_fits() -> None:
+    # Prepare: two clients of rank 2 whose updates share a rank-2 row space
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2, 5))
+    states = [
+        {"m.lora_A.weight": a, "m.lora_B.weight": rng.normal(size=(4, 2))},
+        {"m.lora_A.weight": 2 * a, "m.lora_B.weight": rng.normal(size=(4, 2))},
+    ]
+    weights = [1.0, 3.0]
+    expected = sum(
+        w * s["m.lora_B.weight"] @ s["m.lora_A.weight"]
+        for w, s in zip([0.25, 0.75], states, strict=True)
+    )
+    # Execute
+    merged = exact_lora_merge(states, weights)
+    fedavg = get_lora_aggregation("fedavg").aggregate(states, weights)
+    # Assert
+    product = merged["m.lora_B.weight"].astype(float) @ merged["m.lora_A.weight"]
+    np.testing.assert_allclose(product, expected, atol=1e-5)
+    naive = fedavg["m.lora_B.weight"].astype(float) @ fedavg["m.lora_A.weight"]
+    assert np.abs(naive - expected).max() > 1e-2
