@@ -6,10 +6,12 @@ Message contents are described in ``docs/protocol.md``; record keys come from
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -20,6 +22,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from clients.secure import handle_secagg
 from clients.site import Site, site_from_context
 from fed_asr import protocol as P
 from fed_asr.baselines import (
@@ -32,16 +35,53 @@ from fed_asr.baselines import (
 )
 from fed_asr.lora_aggregation import get_lora_aggregation
 from fed_asr.methods import StageMemory
+from fed_asr.security.dp import max_skills_per_sample, noise_generator, privatize_stats
+from fed_asr.security.signing import load_public_key
 from fed_asr.spectrum import SkillSpectrum
 from fed_asr.train import evaluate_samples, spectrum_statistics, train_stage
 from server.records import numpy_record, record_to_numpy
+from server.signatures import verify_message
+
+_SIGNATURE_STATE = "signature-state"  # ConfigRecord in context.state: last round
+
+
+@functools.cache
+def _verify_key(path: str) -> Ed25519PublicKey:
+    return load_public_key(path)
+
+
+def _check_signature(msg: Message, context: Context, site: Site) -> None:
+    """Verify the server's signature when this node holds its public key.
+
+    The key path comes from the node config (``verify-key``) or
+    ``security.verify_key``. The signed round must not go backwards (replay).
+
+    Raises
+    ------
+    SignatureError
+        Missing, forged or replayed signature: the message is refused.
+    """
+    path = context.node_config.get(P.NODE_VERIFY_KEY) or site.cfg.security.verify_key
+    if not path:
+        return
+    state = context.state.config_records.get(_SIGNATURE_STATE)
+    last = int(state["round"]) if state is not None else 0  # type: ignore[arg-type]
+    round_ = verify_message(_verify_key(str(path)), msg, last)
+    context.state[_SIGNATURE_STATE] = ConfigRecord({"round": round_})
+
+
+def _site(msg: Message, context: Context, run_config: Mapping[str, Any] | None) -> Site:
+    """This node's site, after checking the message's signature."""
+    site = site_from_context(run_config or context.run_config, context.node_config)
+    _check_signature(msg, context, site)
+    return site
 
 
 def _prepare(
     msg: Message, context: Context, run_config: Mapping[str, Any] | None
 ) -> Site:
-    """Site of this node with the message's adapter weights loaded."""
-    site = site_from_context(run_config or context.run_config, context.node_config)
+    """Site of this node with the message's (verified) adapter weights loaded."""
+    site = _site(msg, context, run_config)
     state = msg.content[P.ARRAYS_RECORD].to_torch_state_dict()
     get_lora_aggregation(site.cfg.lora.aggregation).load(site.model, state)
     return site
@@ -82,6 +122,7 @@ def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
     content = RecordDict()
     method = site.method
     if method.shares_spectrum or method.keeps_local_spectrum:
+        privacy = site.cfg.privacy
         stats = spectrum_statistics(
             site.model,
             site.collator,
@@ -90,9 +131,17 @@ def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
             site.cfg.regularizer,
             site.cfg.train.eval_batch_size,
             site.cfg.model.attn_capture,
+            dp_clip=privacy.dp_clip if privacy.dp else None,
         )
         if method.shares_spectrum:
-            content[P.STATS_RECORD] = numpy_record(stats.to_arrays())
+            arrays = stats.to_arrays()
+            if privacy.dp:  # local DP: this release alone is (epsilon, delta)-DP
+                m = max_skills_per_sample(
+                    site.cfg.regularizer.tau_skill, len(site.stream.skills)
+                )
+                rng = noise_generator(privacy, stage, site.partition_id)
+                arrays = privatize_stats(arrays, privacy, m, rng)
+            content[P.STATS_RECORD] = numpy_record(arrays)
         if method.keeps_local_spectrum:
             own = update_local_spectrum(
                 _local_spectrum(context, site),
@@ -180,6 +229,14 @@ def make_client_app(
         site = _prepare(msg, context, run_config)
         stage = int(msg.content[P.CONFIG_RECORD][P.STAGE_KEY])
         return Message(content=_stage_end(site, context, stage), reply_to=msg)
+
+    @app.query(P.SECAGG_ACTION)
+    def secagg(msg: Message, context: Context) -> Message:
+        if P.ARRAYS_RECORD in msg.content.array_records:
+            site = _prepare(msg, context, run_config)
+        else:
+            site = _site(msg, context, run_config)
+        return Message(content=handle_secagg(msg, context, site), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -254,6 +254,9 @@ class PrivacyConfig:
     dp_epsilon: float = 8.0
     dp_delta: float = 1e-5
     dp_clip: float = 10.0
+    # Seed of the DP noise (reproducible experiments); None draws it from the OS,
+    # as a deployment must: anyone who knows the seed can subtract the noise.
+    dp_seed: int | None = None
 
 
 @dataclass
@@ -262,7 +265,8 @@ class SecurityConfig:
 
     sign: bool = False
     signing_key: str | None = None
-    verify_key: str | None = None
+    verify_key: str | None = None  # clients; a node's `verify-key` config wins
+    hash_checkpoints: bool = True  # SHA-256 manifest per checkpoint, checked on resume
     max_update_norm: float = 1e3
     max_num_examples: int = 10_000_000
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # Message actions (message_type = "<category>.<action>")
 SPECTRUM_ACTION = "spectrum"  # query.spectrum: stage-end per-skill statistics
+SECAGG_ACTION = "secagg"  # query.secagg: one step of the secure spectrum round
 
 # Records inside a message's RecordDict
 ARRAYS_RECORD = "arrays"  # ArrayRecord: LoRA adapter state (peft keys)
@@ -18,6 +19,8 @@ STATS_RECORD = (
     "stats"  # ArrayRecord: per-skill sufficient statistics (client -> server)
 )
 SIGNATURE_RECORD = "signature"  # ConfigRecord: Ed25519 signatures of global state
+SECAGG_RECORD = "secagg"  # ConfigRecord: keys, shares, survivor lists (both ways)
+SECAGG_MASKED_RECORD = "secagg-masked"  # ArrayRecord: a client's masked uint64 vector
 
 # ConfigRecord keys (server -> client)
 SERVER_ROUND_KEY = "server-round"
@@ -30,6 +33,22 @@ LOCAL_EPOCHS_KEY = "local-epochs"
 LR_KEY = "lr"
 SKILLS_KEY = "skills"
 SEED_KEY = "seed"
+SECAGG_STEP_KEY = "secagg-step"  # advertise | share | mask | unmask
+SECAGG_SESSION_KEY = "secagg-session"  # "<run-id>/<stage>": binds keys to one round
+SECAGG_THRESHOLD_KEY = "secagg-threshold"
+SECAGG_BITS_KEY = "secagg-bits"
+SECAGG_SCALE_KEY = "secagg-scale"
+SIGNATURE_ADAPTER_KEY = "adapter"  # in SIGNATURE_RECORD: signature of ARRAYS_RECORD
+SIGNATURE_SPECTRUM_KEY = "spectrum"  # in SIGNATURE_RECORD: of SPECTRUM_RECORD
+SIGNATURE_ROUND_KEY = (
+    "signed-round"  # in SIGNATURE_RECORD: round bound in the signature
+)
+
+# Steps of the secure spectrum round, in order
+SECAGG_ADVERTISE = "advertise"
+SECAGG_SHARE = "share"
+SECAGG_MASK = "mask"
+SECAGG_UNMASK = "unmask"
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES_KEY = "num-examples"
@@ -43,6 +62,7 @@ TOTAL_PREFIX = "total-"  # total-<stage>
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DATA_ROOT = "data-root"
+NODE_VERIFY_KEY = "verify-key"  # path of the server's signing.pub on this node
 
 # Statistics array names inside STATS_RECORD (SkillStats.to_arrays)
 STATS_ARRAYS = ("count", "sum", "sumsq", "angular_sum")

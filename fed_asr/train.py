@@ -25,7 +25,8 @@ from fed_asr.models import (
     score_candidates,
 )
 from fed_asr.progress import Progress
-from fed_asr.spectral import describe, descriptor_dim
+from fed_asr.security.dp import clip_angular, clip_descriptors
+from fed_asr.spectral import SpectralDescriptor, describe, descriptor_dim
 from fed_asr.spectrum import SkillStats
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels")
@@ -230,8 +231,14 @@ def spectrum_statistics(
     reg_cfg: RegularizerConfig,
     batch_size: int,
     capture_mode: str = "selective",
+    dp_clip: float | None = None,
 ) -> SkillStats:
-    """Per-skill sufficient statistics of the spectral descriptors of ``samples``."""
+    """Per-skill sufficient statistics of the spectral descriptors of ``samples``.
+
+    With ``dp_clip`` (differential privacy) every descriptor is scaled to L2 norm at
+    most ``dp_clip`` and every angular distribution to L1 norm at most 1 first, which
+    bounds one sample's effect on the statistics (``fed_asr.security.dp``).
+    """
     dim = descriptor_dim(reg_cfg.n_radial, reg_cfg.n_angular)
     stats = SkillStats.empty(tuple(skills), dim, reg_cfg.n_angular)
     if len(samples) == 0:
@@ -249,6 +256,10 @@ def spectrum_statistics(
             n_radial=reg_cfg.n_radial,
             n_angular=reg_cfg.n_angular,
         )
+        if dp_clip is not None:
+            desc = SpectralDescriptor(
+                clip_descriptors(desc.descriptor, dp_clip), clip_angular(desc.angular)
+            )
         probs = skill_probabilities(chunk, skills)
         stats = stats + SkillStats.from_batch(
             desc, probs, tuple(skills), reg_cfg.tau_skill

@@ -5,6 +5,9 @@ Layout under ``<output_dir>/checkpoint``: one folder per saved round
 and ``state.json``; the file ``LATEST`` names the newest complete folder. A folder is
 written under a temporary name and renamed when complete, and ``LATEST`` is replaced
 atomically, so a run killed at any moment leaves the previous checkpoint usable.
+With ``hash_files`` each folder also holds ``MANIFEST.sha256.json`` (SHA-256 and size
+of every file, signed with the server's key when it has one); resume refuses a
+folder whose files do not match it.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import load_file, save_file
 
 from fed_asr.outputs import atomic_write_text
+from fed_asr.security.checkpoint_integrity import (
+    MANIFEST_NAME,
+    IntegrityError,
+    verify_manifest,
+    write_manifest,
+)
 from fed_asr.spectrum import SkillSpectrum
 
 LATEST = "LATEST"
@@ -39,11 +49,31 @@ class Checkpoint:
 
 
 class Checkpointer:
-    """Saves and loads checkpoints in one folder, keeping the newest ``keep``."""
+    """Saves and loads checkpoints in one folder, keeping the newest ``keep``.
 
-    def __init__(self, folder: str | Path, keep: int = 2) -> None:
+    Parameters
+    ----------
+    folder : str | Path
+        Where the checkpoints go.
+    keep : int
+        Number of newest checkpoints kept.
+    hash_files : bool
+        Write a SHA-256 manifest per checkpoint and verify it before loading.
+    signing_key : Ed25519PrivateKey | None
+        Also sign the manifest; loading then requires a valid signature.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        keep: int = 2,
+        hash_files: bool = True,
+        signing_key: Ed25519PrivateKey | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.keep = keep
+        self.hash_files = hash_files
+        self.signing_key = signing_key
 
     def save(self, checkpoint: Checkpoint) -> Path:
         """Write ``checkpoint`` atomically and point ``LATEST`` at it."""
@@ -70,10 +100,30 @@ class Checkpointer:
         return final
 
     def _seal(self, folder: Path) -> None:
-        """Hook for integrity manifests (overridden when checkpoints are hashed)."""
+        """Write the integrity manifest (and its signature) of a new checkpoint."""
+        if self.hash_files:
+            write_manifest(folder, self.signing_key)
 
     def _verify(self, folder: Path) -> None:
-        """Hook for integrity checks before a checkpoint is used."""
+        """Refuse a checkpoint whose files do not match its manifest.
+
+        Raises
+        ------
+        IntegrityError
+            A file is missing, changed or unlisted, or the manifest is absent.
+        SignatureError
+            The manifest's signature is missing or invalid (signing key set).
+        """
+        if not self.hash_files:
+            return
+        if not (folder / MANIFEST_NAME).exists():
+            raise IntegrityError(
+                f"Checkpoint {folder} has no {MANIFEST_NAME}; refusing to resume from "
+                "an unverifiable checkpoint (set security.hash_checkpoints=false to "
+                "accept it)."
+            )
+        public = self.signing_key.public_key() if self.signing_key else None
+        verify_manifest(folder, public)
 
     def _prune(self, keep_name: str) -> None:
         folders = sorted(p for p in self.folder.glob("round-*") if p.is_dir())

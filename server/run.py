@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -22,7 +24,7 @@ from fed_asr.baselines import (
     mean_fisher,
     update_memory,
 )
-from fed_asr.config import ExperimentConfig
+from fed_asr.config import ExperimentConfig, SecurityConfig
 from fed_asr.data import build_stream
 from fed_asr.lora_aggregation import get_lora_aggregation
 from fed_asr.methods import METHODS, StageMemory
@@ -30,12 +32,75 @@ from fed_asr.metrics import AccuracyMatrix
 from fed_asr.models import load_base_model, resolve_device
 from fed_asr.outputs import seed_everything, write_run_outputs
 from fed_asr.progress import format_seconds
+from fed_asr.security.dp import (
+    PrivacyAccountant,
+    calibrate_stats_noise,
+    max_skills_per_sample,
+)
+from fed_asr.security.signing import load_private_key
 from server.checkpoint import Checkpoint, Checkpointer
 from server.records import record_bytes, record_to_numpy
+from server.reply_validation import make_train_reply_check
 from server.strategy import FedASR, RoundLog
 
 # Checkpointed with the adapter under these key prefixes (StageMemory of the method)
 _MEMORY_PREFIXES = {"previous": "memory/previous/", "fisher": "memory/fisher/"}
+
+
+def server_signing_key(security: SecurityConfig) -> Ed25519PrivateKey | None:
+    """The server's signing key when ``security.sign`` is on.
+
+    The PEM may be encrypted; its password is read from the environment variable
+    ``FED_ASR_SIGNING_KEY_PASSWORD``.
+
+    Raises
+    ------
+    ValueError
+        ``security.sign=true`` without ``security.signing_key``.
+    """
+    if not security.sign:
+        return None
+    if not security.signing_key:
+        raise ValueError(
+            "`security.sign=true` needs `security.signing_key` (the PEM written by "
+            "`fed-asr-credentials`, e.g. certificates/signing.key)."
+        )
+    password = os.environ.get("FED_ASR_SIGNING_KEY_PASSWORD")
+    return load_private_key(
+        Path(security.signing_key).expanduser(),
+        password.encode() if password else None,
+    )
+
+
+def privacy_report(
+    cfg: ExperimentConfig, releases: list[int], num_skills: int
+) -> dict[str, Any]:
+    """DP summary for ``metrics.json``: epsilon spent over the stage-end releases.
+
+    ``epsilon_spent`` composes every release as if on the same data (the
+    conservative figure); each stage's data being disjoint, a sample is in one
+    release and ``epsilon_per_release`` bounds it alone.
+    """
+    if not cfg.privacy.dp:
+        return {"dp": False}
+    m = max_skills_per_sample(cfg.regularizer.tau_skill, num_skills)
+    noise = calibrate_stats_noise(cfg.privacy, m)
+    accountant = PrivacyAccountant(cfg.privacy.dp_delta)
+    for stage in releases:
+        accountant.record(noise.noise_multiplier, f"stage {stage}")
+    return {
+        "dp": True,
+        "mode": "distributed (secure aggregation)"
+        if cfg.privacy.secure_spectrum
+        else "local (each client's release)",
+        "releases": len(releases),
+        "epsilon_per_release": cfg.privacy.dp_epsilon,
+        "delta": cfg.privacy.dp_delta,
+        "epsilon_spent": accountant.epsilon() if releases else 0.0,
+        "noise_multiplier": noise.noise_multiplier,
+        "clip": cfg.privacy.dp_clip,
+        "skills_per_sample": m,
+    }
 
 
 class FederatedRun:
@@ -56,8 +121,12 @@ class FederatedRun:
         self.grid = grid
         self.engine = engine
         self.out = Path(cfg.output_dir).expanduser().resolve()
+        self.signing_key = server_signing_key(cfg.security)
         self.checkpointer = Checkpointer(
-            self.out / "checkpoint", keep=cfg.federation.keep_checkpoints
+            self.out / "checkpoint",
+            keep=cfg.federation.keep_checkpoints,
+            hash_files=cfg.security.hash_checkpoints,
+            signing_key=self.signing_key,
         )
         self.started = time.perf_counter()
         self.elapsed_before = 0.0
@@ -101,6 +170,10 @@ class FederatedRun:
                 if self.lora_aggregation.server_merges
                 else None
             ),
+            reply_check=make_train_reply_check(cfg.security),
+            privacy=cfg.privacy,
+            security=cfg.security,
+            signing_key=self.signing_key,
         )
         self.strategy.on_round_end = self._round_end
         nodes = len(list(self.grid.get_node_ids()))
@@ -240,6 +313,7 @@ class FederatedRun:
             "spectrum_stage": self.spectrum_stage,
             "spectrum_done": self.spectrum_stage >= self.strategy.stage,
             "rounds": [dataclasses.asdict(r) for r in self.strategy.rounds],
+            "dp_releases": list(self.strategy.releases),
             "elapsed_s": self.elapsed_before + time.perf_counter() - self.started,
         }
 
@@ -270,6 +344,7 @@ class FederatedRun:
         self.spectrum_stage = int(state["spectrum_stage"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.strategy.rounds = [RoundLog(**r) for r in state["rounds"]]
+        self.strategy.releases = [int(s) for s in state.get("dp_releases", [])]
         self.strategy.global_spectrum = checkpoint.spectrum
         adapter = dict(checkpoint.adapter)
         memory: dict[str, dict[str, torch.Tensor] | None] = {}
@@ -344,6 +419,17 @@ class FederatedRun:
             "communication_bytes": totals,
             "dropped_replies": sum(len(r["dropped"]) for r in rounds),
             "failed_replies": sum(r["failures"] for r in rounds),
+            "dropped": [
+                {"round": r["round"], **d} for r in rounds for d in r["dropped"]
+            ],
+            "security": {
+                "secure_spectrum": self.cfg.privacy.secure_spectrum,
+                "signed": self.signing_key is not None,
+                "hashed_checkpoints": self.cfg.security.hash_checkpoints,
+            },
+            "privacy": privacy_report(
+                self.cfg, self.strategy.releases, len(self.strategy.skills)
+            ),
             "wall_time_s": self.elapsed_before + time.perf_counter() - self.started,
         }
         path = write_run_outputs(

@@ -10,6 +10,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -24,9 +25,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from fed_asr import protocol as P
 from fed_asr.aggregation import get_spectrum_strategy
-from fed_asr.config import SpectrumConfig
+from fed_asr.config import PrivacyConfig, SecurityConfig, SpectrumConfig
+from fed_asr.security.dp import clamp_noisy_stats, suppress_small_counts
 from fed_asr.spectrum import SkillSpectrum, SkillStats, blend
 from server.records import numpy_record, partition_of, record_bytes, record_to_numpy
+from server.reply_validation import check_stats_reply
+from server.secure_spectrum import SecureSpectrumRound
+from server.signatures import sign_content
 
 ReplyCheck = Callable[[Message, ArrayRecord | None], str | None]
 # Replaces FedAvg's per-array mean: (client adapters, num-examples) -> merged adapter
@@ -99,6 +104,13 @@ class FedASR(FedAvg):
     arrays_aggregator : Callable | None
         Replaces FedAvg's per-array mean of the adapters (e.g. ``lora.aggregation``
         ``exact``); called with the kept replies' arrays and ``num-examples``.
+    privacy : PrivacyConfig | None
+        ``secure_spectrum``: the stage-end round runs secure aggregation and the
+        server sees only the sum of the statistics; ``dp``: statistics carry noise.
+    security : SecurityConfig | None
+        Bounds used to validate clear-text statistics replies.
+    signing_key : Ed25519PrivateKey | None
+        Signs the adapter and spectrum of every outgoing message (``security.sign``).
     """
 
     def __init__(
@@ -116,6 +128,9 @@ class FedASR(FedAvg):
         min_available_nodes: int = 2,
         reply_check: ReplyCheck | None = None,
         arrays_aggregator: ArraysAggregator | None = None,
+        privacy: PrivacyConfig | None = None,
+        security: SecurityConfig | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -136,6 +151,22 @@ class FedASR(FedAvg):
         self.seed = seed
         self.reply_check = reply_check
         self.arrays_aggregator = arrays_aggregator
+        self.privacy = privacy or PrivacyConfig()
+        self.security = security or SecurityConfig()
+        self.signing_key = signing_key
+        if (
+            self.privacy.secure_spectrum
+            and not self.spectrum_strategy.secure_compatible
+        ):
+            raise ValueError(
+                f"`spectrum.strategy={spectrum_cfg.strategy}` needs each client's "
+                "statistics, but `privacy.secure_spectrum=true` reveals only their "
+                "sum. Use a secure-compatible strategy (pooled)."
+            )
+        # Stage-end statistics released to the server (DP accounting): one per stage
+        self.releases: list[int] = []
+        # Arrays sent in the current train round (reference of the reply checks)
+        self.sent_arrays: ArrayRecord | None = None
         # Method records added to every train message (set per stage by the run)
         self.extra_train_records: dict[str, ArrayRecord] = {}
         # Replies (without errors) of the last stage-end round
@@ -186,7 +217,33 @@ class FedASR(FedAvg):
             for message in messages:
                 message.content[name] = record
             entry.bytes_down_extra += record_bytes(record) * len(messages)
+        self.sent_arrays = arrays
+        self._sign(messages, grid, self.global_round(server_round))
         return messages
+
+    def _sign(self, messages: Iterable[Message], grid: Grid, round_: int) -> None:
+        """Sign each message's adapter and spectrum (no-op without a signing key)."""
+        if self.signing_key is None:
+            return
+        for message in messages:
+            sign_content(
+                self.signing_key,
+                message.content,
+                grid.run.run_id,
+                round_,
+                message.metadata.message_type,
+            )
+
+    def _decorator(self, grid: Grid, round_: int) -> Callable[[RecordDict, str], None]:
+        """Signs contents built outside ``Message`` objects (secure round)."""
+
+        def decorate(content: RecordDict, message_type: str) -> None:
+            if self.signing_key is not None:
+                sign_content(
+                    self.signing_key, content, grid.run.run_id, round_, message_type
+                )
+
+        return decorate
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -265,7 +322,7 @@ class FedASR(FedAvg):
         if P.NUM_EXAMPLES_KEY not in metrics:
             return f"missing metric '{P.NUM_EXAMPLES_KEY}'"
         if self.reply_check is not None:
-            return self.reply_check(msg, self.current_arrays)
+            return self.reply_check(msg, self.sent_arrays)
         return None
 
     # -- evaluation ----------------------------------------------------------------
@@ -275,7 +332,9 @@ class FedASR(FedAvg):
         """FedAvg's evaluate messages with the number of stages seen so far."""
         config[P.NUM_SEEN_STAGES_KEY] = self.stage + 1
         config[P.GLOBAL_ROUND_KEY] = self.global_round(server_round)
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._sign(messages, grid, self.global_round(server_round))
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -322,7 +381,12 @@ class FedASR(FedAvg):
         answered with statistics (the previous spectrum is kept). With ``merge=False``
         (methods whose clients keep their own spectrum or only send a Fisher) the
         round only queries the nodes; the replies are kept in ``stage_end_replies``.
+        With ``privacy.secure_spectrum`` the statistics arrive only as their sum
+        (``server.secure_spectrum``).
         """
+        round_ = self.rounds[-1].round if self.rounds else self.round_offset
+        if merge and self.privacy.secure_spectrum:
+            return self._secure_spectrum_round(grid, arrays, stage, timeout, round_)
         node_ids = list(grid.get_node_ids())
         config = ConfigRecord({P.STAGE_KEY: stage})
         record = RecordDict({P.ARRAYS_RECORD: arrays, P.CONFIG_RECORD: config})
@@ -334,32 +398,25 @@ class FedASR(FedAvg):
             )
             for node in node_ids
         ]
+        self._sign(messages, grid, round_)
         replies = sorted(
             grid.send_and_receive(messages, timeout=timeout), key=partition_of
         )
         self.stage_end_replies = [m for m in replies if not m.has_error()]
+        if self.rounds:
+            self.rounds[-1].bytes_down_adapter += record_bytes(arrays) * len(messages)
         if not merge:
-            if self.rounds:
-                down = record_bytes(arrays) * len(messages)
-                self.rounds[-1].bytes_down_adapter += down
             return None
         stats: list[SkillStats] = []
         up = 0
         for msg in replies:
             parsed = self._parse_stats(msg)
             if isinstance(parsed, str):
-                log(
-                    WARNING,
-                    "Spectrum round, stage %d: reply from node %d dropped: %s",
-                    stage,
-                    msg.metadata.src_node_id,
-                    parsed,
-                )
+                self._record_drop(msg, f"stage-end statistics: {parsed}", stage)
                 continue
             up += record_bytes(msg.content.array_records[P.STATS_RECORD])
             stats.append(parsed)
         if self.rounds:
-            self.rounds[-1].bytes_down_adapter += record_bytes(arrays) * len(messages)
             self.rounds[-1].bytes_up_spectrum += up
         if not stats or not any(float(s.count.sum()) > 0 for s in stats):
             log(
@@ -368,7 +425,14 @@ class FedASR(FedAvg):
                 stage,
             )
             return None
+        if self.privacy.dp:
+            self.releases.append(stage)
         merged = self.spectrum_strategy.merge(stats, self.spectrum_cfg, self.cov_floor)
+        return self._update_spectrum(merged, stage, len(stats))
+
+    def _update_spectrum(
+        self, merged: SkillSpectrum, stage: int, num_clients: int
+    ) -> SkillSpectrum:
         self.global_spectrum = blend(
             self.global_spectrum,
             merged,
@@ -379,31 +443,104 @@ class FedASR(FedAvg):
             INFO,
             "Spectrum round, stage %d: merged %d clients with '%s' (%s blend).",
             stage,
-            len(stats),
+            num_clients,
             self.spectrum_cfg.strategy,
             self.spectrum_cfg.blend,
         )
         return self.global_spectrum
+
+    def _record_drop(self, msg: Message, reason: str, stage: int) -> None:
+        """Log a dropped stage-end reply and count it in the round log."""
+        node = msg.metadata.src_node_id
+        log(
+            WARNING, "Stage %d end: reply from node %d dropped: %s", stage, node, reason
+        )
+        if not self.rounds:
+            return
+        if msg.has_error():
+            self.rounds[-1].failures += 1
+        else:
+            self.rounds[-1].dropped.append(
+                {"node": node, "partition": partition_of(msg), "reason": reason}
+            )
+
+    def _secure_spectrum_round(
+        self, grid: Grid, arrays: ArrayRecord, stage: int, timeout: float, round_: int
+    ) -> SkillSpectrum | None:
+        """Stage-end round with secure aggregation: only the sum is ever seen."""
+        session = f"{grid.run.run_id}/{stage}/{round_}"
+        secure = SecureSpectrumRound(
+            grid, self.privacy, session, timeout, self._decorator(grid, round_)
+        )
+        result = secure.run(arrays, stage, self.security.max_num_examples)
+        self.stage_end_replies = []
+        if self.rounds:
+            entry = self.rounds[-1]
+            adapter = record_bytes(arrays) * len(list(grid.get_node_ids()))
+            entry.bytes_down_adapter += adapter
+            entry.bytes_down_spectrum += max(result.bytes_down - adapter, 0)
+            entry.bytes_up_spectrum += result.bytes_up
+            entry.dropped.extend(
+                {
+                    "node": d["node"],
+                    "partition": -1,
+                    "reason": f"secure round, step {d['step']}: {d['reason']}",
+                }
+                for d in result.dropped
+            )
+        if result.arrays is None:
+            log(WARNING, "Stage %d end: no secure sum. Keeping the spectrum.", stage)
+            return None
+        summed = result.arrays
+        if self.privacy.dp:
+            summed = suppress_small_counts(clamp_noisy_stats(summed))
+        else:
+            count = np.asarray(summed["count"])
+            if count.size and float(count.max()) > result.num_examples + 0.5:
+                reason = (
+                    f"summed `count` max {float(count.max()):.1f} exceeds the "
+                    f"contributors' num-examples {result.num_examples}"
+                )
+                log(WARNING, "Stage %d end: secure sum refused: %s", stage, reason)
+                if self.rounds:
+                    self.rounds[-1].dropped.append(
+                        {"node": -1, "partition": -1, "reason": reason}
+                    )
+                return None
+        try:
+            total = SkillStats.from_arrays(summed, self.skills)
+        except (KeyError, ValueError) as err:
+            log(WARNING, "Stage %d end: secure sum unusable: %s", stage, err)
+            return None
+        if float(total.count.sum()) <= 0:
+            return None
+        if self.privacy.dp:
+            self.releases.append(stage)
+        merged = self.spectrum_strategy.merge(
+            [total], self.spectrum_cfg, self.cov_floor
+        )
+        return self._update_spectrum(merged, stage, len(result.contributors))
 
     def _parse_stats(self, msg: Message) -> SkillStats | str:
         if msg.has_error():
             return f"client error: {msg.error.reason}"
         if P.STATS_RECORD not in msg.content.array_records:
             return f"missing ArrayRecord '{P.STATS_RECORD}'"
+        metrics = msg.content.metric_records.get(P.METRICS_RECORD)
+        if metrics is None or P.NUM_EXAMPLES_KEY not in metrics:
+            return f"missing metric '{P.NUM_EXAMPLES_KEY}'"
+        arrays = record_to_numpy(msg.content.array_records[P.STATS_RECORD])
+        reason = check_stats_reply(
+            arrays, dict(metrics), self.security, noisy=self.privacy.dp
+        )
+        if reason is not None:
+            return reason
+        if self.privacy.dp:
+            arrays = suppress_small_counts(arrays)
         try:
-            stats = SkillStats.from_arrays(
-                record_to_numpy(msg.content.array_records[P.STATS_RECORD]), self.skills
-            )
+            return SkillStats.from_arrays(arrays, self.skills)
         except (ValueError, KeyError) as err:
             return str(err)
-        metrics = msg.content.metric_records.get(P.METRICS_RECORD)
-        if metrics is not None and P.NUM_EXAMPLES_KEY in metrics:
-            n = int(metrics[P.NUM_EXAMPLES_KEY])
-            if stats.count.numel() and float(stats.count.max()) > n:
-                return (
-                    f"skill count {float(stats.count.max())} exceeds num-examples {n}"
-                )
-        return stats
 
     def summary(self) -> None:
         """Log FedASR's settings, then FedAvg's."""

@@ -348,3 +348,48 @@ class PrivacyAccountant:
             "epsilon-zcdp": self.epsilon(method="zcdp"),
             "delta": self.delta,
         }
+
+
+def noise_generator(cfg: PrivacyConfig, *parts: int) -> np.random.Generator:
+    """Generator of one release's noise: OS entropy, or ``dp_seed`` mixed with parts.
+
+    ``parts`` (e.g. stage and partition) make seeded releases differ between clients
+    and stages.
+    """
+    if cfg.dp_seed is None:
+        return np.random.default_rng()
+    return np.random.default_rng([int(cfg.dp_seed), *(int(p) for p in parts)])
+
+
+def privatize_stats(
+    arrays: Mapping[str, np.ndarray],
+    cfg: PrivacyConfig,
+    skills_per_sample: int,
+    rng: np.random.Generator,
+    num_shares: int = 1,
+) -> dict[str, np.ndarray]:
+    """A client's noisy release of its (already clipped) statistics.
+
+    ``num_shares=1``: the client adds the full calibrated noise (its release alone is
+    (``dp_epsilon``, ``dp_delta``)-DP, whoever sees it). With secure aggregation,
+    ``num_shares`` is the threshold t: any t or more surviving shares sum to at least
+    the calibrated variance, and the server only ever sees that sum.
+    """
+    noise = calibrate_stats_noise(cfg, skills_per_sample)
+    noisy = add_gaussian_noise(arrays, noise, rng, num_shares=num_shares)
+    return noisy if num_shares > 1 else clamp_noisy_stats(noisy)
+
+
+def suppress_small_counts(
+    arrays: Mapping[str, np.ndarray], min_count: float = 1.0
+) -> dict[str, np.ndarray]:
+    """Zero every skill whose (noisy) count is below ``min_count`` (post-processing).
+
+    A noisy count near 0 would turn ``sum / count`` into a meaningless prototype; the
+    skill is treated as absent instead.
+    """
+    out = {name: np.asarray(v, dtype=np.float64).copy() for name, v in arrays.items()}
+    small = out["count"] < min_count  # (S,)
+    for value in out.values():
+        value[small] = 0.0
+    return out

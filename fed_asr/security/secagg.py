@@ -402,6 +402,67 @@ class SecAggClient:
         self._key_shares: dict[int, bytes] = {}
         self._peers: tuple[int, ...] = ()  # U2 without self
 
+    def to_bytes(self) -> bytes:
+        """Serialise the client's secret state (to keep it in the node's own state).
+
+        The bytes hold private keys, the self-mask seed and received shares: keep them
+        on the node (Flower's ``context.state``), never put them in a reply.
+        """
+        state = {
+            "client_id": self.client_id,
+            "config": [
+                self.config.threshold,
+                self.config.bits,
+                self.config.scale,
+                self.config.max_abs,
+            ],
+            "session": self.session.hex(),
+            "mask_key": _raw_private(self._mask_key).hex(),
+            "enc_key": _raw_private(self._enc_key).hex(),
+            "seed": self._seed.hex(),
+            "stage": self._stage,
+            "book": [
+                [a.client_id, a.mask_public_key.hex(), a.encryption_public_key.hex()]
+                for a in self._book.values()
+            ],
+            "seed_shares": {str(k): v.hex() for k, v in self._seed_shares.items()},
+            "key_shares": {str(k): v.hex() for k, v in self._key_shares.items()},
+            "peers": list(self._peers),
+        }
+        return json.dumps(state).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SecAggClient:
+        """Inverse of :meth:`to_bytes`."""
+        state = json.loads(data.decode())
+        threshold, bits, scale, max_abs = state["config"]
+        client = cls(
+            int(state["client_id"]),
+            SecAggConfig(int(threshold), int(bits), float(scale), max_abs),
+            bytes.fromhex(state["session"]),
+        )
+        client._mask_key = X25519PrivateKey.from_private_bytes(
+            bytes.fromhex(state["mask_key"])
+        )
+        client._enc_key = X25519PrivateKey.from_private_bytes(
+            bytes.fromhex(state["enc_key"])
+        )
+        client._seed = bytes.fromhex(state["seed"])
+        client._stage = int(state["stage"])
+        client._book = {
+            int(cid): AdvertiseKeys(int(cid), bytes.fromhex(m), bytes.fromhex(e))
+            for cid, m, e in state["book"]
+        }
+        client._points = share_points(list(client._book)) if client._book else {}
+        client._seed_shares = {
+            int(k): bytes.fromhex(v) for k, v in state["seed_shares"].items()
+        }
+        client._key_shares = {
+            int(k): bytes.fromhex(v) for k, v in state["key_shares"].items()
+        }
+        client._peers = tuple(int(p) for p in state["peers"])
+        return client
+
     def _advance(self, expected: int, name: str) -> None:
         if self._stage != expected:
             raise SecAggError(

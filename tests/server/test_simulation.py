@@ -13,10 +13,15 @@ from pathlib import Path
 import pytest
 from peft import PeftModel
 
-from clients.testing import failing_mod
+from clients.testing import failing_mod, nan_reply_mod
 from fed_asr.config import compose_config
 from fed_asr.data import build_stream
 from fed_asr.models import load_base_model
+from fed_asr.security.signing import (
+    generate_signing_key,
+    save_private_key,
+    save_public_key,
+)
 from fed_asr.spectrum import SkillSpectrum
 from server.simulation import run_simulation_engine
 
@@ -127,3 +132,44 @@ def test_simulation_killed_process_resumes_to_same_result(run_overrides) -> None
     # Assert
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
     assert resumed["per_client"] == reference["per_client"]
+
+
+def test_simulation_with_secure_spectrum_dp_and_signatures_drops_a_nan_reply(
+    run_overrides, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a signing key pair; partition 1 sends a NaN adapter in global round 2
+    key = generate_signing_key()
+    save_private_key(key, tmp_path / "signing.key")
+    save_public_key(key.public_key(), tmp_path / "signing.pub")
+    overrides = run_overrides(
+        "secure",
+        **{
+            "privacy.secure_spectrum": "true",
+            "privacy.dp": "true",
+            "privacy.dp_seed": 0,
+            "security.sign": "true",
+            "security.signing_key": str(tmp_path / "signing.key"),
+            "security.verify_key": str(tmp_path / "signing.pub"),
+        },
+    )
+    # Execute
+    metrics = _run(
+        overrides, client_mods=[nan_reply_mod(partition_id=1, global_round=2)]
+    )
+    # Assert: the run finished; the NaN reply was dropped and named; epsilon reported
+    assert metrics["dropped_replies"] == 1
+    assert metrics["dropped"][0]["round"] == 2
+    assert "non-finite" in metrics["dropped"][0]["reason"]
+    assert metrics["failed_replies"] == 0
+    assert metrics["security"] == {
+        "secure_spectrum": True,
+        "signed": True,
+        "hashed_checkpoints": True,
+    }
+    privacy = metrics["privacy"]
+    assert privacy["dp"] and privacy["releases"] == 2
+    assert privacy["epsilon_per_release"] < privacy["epsilon_spent"] < 2 * 8.0
+    assert metrics["rounds"][0]["bytes_up_spectrum"] > 0
+    assert metrics["rounds"][1]["bytes_down_spectrum"] > 0
+    out = Path(compose_config("config", overrides).output_dir)
+    assert bool(SkillSpectrum.load(out / "spectrum.safetensors").present.any())
