@@ -43,6 +43,8 @@ from server.records import numpy_record, record_to_numpy
 from server.signatures import verify_message
 
 _SIGNATURE_STATE = "signature-state"  # ConfigRecord in context.state: last round
+_SPECTRUM_STATE = "global-spectrum"  # ArrayRecord in context.state: last one received
+_SPECTRUM_VERSION_STATE = "global-spectrum-version"  # ConfigRecord: its version
 
 
 @functools.cache
@@ -96,10 +98,36 @@ def _local_spectrum(context: Context, site: Site) -> SkillSpectrum | None:
 
 
 def _spectrum(msg: Message, context: Context, site: Site) -> SkillSpectrum | None:
-    """The global spectrum of the message, or this node's own one (``asr_local``)."""
-    if P.SPECTRUM_RECORD in msg.content:
-        arrays = record_to_numpy(msg.content[P.SPECTRUM_RECORD])
-        return SkillSpectrum.from_arrays(arrays, tuple(site.stream.skills))
+    """The global spectrum of this round, or this node's own one (``asr_local``).
+
+    The server sends the global spectrum only when it changed since this node last
+    received it (``spectrum-version``); the node keeps it in its own state.
+
+    Raises
+    ------
+    RuntimeError
+        The named version was never received here (e.g. the node restarted and lost
+        its state): the reply is an error, and the server sends it again next round.
+    """
+    skills = tuple(site.stream.skills)
+    config = msg.content[P.CONFIG_RECORD]
+    if P.SPECTRUM_RECORD in msg.content.array_records:
+        record = msg.content.array_records[P.SPECTRUM_RECORD]
+        spectrum = SkillSpectrum.from_arrays(record_to_numpy(record), skills)
+        context.state[_SPECTRUM_STATE] = record
+        version = str(config.get(P.SPECTRUM_VERSION_KEY, ""))
+        context.state[_SPECTRUM_VERSION_STATE] = ConfigRecord({"version": version})
+        return spectrum
+    if P.SPECTRUM_VERSION_KEY in config:
+        wanted = str(config[P.SPECTRUM_VERSION_KEY])
+        held = context.state.config_records.get(_SPECTRUM_VERSION_STATE)
+        if held is None or str(held["version"]) != wanted:
+            raise RuntimeError(
+                f"Global spectrum {wanted} was never received by this node (state "
+                "lost?); the server sends it again in the next round."
+            )
+        arrays = record_to_numpy(context.state.array_records[_SPECTRUM_STATE])
+        return SkillSpectrum.from_arrays(arrays, skills)
     if site.method.keeps_local_spectrum:
         return _local_spectrum(context, site)
     return None

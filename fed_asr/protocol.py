@@ -33,6 +33,7 @@ LOCAL_EPOCHS_KEY = "local-epochs"
 LR_KEY = "lr"
 SKILLS_KEY = "skills"
 SEED_KEY = "seed"
+SPECTRUM_VERSION_KEY = "spectrum-version"  # digest of the current global spectrum
 SECAGG_STEP_KEY = "secagg-step"  # advertise | share | mask | unmask
 SECAGG_SESSION_KEY = "secagg-session"  # "<run-id>/<stage>": binds keys to one round
 SECAGG_THRESHOLD_KEY = "secagg-threshold"

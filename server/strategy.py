@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,28 @@ from server.secure_spectrum import SecureSpectrumRound
 from server.signatures import sign_content
 
 ReplyCheck = Callable[[Message, ArrayRecord | None], str | None]
+
+
+def spectrum_wire_record(spectrum: SkillSpectrum) -> ArrayRecord:
+    """The global spectrum as sent to clients: prototypes in float32.
+
+    Prototypes only steer a regularizer; float32 halves the bytes of float64 at a
+    relative precision of 6e-8. (Client statistics stay float64: they are summed.)
+    """
+    return numpy_record(
+        {k: v.astype(np.float32) for k, v in spectrum.to_arrays().items()}
+    )
+
+
+def spectrum_version(record: ArrayRecord) -> str:
+    """Digest naming one global spectrum (16 hex digits of SHA-256 of its arrays)."""
+    digest = hashlib.sha256()
+    for name in sorted(record):
+        digest.update(name.encode())
+        digest.update(record[name].data)
+    return digest.hexdigest()[:16]
+
+
 # Replaces FedAvg's per-array mean: (client adapters, num-examples) -> merged adapter
 ArraysAggregator = Callable[
     [list[dict[str, np.ndarray]], list[float]], dict[str, np.ndarray]
@@ -165,6 +188,9 @@ class FedASR(FedAvg):
             )
         # Stage-end statistics released to the server (DP accounting): one per stage
         self.releases: list[int] = []
+        # Spectrum version each node confirmed, and what this round sent (node -> ver)
+        self._spectrum_delivered: dict[int, str] = {}
+        self._spectrum_sent: dict[int, str] = {}
         # Arrays sent in the current train round (reference of the reply checks)
         self.sent_arrays: ArrayRecord | None = None
         # Method records added to every train message (set per stage by the run)
@@ -199,20 +225,44 @@ class FedASR(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's messages plus the global round, stage and global spectrum."""
+        """FedAvg's messages plus the global round, stage and global spectrum.
+
+        The spectrum changes only at stage ends, so it travels to a node only when
+        the node has not yet confirmed the current version (a successful reply to a
+        message that carried it); the config always names the version
+        (``spectrum-version``, a digest of its content) and nodes keep the last one
+        they received in their own state.
+        """
         self._round_start = time.perf_counter()
         random.seed(self.seed * 100_003 + self.global_round(server_round))
         config[P.GLOBAL_ROUND_KEY] = self.global_round(server_round)
         config[P.STAGE_KEY] = self.stage
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        spectrum_record, version = None, None
+        if self.send_spectrum and self.global_spectrum is not None:
+            spectrum_record = spectrum_wire_record(self.global_spectrum)
+            version = spectrum_version(spectrum_record)
+            config[P.SPECTRUM_VERSION_KEY] = version
+        shared = list(super().configure_train(server_round, arrays, config, grid))
+        # One content per node: the spectrum (and so the signatures) may differ
+        messages = [
+            Message(
+                content=RecordDict(dict(m.content.items())),
+                dst_node_id=m.metadata.dst_node_id,
+                message_type=m.metadata.message_type,
+            )
+            for m in shared
+        ]
         entry = self._log(server_round)
         entry.clients_sampled = len(messages)
         entry.bytes_down_adapter = record_bytes(arrays) * len(messages)
-        if self.send_spectrum and self.global_spectrum is not None:
-            spectrum_record = numpy_record(self.global_spectrum.to_arrays())
+        self._spectrum_sent = {}
+        if spectrum_record is not None and version is not None:
             for message in messages:
-                message.content[P.SPECTRUM_RECORD] = spectrum_record
-            entry.bytes_down_spectrum = record_bytes(spectrum_record) * len(messages)
+                node = message.metadata.dst_node_id
+                if self._spectrum_delivered.get(node) != version:
+                    message.content[P.SPECTRUM_RECORD] = spectrum_record
+                    entry.bytes_down_spectrum += record_bytes(spectrum_record)
+                    self._spectrum_sent[node] = version
         for name, record in self.extra_train_records.items():
             for message in messages:
                 message.content[name] = record
@@ -275,6 +325,12 @@ class FedASR(FedAvg):
                 reason,
             )
         entry.clients_answered = sum(not m.has_error() for m in replies)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():  # it may have lost its state: send the spectrum again
+                self._spectrum_delivered.pop(node, None)
+            elif node in self._spectrum_sent:
+                self._spectrum_delivered[node] = self._spectrum_sent[node]
         entry.bytes_up_adapter = sum(
             record_bytes(m.content.array_records.get(P.ARRAYS_RECORD))
             for m in replies

@@ -397,3 +397,43 @@ def test_resume_refuses_a_manifest_rewritten_without_the_key(tmp_path: Path) -> 
     # Execute / Assert
     with pytest.raises(SignatureError):
         checkpointer.load_latest()
+
+
+# -- spectrum delivery ----------------------------------------------------------------
+def _train_round(fed: Federation, strategy: FedASR, round_: int) -> list[Message]:
+    config = ConfigRecord(
+        {P.BETA_KEY: 0.5, P.GAMMA_KEY: 0.0, P.LOCAL_EPOCHS_KEY: 1, P.SEED_KEY: 0}
+    )
+    messages = list(strategy.configure_train(round_, fed.arrays, config, fed.grid))
+    carried = sorted(
+        m.metadata.dst_node_id
+        for m in messages
+        if P.SPECTRUM_RECORD in m.content.array_records
+    )
+    replies = list(fed.grid.send_and_receive(messages))
+    strategy.aggregate_train(round_, replies)
+    return carried, replies  # type: ignore[return-value]
+
+
+def test_global_spectrum_travels_once_per_version_and_is_resent_after_state_loss(
+    federation,
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a global spectrum from a stage-end round of stage 0
+    fed = federation()
+    strategy = fed.strategy()
+    strategy.spectrum_round(fed.grid, fed.arrays, 0, 60.0)
+    strategy.stage = 1
+    # Execute: two rounds; then node 1001 loses its state; two more rounds
+    first, _ = _train_round(fed, strategy, 1)
+    second, replies = _train_round(fed, strategy, 2)
+    fed.grid.contexts[1001].state = RecordDict()
+    third, failed = _train_round(fed, strategy, 3)
+    fourth, _ = _train_round(fed, strategy, 4)
+    # Assert: sent to all once, then only to the node that lost it (after its error)
+    assert first == sorted(fed.nodes) and second == [] and third == []
+    assert all(m.content[P.METRICS_RECORD][P.loss_key("spec")] > 0 for m in replies)
+    assert [m.metadata.src_node_id for m in failed if m.has_error()] == [1001]
+    assert "never received" in next(m for m in failed if m.has_error()).error.reason
+    assert fourth == [1001]
+    bytes_down = [r.bytes_down_spectrum for r in strategy.rounds]
+    assert bytes_down[1] == bytes_down[2] == 0 < bytes_down[3] < bytes_down[0]
