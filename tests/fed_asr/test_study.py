@@ -205,3 +205,31 @@ def test_mean_std_and_mean_matrix_handle_single_runs_and_gaps() -> None:
     # Execute / Assert
     assert mean_std([0.4])[0] == pytest.approx(0.4) and math.isnan(mean_std([0.4])[1])
     assert mean_matrix([[[1.0, None]], [[0.0, 0.5]]]) == [[0.5, 0.5]]
+
+
+def test_study_runs_real_central_cells_then_reuses_them(
+    tmp_path: Path, run_overrides
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: two methods on a tiny slice, run as real `fed-asr` subprocesses
+    common = [
+        o
+        for o in run_overrides("unused")
+        if not o.startswith(("output_dir=", "progress="))
+    ]
+    spec = StudySpec(
+        out=tmp_path / "study",
+        grids=[Grid(methods=("vanilla", "asr"), streams=("ability",), seeds=(0,))],
+        engine="central",
+        overrides=common,
+    )
+    lines: list[str] = []
+    # Execute: run, then run again
+    first = run_study(spec, log=lines.append)
+    again = run_study(spec, log=lines.append)
+    # Assert: real metrics, a report, and no recomputation the second time
+    assert [r.status for r in first] == ["done", "done"]
+    assert [r.status for r in again] == ["cached", "cached"]
+    assert all(0.0 <= r.metrics["Last"] <= 1.0 for r in first)
+    table = (spec.out / "study.md").read_text()
+    assert "| asr |" in table and "| vanilla |" in table
+    assert (spec.out / "study.csv").exists() and (spec.out / "study.json").exists()

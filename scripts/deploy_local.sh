@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Loopback deployment of fed-asr on Flower's Deployment Engine, on 127.0.0.1:
+# credentials -> SuperLink (TLS + SuperNode authentication) -> node registration ->
+# N SuperNodes -> a short FedASR run (secure spectrum aggregation, signed global state)
+# -> everything stopped, also on failure or Ctrl-C.
+#
+# Usage: scripts/deploy_local.sh [OUT_DIR]          (default: ./deploy-local)
+# Environment:
+#   FED_ASR_NODES=2          number of SuperNodes (each holds one Dirichlet share)
+#   FED_ASR_OVERRIDES="..."  extra Hydra overrides for the run (e.g. a smaller slice)
+#   FED_ASR_TIMEOUT=1800     seconds allowed for the run
+# Prints the path of the run's metrics.json as its last line; exit code 0 on success.
+set -euo pipefail
+
+OUT=$(python3 -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "${1:-deploy-local}")
+NODES=${FED_ASR_NODES:-2}
+EXTRA=${FED_ASR_OVERRIDES:-}
+TIMEOUT=${FED_ASR_TIMEOUT:-1800}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+CONNECTION=deploy-local
+CERTS="$OUT/certs"
+
+export FLWR_HOME="$OUT/flwr-home"
+# Use this environment for the apps instead of installing their dependencies per run.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]:-}"; do
+        [ -n "$pid" ] && kill -TERM -- "-$pid" 2>/dev/null || true
+    done
+    sleep 1
+    for pid in "${PIDS[@]:-}"; do
+        [ -n "$pid" ] && kill -KILL -- "-$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step() { echo "[deploy_local] $*"; }
+fail() { echo "[deploy_local] ERROR: $*" >&2; exit 1; }
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+# Start a command in its own session (process group) so cleanup stops its children too.
+start() {
+    local log=$1
+    shift
+    setsid "$@" >"$log" 2>&1 &
+    PIDS+=("$!")
+    disown "$!"  # no job notices when cleanup kills it
+}
+
+mkdir -p "$OUT" "$FLWR_HOME"
+cd "$REPO"
+
+step "1/6 credentials in $CERTS (CA, SuperLink TLS for localhost/127.0.0.1, $NODES node keys, signing key)"
+fed-asr-credentials --out "$CERTS" --nodes "$NODES" --san localhost --san 127.0.0.1 --force >"$OUT/credentials.log"
+
+PORT=$(free_port)
+step "2/6 SuperLink on 127.0.0.1:$PORT with TLS and SuperNode authentication"
+start "$OUT/superlink.log" flower-superlink \
+    --ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/server.pem" \
+    --ssl-keyfile "$CERTS/server.key" --enable-supernode-auth \
+    --host 127.0.0.1 --port "$PORT" --database "$OUT/superlink.db"
+cat >"$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "$CONNECTION"
+
+[superlink.$CONNECTION]
+address = "127.0.0.1:$PORT"
+root-certificates = "$CERTS/ca.crt"
+EOF
+for _ in $(seq 120); do
+    python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$PORT" 2>/dev/null && break
+    sleep 0.5
+done || true
+python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$PORT" 2>/dev/null \
+    || fail "SuperLink did not start; see $OUT/superlink.log"
+
+step "3/6 registering $NODES SuperNode public keys"
+for i in $(seq 0 $((NODES - 1))); do
+    flwr supernode register "$CERTS/node-$i.pub" "$CONNECTION" >>"$OUT/register.log" 2>&1 \
+        || fail "registering node-$i failed; see $OUT/register.log"
+done
+
+step "4/6 starting $NODES SuperNodes (TLS, authenticated, server signatures verified)"
+for i in $(seq 0 $((NODES - 1))); do
+    start "$OUT/supernode-$i.log" flower-supernode \
+        --root-certificates "$CERTS/ca.crt" --auth-supernode-private-key "$CERTS/node-$i" \
+        --superlink "127.0.0.1:$PORT" --port "$(free_port)" \
+        --node-config "partition-id=$i num-partitions=$NODES verify-key='$CERTS/signing.pub'"
+done
+online=0
+for _ in $(seq 120); do
+    online=$(flwr supernode list "$CONNECTION" 2>/dev/null | grep -c " online " || true)
+    [ "$online" -ge "$NODES" ] && break
+    sleep 0.5
+done
+[ "$online" -ge "$NODES" ] || fail "only $online of $NODES SuperNodes online; see $OUT/supernode-*.log"
+
+step "5/6 FedASR run through the deployment (output: $OUT/run)"
+OVERRIDES="federation.num_clients=$NODES output_dir=$OUT/run privacy.secure_spectrum=true"
+OVERRIDES="$OVERRIDES security.sign=true security.signing_key=$CERTS/signing.key $EXTRA"
+rm -f "$OUT/run/metrics.json"
+timeout "$TIMEOUT" flwr run "$REPO" "$CONNECTION" --stream \
+    --run-config "overrides='$OVERRIDES'" 2>&1 | tee "$OUT/run.log" || true
+[ -f "$OUT/run/metrics.json" ] || fail "the run wrote no metrics.json; see $OUT/run.log and $OUT/superlink.log"
+
+step "6/6 stopping the SuperLink and SuperNodes"
+cleanup
+PIDS=()
+echo "$OUT/run/metrics.json"
