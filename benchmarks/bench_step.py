@@ -168,6 +168,7 @@ class StepSetup:
     initial_adapter: dict[str, Tensor]
     grid: tuple[int, int]
     device: torch.device
+    sample_keys: list[tuple[str, str]]  # (image, question) per row, as train_stage
 
 
 def _mixed_samples(samples_per_stage: list[list[VQASample]], n: int) -> list[VQASample]:
@@ -236,6 +237,7 @@ def build_setup(
         collator=collator,
         batch=batch,
         skill_probs=skill_probabilities(samples, stream.skills).to(target),
+        sample_keys=[(sample.image, sample.question) for sample in samples],
         spectrum=stats.to_prototypes(reg_cfg.cov_floor),
         skills=list(stream.skills),
         model_cfg=model_cfg,
@@ -279,7 +281,13 @@ def run_step(
     model = setup.model
     model.train()
     terms = _step_losses(
-        model, setup.batch, setup.skill_probs, method, setup.reg_cfg, capture
+        model,
+        setup.batch,
+        setup.skill_probs,
+        method,
+        setup.reg_cfg,
+        capture,
+        setup.sample_keys,
     )
     total = sum(terms.values())
     assert isinstance(total, Tensor)
