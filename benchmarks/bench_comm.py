@@ -1,6 +1,6 @@
 """Communication per client per round: LoRA adapter and spectrum vs the full model.
 
-Payloads (what travels, without framing, as ``server.records.record_bytes`` counts it):
+Payloads (what travels, without framing, as ``fed_asr.wire.record_nbytes`` counts it):
 
 - ``adapter``: LoRA r=8 on ``q_proj``/``v_proj`` of the language model, as the client
   sends it (``fed_asr.models.adapter_state``: float32), sent down and up every round;
@@ -33,12 +33,13 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from benchmarks.common import default_out, format_table, machine_info, write_json
-from fed_asr.config import DataConfig, LoraSettings, ModelConfig, RegularizerConfig
+from fed_asr.config import DataConfig, LoraConfig, ModelConfig, RegularizerConfig
 from fed_asr.data import build_stream
 from fed_asr.models import adapter_state, attach_lora, build_tiny
 from fed_asr.spectral import descriptor_dim
 from fed_asr.spectrum import SkillStats
-from server.records import numpy_record, record_bytes
+from fed_asr.wire import record_nbytes
+from server.records import numpy_record
 from server.strategy import spectrum_wire_record
 
 NAME = "bench_comm"
@@ -132,8 +133,8 @@ def spectrum_payloads(num_skills: int, reg_cfg: RegularizerConfig) -> dict[str, 
     stats_record = numpy_record(stats.to_arrays())
     spectrum_record = spectrum_wire_record(spectrum)
     return {
-        "stats": record_bytes(stats_record),
-        "spectrum": record_bytes(spectrum_record),
+        "stats": record_nbytes(stats_record),
+        "spectrum": record_nbytes(spectrum_record),
         "stats_raw": sum(a.numpy().nbytes for a in stats_record.values()),
         "spectrum_raw": sum(a.numpy().nbytes for a in spectrum_record.values()),
         "dim": dim,
@@ -141,16 +142,16 @@ def spectrum_payloads(num_skills: int, reg_cfg: RegularizerConfig) -> dict[str, 
     }
 
 
-def tiny_payloads(lora: LoraSettings, seed: int = 0) -> dict[str, Any]:
+def tiny_payloads(lora: LoraConfig, seed: int = 0) -> dict[str, Any]:
     """Adapter and full-model bytes of the real tiny LLaVA (through ``ArrayRecord``)."""
     stream = build_stream(DataConfig(max_train_per_stage=8, max_test_per_stage=4), seed)
     model, _ = build_tiny(ModelConfig(), stream.vocabulary(), seed=seed)
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    full_bytes = record_bytes(ArrayRecord(torch_state_dict=full_state))
+    full_bytes = record_nbytes(ArrayRecord(torch_state_dict=full_state))
     params = count_parameters(model)
     peft_model = attach_lora(model, lora)
     adapter = adapter_state(peft_model)
-    adapter_bytes = record_bytes(ArrayRecord(torch_state_dict=adapter))
+    adapter_bytes = record_nbytes(ArrayRecord(torch_state_dict=adapter))
     return {
         "model": "tiny LLaVA (default ModelConfig)",
         "parameters": params,
@@ -165,7 +166,7 @@ def tiny_payloads(lora: LoraSettings, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def llava7b_payloads(lora: LoraSettings) -> dict[str, Any]:
+def llava7b_payloads(lora: LoraConfig) -> dict[str, Any]:
     """Adapter and full-model bytes of LLaVA-1.5-7B's shapes (meta device)."""
     model = meta_model(llava15_7b_config())
     params = count_parameters(model)
@@ -217,7 +218,7 @@ def run_benchmark(
     dict[str, Any]
         ``rows`` (one per model), ``spectrum`` payloads, ``targets`` and ``machine``.
     """
-    lora = LoraSettings()
+    lora = LoraConfig()
     reg_cfg = RegularizerConfig()
     tiny = tiny_payloads(lora, seed)
     spectrum = spectrum_payloads(tiny["num_skills"], reg_cfg)

@@ -1,12 +1,12 @@
 """Training step time and peak memory: vanilla LoRA vs ASR (selective vs eager capture).
 
-One real training step is what ``fed_asr.train.train_stage`` does per batch:
-``_step_losses`` (task loss + the method's penalties), ``zero_grad``, ``backward``,
-gradient clipping and an AdamW step on the LoRA weights. The model is an untrained tiny
-LLaVA from ``build_tiny`` (patch 4, so image sizes 32/64/96 give 8x8/16x16/24x24 image
-grids) with LoRA on the language model's ``q_proj``/``v_proj``; the batch is one
-collated batch of real easy-VQA samples, the same for every variant. The batch is
-collated once: collation is the same for every variant and not timed.
+One training step is ``fed_asr.train.train_stage`` on a one-step stage: collation,
+the task loss plus the method's penalties, ``backward``, gradient clipping and an AdamW
+step on the LoRA weights (with a fresh optimizer, as at the start of every stage). The
+model is an untrained tiny LLaVA from ``build_tiny`` (patch 4, so image sizes 32/64/96
+give 8x8/16x16/24x24 image grids) with LoRA on the language model's
+``q_proj``/``v_proj``; the batch is one batch of real easy-VQA samples, the same for
+every variant.
 
 Variants (``beta``/``gamma`` are the ASR weights, DESIGN section 2):
 
@@ -66,13 +66,13 @@ from benchmarks.common import (
 )
 from fed_asr.config import (
     DataConfig,
-    LoraSettings,
+    LoraConfig,
     MethodConfig,
     ModelConfig,
     RegularizerConfig,
     TrainConfig,
 )
-from fed_asr.data import VQASample, build_stream, skill_probabilities
+from fed_asr.data import VQASample, build_stream
 from fed_asr.methods import ContinualMethod, build_method
 from fed_asr.models import (
     VQACollator,
@@ -81,9 +81,10 @@ from fed_asr.models import (
     build_tiny,
     install_attention_capture,
     load_adapter_state,
+    move_batch,
 )
 from fed_asr.spectrum import SkillSpectrum
-from fed_asr.train import _step_losses, spectrum_statistics
+from fed_asr.train import spectrum_statistics, train_stage
 
 NAME = "bench_step"
 PATCH_SIZE = 4
@@ -158,8 +159,8 @@ class StepSetup:
 
     model: Any
     collator: VQACollator
+    samples: list[VQASample]
     batch: dict[str, Any]
-    skill_probs: Tensor
     spectrum: SkillSpectrum
     skills: list[str]
     model_cfg: ModelConfig
@@ -168,7 +169,6 @@ class StepSetup:
     initial_adapter: dict[str, Tensor]
     grid: tuple[int, int]
     device: torch.device
-    sample_keys: list[tuple[str, str]]  # (image, question) per row, as train_stage
 
 
 def _mixed_samples(samples_per_stage: list[list[VQASample]], n: int) -> list[VQASample]:
@@ -179,10 +179,6 @@ def _mixed_samples(samples_per_stage: list[list[VQASample]], n: int) -> list[VQA
     if len(mixed) < n:
         raise ValueError(f"Only {len(mixed)} samples for a batch of {n}.")
     return mixed[:n]
-
-
-def _move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def build_setup(
@@ -224,9 +220,9 @@ def build_setup(
     install_attention_capture(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = attach_lora(base.to(target), LoraSettings())
+        model = attach_lora(base.to(target), LoraConfig())
     collator = VQACollator(processor, model_cfg.prompt_template, stream.answers)
-    batch = _move(collator(samples), target)
+    batch = move_batch(collator(samples), target)
     reg_cfg = RegularizerConfig()
     stats = spectrum_statistics(
         model, collator, samples, stream.skills, reg_cfg, batch_size, "selective"
@@ -235,14 +231,14 @@ def build_setup(
     return StepSetup(
         model=model,
         collator=collator,
+        samples=samples,
         batch=batch,
-        skill_probs=skill_probabilities(samples, stream.skills).to(target),
-        sample_keys=[(sample.image, sample.question) for sample in samples],
         spectrum=stats.to_prototypes(reg_cfg.cov_floor),
         skills=list(stream.skills),
         model_cfg=model_cfg,
         reg_cfg=reg_cfg,
-        train_cfg=TrainConfig(batch_size=batch_size),
+        # One stage of one step over the whole batch.
+        train_cfg=TrainConfig(batch_size=batch_size, epochs=1, max_steps_per_stage=1),
         initial_adapter=adapter_state(model),
         grid=grid,
         device=target,
@@ -251,55 +247,32 @@ def build_setup(
 
 def make_method(setup: StepSetup, variant: StepVariant) -> ContinualMethod:
     """The configured method of ``variant`` (prototypes from ``setup.spectrum``)."""
-    reg_cfg = (
-        setup.reg_cfg
-        if variant.geo_cache
-        else dataclasses.replace(setup.reg_cfg, geo_cache_entries=0)
+    reg_cfg = dataclasses.replace(
+        setup.reg_cfg,
+        beta=setup.reg_cfg.beta if variant.spectral else 0.0,
+        gamma=setup.reg_cfg.gamma if variant.geometry else 0.0,
+        geo_cache_entries=setup.reg_cfg.geo_cache_entries if variant.geo_cache else 0,
     )
-    method = build_method(MethodConfig(name=variant.method), reg_cfg, setup.model_cfg)
-    beta = setup.reg_cfg.beta if variant.spectral else 0.0
-    gamma = setup.reg_cfg.gamma if variant.geometry else 0.0
-    method.configure_stage(setup.spectrum, beta, gamma)
+    method = build_method(MethodConfig(name=variant.method), reg_cfg)
+    method.configure_stage(setup.spectrum)
     return method
 
 
-def make_optimizer(setup: StepSetup) -> torch.optim.Optimizer:
-    """AdamW over the trainable (LoRA) weights, as in ``train_stage``."""
-    params = [p for p in setup.model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        params, lr=setup.train_cfg.lr, weight_decay=setup.train_cfg.weight_decay
-    )
-
-
 def run_step(
-    setup: StepSetup,
-    method: ContinualMethod,
-    capture: str,
-    optimizer: torch.optim.Optimizer,
+    setup: StepSetup, method: ContinualMethod, capture: str
 ) -> dict[str, float]:
-    """One training step exactly as ``train_stage`` runs it; returns the loss terms."""
-    model = setup.model
-    model.train()
-    terms = _step_losses(
-        model,
-        setup.batch,
-        setup.skill_probs,
+    """One training step: ``train_stage`` on a one-step stage; returns its losses."""
+    result = train_stage(
+        setup.model,
+        setup.collator,
+        setup.samples,
+        setup.skills,
         method,
+        setup.train_cfg,
         setup.reg_cfg,
-        capture,
-        setup.sample_keys,
+        capture_mode=capture,
     )
-    total = sum(terms.values())
-    assert isinstance(total, Tensor)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if setup.train_cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, setup.train_cfg.grad_clip)
-    optimizer.step()
-    values = {k: float(v.detach()) for k, v in terms.items()}
-    values["total"] = float(total.detach())
-    return values
+    return result.losses
 
 
 def _sync(device: torch.device) -> None:
@@ -320,7 +293,7 @@ def time_variants(
     setup : StepSetup
         Shared model and batch.
     variants : Sequence[StepVariant]
-        Variants to time; each gets its own method and optimizer.
+        Variants to time; each gets its own method.
     warmup, repeat : int
         Untimed and timed rounds; a round runs one step of every variant.
 
@@ -336,15 +309,15 @@ def time_variants(
     """
     if repeat <= 0:
         raise ValueError(f"`repeat` must be positive, got {repeat}.")
-    runners = [(v, make_method(setup, v), make_optimizer(setup)) for v in variants]
+    runners = [(v, make_method(setup, v)) for v in variants]
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
     losses: dict[str, dict[str, float]] = {}
     for round_ in range(warmup + repeat):
-        for variant, method, optimizer in runners:
+        for variant, method in runners:
             load_adapter_state(setup.model, setup.initial_adapter)
             _sync(setup.device)
             start = time.perf_counter()
-            losses[variant.name] = run_step(setup, method, variant.capture, optimizer)
+            losses[variant.name] = run_step(setup, method, variant.capture)
             _sync(setup.device)
             if round_ >= warmup:
                 seconds[variant.name].append(time.perf_counter() - start)
@@ -379,15 +352,15 @@ def measure_memory(
     """
     setup = build_setup(image_size, batch_size, seed, device)
     variant = get_variant(variant_name)
-    method, optimizer = make_method(setup, variant), make_optimizer(setup)
-    run_step(setup, method, variant.capture, optimizer)  # warm-up: lazy state, Adam
+    method = make_method(setup, variant)
+    run_step(setup, method, variant.capture)  # warm-up: lazy state, caches
     gc.collect()
     if setup.device.type == "cuda":
         torch.cuda.synchronize(setup.device)
         torch.cuda.reset_peak_memory_stats(setup.device)
         baseline = torch.cuda.memory_allocated(setup.device) / 2**20
         for _ in range(steps):
-            run_step(setup, method, variant.capture, optimizer)
+            run_step(setup, method, variant.capture)
         torch.cuda.synchronize(setup.device)
         peak = torch.cuda.max_memory_allocated(setup.device) / 2**20
         how, reset = "torch.cuda.max_memory_allocated", True
@@ -395,7 +368,7 @@ def measure_memory(
         reset = reset_peak_rss()
         baseline = current_rss_mib()
         for _ in range(steps):
-            run_step(setup, method, variant.capture, optimizer)
+            run_step(setup, method, variant.capture)
         peak = peak_rss_mib()
         how = "VmHWM after reset" if reset else "lifetime VmHWM (reset not permitted)"
     return {

@@ -1,7 +1,9 @@
-"""Flower ClientApp of FedASR: local training, stage-end statistics, evaluation.
+"""Flower ClientApp of FedASR: local training, stage-end work, evaluation.
 
 Message contents are described in ``docs/protocol.md``; record keys come from
-``fed_asr.protocol``.
+``fed_asr.protocol``. What the server sends (stage, round, spectrum, the method's
+memory) is read from the message; everything else (epochs, loss weights, the
+method's options) from this node's own config.
 """
 
 from __future__ import annotations
@@ -22,29 +24,20 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from clients.records import numpy_record
 from clients.secure import handle_secagg
 from clients.site import Site, site_from_context
+from clients.spectrum_state import local_spectrum, received_spectrum, store_local
 from fed_asr import protocol as P
-from fed_asr.baselines import (
-    FISHER_COUNT_KEY,
-    FISHER_RECORD,
-    LOCAL_SPECTRUM_STATE,
-    PREVIOUS_ADAPTER_RECORD,
-    fisher_sums,
-    update_local_spectrum,
-)
-from fed_asr.lora_aggregation import get_lora_aggregation
-from fed_asr.methods import StageMemory
+from fed_asr.adapter_aggregation import get_lora_aggregation
+from fed_asr.methods import MethodMemory
+from fed_asr.schedule import update_spectrum
 from fed_asr.security.dp import max_skills_per_sample, noise_generator, privatize_stats
 from fed_asr.security.signing import load_public_key
-from fed_asr.spectrum import SkillSpectrum
 from fed_asr.train import evaluate_samples, spectrum_statistics, train_stage
-from server.records import numpy_record, record_to_numpy
-from server.signatures import verify_message
+from fed_asr.wire import verify_content
 
 _SIGNATURE_STATE = "signature-state"  # ConfigRecord in context.state: last round
-_SPECTRUM_STATE = "global-spectrum"  # ArrayRecord in context.state: last one received
-_SPECTRUM_VERSION_STATE = "global-spectrum-version"  # ConfigRecord: its version
 
 
 @functools.cache
@@ -68,7 +61,14 @@ def _check_signature(msg: Message, context: Context, site: Site) -> None:
         return
     state = context.state.config_records.get(_SIGNATURE_STATE)
     last = int(state["round"]) if state is not None else 0  # type: ignore[arg-type]
-    round_ = verify_message(_verify_key(str(path)), msg, last)
+    round_ = verify_content(
+        _verify_key(str(path)),
+        msg.content.array_records,
+        msg.content.config_records.get(P.SIGNATURE_RECORD),
+        msg.metadata.run_id,
+        msg.metadata.message_type,
+        last,
+    )
     context.state[_SIGNATURE_STATE] = ConfigRecord({"round": round_})
 
 
@@ -89,102 +89,55 @@ def _prepare(
     return site
 
 
-def _local_spectrum(context: Context, site: Site) -> SkillSpectrum | None:
-    """This node's own spectrum (``asr_local``), persisted in ``context.state``."""
-    if LOCAL_SPECTRUM_STATE not in context.state:
-        return None
-    arrays = record_to_numpy(context.state[LOCAL_SPECTRUM_STATE])
-    return SkillSpectrum.from_arrays(arrays, tuple(site.stream.skills))
-
-
-def _spectrum(msg: Message, context: Context, site: Site) -> SkillSpectrum | None:
-    """The global spectrum of this round, or this node's own one (``asr_local``).
-
-    The server sends the global spectrum only when it changed since this node last
-    received it (``spectrum-version``); the node keeps it in its own state.
-
-    Raises
-    ------
-    RuntimeError
-        The named version was never received here (e.g. the node restarted and lost
-        its state): the reply is an error, and the server sends it again next round.
-    """
-    skills = tuple(site.stream.skills)
-    config = msg.content[P.CONFIG_RECORD]
-    if P.SPECTRUM_RECORD in msg.content.array_records:
-        record = msg.content.array_records[P.SPECTRUM_RECORD]
-        spectrum = SkillSpectrum.from_arrays(record_to_numpy(record), skills)
-        context.state[_SPECTRUM_STATE] = record
-        version = str(config.get(P.SPECTRUM_VERSION_KEY, ""))
-        context.state[_SPECTRUM_VERSION_STATE] = ConfigRecord({"version": version})
-        return spectrum
-    if P.SPECTRUM_VERSION_KEY in config:
-        wanted = str(config[P.SPECTRUM_VERSION_KEY])
-        held = context.state.config_records.get(_SPECTRUM_VERSION_STATE)
-        if held is None or str(held["version"]) != wanted:
-            raise RuntimeError(
-                f"Global spectrum {wanted} was never received by this node (state "
-                "lost?); the server sends it again in the next round."
-            )
-        arrays = record_to_numpy(context.state.array_records[_SPECTRUM_STATE])
-        return SkillSpectrum.from_arrays(arrays, skills)
-    if site.method.keeps_local_spectrum:
-        return _local_spectrum(context, site)
-    return None
-
-
-def _memory(msg: Message) -> StageMemory:
-    """Method memory sent with a train message (previous adapter, Fisher)."""
-    records = msg.content.array_records
-    previous, fisher = records.get(PREVIOUS_ADAPTER_RECORD), records.get(FISHER_RECORD)
-    return StageMemory(
-        previous=previous.to_torch_state_dict() if previous is not None else None,
-        fisher=fisher.to_torch_state_dict() if fisher is not None else None,
-    )
+def _memory(msg: Message) -> MethodMemory:
+    """The method's memory sent with a train message (``memory-<name>`` records)."""
+    return {
+        name[len(P.MEMORY_PREFIX) :]: record.to_torch_state_dict()
+        for name, record in msg.content.array_records.items()
+        if name.startswith(P.MEMORY_PREFIX)
+    }
 
 
 def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
-    """Stage-end reply: statistics (shared or kept locally) and/or Fisher sums."""
+    """Stage-end reply: what the method's plan asks for (spectrum, statistics)."""
     samples = site.stream.stages[stage].train
     metrics = {P.NUM_EXAMPLES_KEY: len(samples), P.PARTITION_ID_KEY: site.partition_id}
     content = RecordDict()
-    method = site.method
-    if method.shares_spectrum or method.keeps_local_spectrum:
-        privacy = site.cfg.privacy
+    plan, cfg = site.method.stage_end, site.cfg
+    if plan.spectrum != "none":
         stats = spectrum_statistics(
             site.model,
             site.collator,
             samples,
             site.stream.skills,
-            site.cfg.regularizer,
-            site.cfg.train.eval_batch_size,
-            site.cfg.model.attn_capture,
-            dp_clip=privacy.dp_clip if privacy.dp else None,
+            cfg.regularizer,
+            cfg.train.eval_batch_size,
+            cfg.model.attn_capture,
+            dp_clip=cfg.privacy.dp_clip if cfg.privacy.dp else None,
         )
-        if method.shares_spectrum:
+        if plan.spectrum == "shared":
             arrays = stats.to_arrays()
-            if privacy.dp:  # local DP: this release alone is (epsilon, delta)-DP
+            if cfg.privacy.dp:  # local DP: this release alone is (epsilon, delta)-DP
                 m = max_skills_per_sample(
-                    site.cfg.regularizer.tau_skill, len(site.stream.skills)
+                    cfg.regularizer.tau_skill, len(site.stream.skills)
                 )
-                rng = noise_generator(privacy, stage, site.partition_id)
-                arrays = privatize_stats(arrays, privacy, m, rng)
+                rng = noise_generator(cfg.privacy, stage, site.partition_id)
+                arrays = privatize_stats(arrays, cfg.privacy, m, rng)
             content[P.STATS_RECORD] = numpy_record(arrays)
-        if method.keeps_local_spectrum:
-            own = update_local_spectrum(
-                _local_spectrum(context, site),
-                stats,
-                site.cfg.spectrum,
-                site.cfg.regularizer.cov_floor,
+        else:
+            own = update_spectrum(
+                local_spectrum(context, site.stream.skills),
+                [stats],
+                cfg.spectrum,
+                cfg.regularizer.cov_floor,
             )
-            if own is not None:
-                context.state[LOCAL_SPECTRUM_STATE] = numpy_record(own.to_arrays())
-    if method.needs_fisher:
-        sums, count = fisher_sums(
-            site.model, site.collator, samples, site.cfg.method.ewc_fisher_batch_size
+            store_local(context, own)
+    for name in plan.statistics:
+        sums, count = site.method.stage_end_statistics(
+            name, site.model, site.collator, samples
         )
-        content[FISHER_RECORD] = ArrayRecord(torch_state_dict=sums)
-        metrics[FISHER_COUNT_KEY] = count
+        content[P.statistics_record(name)] = ArrayRecord(torch_state_dict=sums)
+        metrics[P.statistics_count_key(name)] = count
     content[P.METRICS_RECORD] = MetricRecord(metrics)
     return content
 
@@ -214,10 +167,11 @@ def make_client_app(
         site = _prepare(msg, context, run_config)
         config = msg.content[P.CONFIG_RECORD]
         stage = int(config[P.STAGE_KEY])
+        shared = site.method.stage_end.spectrum == "shared"
         site.method.configure_stage(
-            _spectrum(msg, context, site),
-            float(config[P.BETA_KEY]),
-            float(config[P.GAMMA_KEY]),
+            received_spectrum(msg, context, site.stream.skills)
+            if shared
+            else local_spectrum(context, site.stream.skills)
         )
         site.method.set_memory(site.model, _memory(msg))
         samples = site.method.training_samples(site.stream.stages, stage)
@@ -231,7 +185,7 @@ def make_client_app(
             site.cfg.train,
             site.cfg.regularizer,
             capture_mode=site.cfg.model.attn_capture,
-            epochs=int(config[P.LOCAL_EPOCHS_KEY]),
+            epochs=site.cfg.federation.local_epochs,
             seed=_seed(site, config),
         )
         metrics = {
@@ -240,12 +194,11 @@ def make_client_app(
             P.TRAIN_SECONDS_KEY: result.seconds,
             **{P.loss_key(k): v for k, v in result.losses.items()},
         }
+        lora = get_lora_aggregation(site.cfg.lora.aggregation)
         content = RecordDict(
             {
                 P.ARRAYS_RECORD: ArrayRecord(
-                    torch_state_dict=get_lora_aggregation(
-                        site.cfg.lora.aggregation
-                    ).exchanged_state(site.model)
+                    torch_state_dict=lora.exchanged_state(site.model)
                 ),
                 P.METRICS_RECORD: MetricRecord(metrics),
             }
@@ -253,7 +206,7 @@ def make_client_app(
         return Message(content=content, reply_to=msg)
 
     @app.query(P.SPECTRUM_ACTION)
-    def spectrum(msg: Message, context: Context) -> Message:
+    def stage_end(msg: Message, context: Context) -> Message:
         site = _prepare(msg, context, run_config)
         stage = int(msg.content[P.CONFIG_RECORD][P.STAGE_KEY])
         return Message(content=_stage_end(site, context, stage), reply_to=msg)

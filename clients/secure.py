@@ -10,8 +10,6 @@ remove the masks. ``fed_asr.security.secagg`` holds the protocol itself.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from flwr.app import (
     ConfigRecord,
@@ -21,19 +19,19 @@ from flwr.app import (
     RecordDict,
 )
 
+from clients.records import numpy_record
 from clients.site import Site
 from fed_asr import protocol as P
 from fed_asr.security.dp import max_skills_per_sample, noise_generator, privatize_stats
 from fed_asr.security.secagg import (
     AdvertiseKeys,
-    ArrayLayout,
     SecAggClient,
     SecAggConfig,
     SecAggError,
     UnmaskRequest,
 )
 from fed_asr.train import spectrum_statistics
-from server.records import numpy_record, record_to_numpy
+from fed_asr.wire import record_arrays
 
 _CLIENT_STATE = "secagg-client"  # ConfigRecord in context.state: serialised secrets
 _INPUT_STATE = "secagg-input"  # ArrayRecord in context.state: this node's statistics
@@ -154,7 +152,7 @@ def handle_secagg(msg: Message, context: Context, site: Site) -> RecordDict:
         senders = [int(i) for i in payload.get("senders", [])]  # type: ignore[union-attr]
         blobs = list(payload.get("ciphertexts", []))  # type: ignore[arg-type]
         inbox = dict(zip(senders, (bytes(b) for b in blobs), strict=True))
-        arrays = record_to_numpy(context.state.array_records[_INPUT_STATE])
+        arrays = record_arrays(context.state.array_records[_INPUT_STATE])
         masked = client.mask_input(arrays, inbox)
         _store_client(context, client)
         layout = masked.layout.to_json() if masked.layout else "[]"
@@ -184,9 +182,3 @@ def handle_secagg(msg: Message, context: Context, site: Site) -> RecordDict:
             }
         )
     raise SecAggError(f"Unknown secure-aggregation step {step!r}.")
-
-
-def layout_from_json(text: str) -> ArrayLayout | None:
-    """Layout sent with a masked vector (None for a bare vector)."""
-    entries = json.loads(text)
-    return ArrayLayout.from_json(text) if entries else None

@@ -15,11 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import ExperimentConfig, load_config, to_yaml
 from fed_asr.data import ContinualStream, build_stream, partition_stream
-from fed_asr.lora_aggregation import get_lora_aggregation
 from fed_asr.methods import ContinualMethod, build_method
-from fed_asr.models import VQACollator, load_base_model, resolve_device
+from fed_asr.models import (
+    VQACollator,
+    load_run_base_model,
+    model_family,
+    resolve_device,
+)
 from fed_asr.protocol import NODE_DATA_ROOT, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 
 
@@ -72,8 +77,14 @@ def _site(
     cfg = _config(run_config_key)
     stream, vocabulary = _client_stream(cfg, partition_id, num_partitions, data_root)
     model, processor = _shared_model(to_yaml(cfg), vocabulary)
-    collator = VQACollator(processor, cfg.model.prompt_template, stream.answers)
-    method = build_method(cfg.method, cfg.regularizer, cfg.model)
+    collator = VQACollator(
+        processor,
+        cfg.model.prompt_template,
+        stream.answers,
+        family=model_family(model),
+        function_words=cfg.regularizer.function_words,
+    )
+    method = build_method(cfg.method, cfg.regularizer)
     return Site(cfg, partition_id, stream, model, collator, method)
 
 
@@ -111,6 +122,6 @@ def _shared_model(config_yaml: str, vocabulary: tuple[str, ...]) -> tuple[Any, A
 
     cfg = to_experiment_config(OmegaConf.create(config_yaml))
     device = resolve_device(cfg.model.device)
-    base, processor = load_base_model(cfg.model, list(vocabulary), device)
+    base, processor = load_run_base_model(cfg.model, cfg.data, list(vocabulary), device)
     aggregation = get_lora_aggregation(cfg.lora.aggregation)
     return aggregation.attach(base, cfg.lora, cfg.seed), processor

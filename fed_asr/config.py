@@ -13,20 +13,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fed_asr.config_sections import (
+    FederationConfig,
+    PrivacyConfig,
+    RegularizerConfig,
+    SecurityConfig,
+    SpectrumConfig,
+    TrainConfig,
+    check_choice,
+    check_positive,
+)
+
+__all__ = [
+    "DataConfig",
+    "EngineConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "LoraConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "RegularizerConfig",
+    "SecurityConfig",
+    "SpectrumConfig",
+    "TrainConfig",
+    "compose_config",
+    "load_config",
+    "to_experiment_config",
+    "to_yaml",
+]
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SCHEMA_NAME = "fed_asr_schema"
 
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"`{name}` must be positive, got {value}.")
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}.")
 
 
 @dataclass
@@ -36,30 +56,39 @@ class EngineConfig:
     name: str = "simulation"
 
     def __post_init__(self) -> None:
-        _check_choice("engine.name", self.name, ("central", "simulation"))
+        check_choice("engine.name", self.name, ("central", "simulation"))
 
 
 @dataclass
 class MethodConfig:
-    """Continual-learning method (see ``fed_asr.methods`` for the registry)."""
+    """Continual-learning method and its own typed options.
+
+    ``name`` picks a registered method (``fed_asr.methods``); ``options`` is that
+    method's options dataclass (``configs/method/<name>.yaml`` selects it, so
+    ``method.options.<field>=...`` overrides are checked against it).
+    """
 
     name: str = "asr"
-    fedprox_mu: float = 0.01
-    lwf_weight: float = 1.0
-    lwf_temperature: float = 2.0
-    ewc_lambda: float = 100.0
-    # EWC: Fisher accumulation across stages, F <- ewc_decay * F + F_new (1 = sum)
-    ewc_decay: float = 1.0
-    # EWC: samples per gradient when estimating the Fisher (1 = empirical Fisher)
-    ewc_fisher_batch_size: int = 1
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        from fed_asr.methods import method_options
+
+        try:  # checked here; kept as given (the schema's default must stay untyped)
+            method_options(self.name, self.options)
+        except KeyError as err:
+            raise ValueError(f"`method.name`: {err.args[0]}") from None
 
 
 @dataclass
 class ModelConfig:
-    """Base MLLM: the built-in tiny LLaVA or a local LLaVA-family checkpoint."""
+    """Base MLLM: the built-in tiny LLaVA or a local checkpoint of a model family."""
 
     name: str = "tiny"
     path: str | None = None
+    # registered model family (`fed_asr.models.family`); None = infer from the
+    # checkpoint's config `model_type` (the tiny model is a `llava`)
+    family: str | None = None
     cache_dir: str = "~/.cache/fed_asr"
     # tiny model architecture (ignored for `pretrained`)
     image_size: int = 32
@@ -76,17 +105,27 @@ class ModelConfig:
     device: str = "auto"
     attn_capture: str = "selective"
     prompt_template: str = "{image} {question} answer :"
-    # base-model preparation (tiny model only): caption pre-training
+    # base-model preparation (tiny model only; `fed_asr.models.pretrain`):
+    # "easyvqa" captions, "stream" = the stream's own caption/QA set (e.g. scenes),
+    # "manifest" = the JSONL rows of `pretrain_manifest`
+    pretrain_data: str = "easyvqa"
+    pretrain_manifest: str | None = None
+    pretrain_size: int = 2000
     pretrain_steps: int = 300
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
 
     def __post_init__(self) -> None:
-        _check_choice("model.name", self.name, ("tiny", "pretrained"))
+        check_choice("model.name", self.name, ("tiny", "pretrained"))
         if self.name == "pretrained" and not self.path:
             raise ValueError("`model.path` is required when `model=pretrained`.")
-        _check_choice("model.dtype", self.dtype, _DTYPES)
-        _check_choice("model.attn_capture", self.attn_capture, ("selective", "eager"))
+        if self.family is not None:
+            # Deferred: `fed_asr.models` imports this module.
+            from fed_asr.models.family import model_family_names
+
+            check_choice("model.family", self.family, model_family_names())
+        check_choice("model.dtype", self.dtype, _DTYPES)
+        check_choice("model.attn_capture", self.attn_capture, ("selective", "eager"))
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"`model.image_size` ({self.image_size}) must be a multiple of "
@@ -99,10 +138,32 @@ class ModelConfig:
                 "`model.prompt_template` must contain `{image}` and `{question}`, "
                 f"got {self.prompt_template!r}."
             )
+        check_choice(
+            "model.pretrain_data", self.pretrain_data, ("easyvqa", "manifest", "stream")
+        )
+        if self.pretrain_data == "manifest" and not self.pretrain_manifest:
+            raise ValueError(
+                "`model.pretrain_manifest` is required when "
+                "`model.pretrain_data='manifest'`."
+            )
+        if self.pretrain_data != "manifest" and self.pretrain_manifest:
+            import warnings
+
+            warnings.warn(
+                "`model.pretrain_manifest` specified but will be ignored when "
+                f"`model.pretrain_data={self.pretrain_data!r}`.",
+                stacklevel=2,
+            )
+        for name in ("pretrain_size", "pretrain_batch_size", "pretrain_lr"):
+            check_positive(f"model.{name}", getattr(self, name))
+        if self.pretrain_steps < 0:
+            raise ValueError(
+                f"`model.pretrain_steps` must be >= 0, got {self.pretrain_steps}."
+            )
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     """LoRA adapter shape (peft) and how the server aggregates it."""
 
     r: int = 8
@@ -112,7 +173,7 @@ class LoraSettings:
     aggregation: str = "fedavg"
 
     def __post_init__(self) -> None:
-        _check_positive("lora.r", self.r)
+        check_positive("lora.r", self.r)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`lora.dropout` must be in [0, 1), got {self.dropout}.")
         if not self.target_modules:
@@ -121,7 +182,14 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    """Continual stream: easy-VQA (``ability``/``domain``) or a JSONL manifest."""
+    """Continual stream, picked by name from the registry (``fed_asr.data.streams``).
+
+    ``stream`` is a registered stream (``ability``, ``domain``, ``manifest``,
+    ``scenes``, or a plug-in). ``name`` is its data source (``easyvqa`` for
+    ``ability``/``domain``) and follows the stream, except that naming a source of a
+    single stream (``name=manifest``, ``name=scenes``) selects that stream, as
+    ``name=manifest`` always did.
+    """
 
     name: str = "easyvqa"
     root: str | None = None
@@ -131,144 +199,32 @@ class DataConfig:
     max_train_per_stage: int | None = 1600
     max_test_per_stage: int | None = 300
     dirichlet_alpha: float = 0.5
+    # generated streams (scenes) render their images under <cache_dir>/<stream>/
+    cache_dir: str = "~/.cache/fed_asr"
 
     def __post_init__(self) -> None:
-        _check_choice("data.name", self.name, ("easyvqa", "manifest"))
-        _check_choice("data.stream", self.stream, ("ability", "domain"))
-        if self.name == "manifest" and not self.root:
-            raise ValueError("`data.root` is required when `data=manifest`.")
-        _check_positive("data.dirichlet_alpha", self.dirichlet_alpha)
+        # Deferred: the registry's modules import this one.
+        from fed_asr.data.streams import STREAMS, stream_sources
+
+        if self.stream not in STREAMS:
+            raise ValueError(
+                f"`data.stream` must be a registered stream, got {self.stream!r}. "
+                f"Available: {sorted(STREAMS)}."
+            )
+        check_choice("data.name", self.name, stream_sources())
+        of_name = [n for n, e in STREAMS.items() if e.source == self.name]
+        if STREAMS[self.stream].source != self.name:
+            if len(of_name) == 1:
+                self.stream = of_name[0]
+            else:
+                self.name = STREAMS[self.stream].source
+        if STREAMS[self.stream].needs_root and not self.root:
+            raise ValueError(f"`data.root` is required when `data={self.stream}`.")
+        check_positive("data.dirichlet_alpha", self.dirichlet_alpha)
         for name in ("max_train_per_stage", "max_test_per_stage"):
             value = getattr(self, name)
             if value is not None:
-                _check_positive(f"data.{name}", value)
-
-
-@dataclass
-class RegularizerConfig:
-    """Attention-Spectrum Regularization (DESIGN section 2 defaults)."""
-
-    l_sel: int = 4
-    n_radial: int = 8
-    n_angular: int = 8
-    tau_skill: float = 0.2
-    cov_floor: float = 1e-4
-    lambda_ang: float = 0.1
-    tau_mah: float = 1.0
-    beta: float = 0.5
-    gamma: float = 0.05
-    geo_temperature: float = 0.1
-    # reference rows of L_geo cached per sample (the base model is frozen); 0 = off
-    geo_cache_entries: int = 20_000
-
-    def __post_init__(self) -> None:
-        for name in ("l_sel", "n_radial", "n_angular", "cov_floor", "tau_mah"):
-            _check_positive(f"regularizer.{name}", getattr(self, name))
-        if not 0.0 <= self.tau_skill < 1.0:
-            raise ValueError(
-                f"`regularizer.tau_skill` must be in [0, 1), got {self.tau_skill}."
-            )
-        for name in ("beta", "gamma", "lambda_ang", "geo_cache_entries"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"`regularizer.{name}` must be >= 0, got {getattr(self, name)}."
-                )
-
-
-@dataclass
-class SpectrumConfig:
-    """How the global skill spectrum is merged and blended across stages."""
-
-    strategy: str = "pooled"
-    weighted: bool = True
-    trim_fraction: float = 0.2
-    blend: str = "ema"
-    alpha: float = 0.9
-
-    def __post_init__(self) -> None:
-        _check_choice("spectrum.blend", self.blend, ("ema", "count", "replace"))
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"`spectrum.alpha` must be in [0, 1], got {self.alpha}.")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise ValueError(
-                "`spectrum.trim_fraction` must be in [0, 0.5), "
-                f"got {self.trim_fraction}."
-            )
-
-
-@dataclass
-class TrainConfig:
-    """Local optimisation of one stage."""
-
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    epochs: int = 2
-    max_steps_per_stage: int | None = None
-    grad_clip: float = 1.0
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size", "lr", "epochs", "log_every"):
-            _check_positive(f"train.{name}", getattr(self, name))
-
-
-@dataclass
-class FederationConfig:
-    """Federated schedule (simulation and deployment)."""
-
-    num_clients: int = 4
-    rounds_per_stage: int = 2
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_available_clients: int = 2
-    local_epochs: int = 1
-    client_cpus: float = 1.0
-    round_timeout_s: float | None = None
-    keep_checkpoints: int = 2
-
-    def __post_init__(self) -> None:
-        for name in (
-            "num_clients",
-            "rounds_per_stage",
-            "local_epochs",
-            "keep_checkpoints",
-        ):
-            _check_positive(f"federation.{name}", getattr(self, name))
-        for name in ("fraction_train", "fraction_evaluate"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"`federation.{name}` must be in (0, 1], got {value}.")
-
-
-@dataclass
-class PrivacyConfig:
-    """Secure aggregation and differential privacy of the spectrum statistics."""
-
-    secure_spectrum: bool = False
-    secagg_bits: int = 62
-    secagg_scale: float = 2.0**24
-    secagg_threshold: float = 0.6
-    dp: bool = False
-    dp_epsilon: float = 8.0
-    dp_delta: float = 1e-5
-    dp_clip: float = 10.0
-    # Seed of the DP noise (reproducible experiments); None draws it from the OS,
-    # as a deployment must: anyone who knows the seed can subtract the noise.
-    dp_seed: int | None = None
-
-
-@dataclass
-class SecurityConfig:
-    """Signing of global state and validation of client replies."""
-
-    sign: bool = False
-    signing_key: str | None = None
-    verify_key: str | None = None  # clients; a node's `verify-key` config wins
-    hash_checkpoints: bool = True  # SHA-256 manifest per checkpoint, checked on resume
-    max_update_norm: float = 1e3
-    max_num_examples: int = 10_000_000
+                check_positive(f"data.{name}", value)
 
 
 @dataclass
@@ -278,7 +234,7 @@ class ExperimentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
@@ -324,7 +280,12 @@ def compose_config(
 
     # The typed schema is the base of configs/config.yaml, so every dataclass field
     # can be overridden and a misspelt one is refused at composition.
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=ExperimentConfig)
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=ExperimentConfig)
+    from fed_asr.methods import METHODS
+
+    for name, entry in METHODS.items():  # typed `method.options` per method
+        store.store(group="method/options", name=name, node=entry.options_class)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

@@ -15,7 +15,11 @@ import torch
 
 from fed_asr.config import ExperimentConfig, to_yaml
 from fed_asr.metrics import AccuracyMatrix
-from fed_asr.plots import plot_accuracy_matrix, plot_forgetting_curves
+from fed_asr.plots import (
+    plot_accuracy_matrix,
+    plot_drift_curves,
+    plot_forgetting_curves,
+)
 from fed_asr.spectrum import SkillSpectrum
 
 METRICS_FILE = "metrics.json"
@@ -24,6 +28,7 @@ ADAPTER_DIR = "adapter"
 SPECTRUM_FILE = "spectrum.safetensors"
 HEATMAP_FILE = "accuracy_matrix.png"
 CURVES_FILE = "forgetting_curves.png"
+DRIFT_FILE = "drift_curves.png"
 
 
 def seed_everything(seed: int) -> None:
@@ -107,6 +112,8 @@ def write_run_outputs(
             xlabel=curve_xlabel,
             stage_boundaries=stage_boundaries,
         )
+    if extra.get("drift"):
+        plot_drift_curves(extra["drift"], stage_names, out / DRIFT_FILE)
     path = out / METRICS_FILE
     atomic_write_text(
         path, json.dumps(metrics, indent=2, allow_nan=False, default=_json_default)

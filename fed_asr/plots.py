@@ -72,3 +72,47 @@ def plot_forgetting_curves(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_drift_curves(
+    rows: Sequence[Mapping[str, object]],
+    stage_names: Sequence[str],
+    path: str | Path,
+    title: str = "Old-stage spectral drift and grounding",
+) -> Path:
+    """Drift (mean d2/D over skills) and grounding share of each stage over stages.
+
+    ``rows`` are ``fed_asr.evaluation.DriftMonitor.rows``; the point at the stage's
+    own end is its in-distribution floor (dotted line).
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, name in enumerate(stage_names):
+        own = [r for r in rows if r["stage"] == i]
+        drift = [(r["after_stage"] + 1, r["drift_mean"]) for r in own]
+        drift = [(x, y) for x, y in drift if y is not None]
+        if drift:
+            xs, ys = zip(*drift, strict=True)
+            line = left.plot(xs, ys, marker="o", label=name)[0]
+            left.axhline(ys[0], color=line.get_color(), linestyle=":", linewidth=1)
+        share = [(r["after_stage"] + 1, r["grounding_share"]) for r in own]
+        share = [(x, y) for x, y in share if y is not None]
+        if share:
+            xs, ys = zip(*share, strict=True)
+            right.plot(xs, ys, marker="o", label=name)
+    objects = [r["object_share"] for r in rows if r.get("object_share") is not None]
+    if objects:
+        right.axhline(
+            sum(objects) / len(objects), color="grey", linestyle="--", linewidth=1
+        )
+    left.set_ylabel("d2 / D to the stage's own prototypes")
+    right.set_ylabel("attention share on the queried object")
+    for ax in (left, right):
+        ax.set_xlabel("after training stage")
+        ax.grid(alpha=0.3)
+        ax.legend(title="stage")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

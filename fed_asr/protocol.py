@@ -27,12 +27,6 @@ SERVER_ROUND_KEY = "server-round"
 GLOBAL_ROUND_KEY = "global-round"
 STAGE_KEY = "stage"
 NUM_SEEN_STAGES_KEY = "num-seen-stages"
-BETA_KEY = "beta"
-GAMMA_KEY = "gamma"
-LOCAL_EPOCHS_KEY = "local-epochs"
-LR_KEY = "lr"
-SKILLS_KEY = "skills"
-SEED_KEY = "seed"
 SPECTRUM_VERSION_KEY = "spectrum-version"  # digest of the current global spectrum
 SECAGG_STEP_KEY = "secagg-step"  # advertise | share | mask | unmask
 SECAGG_SESSION_KEY = "secagg-session"  # "<run-id>/<stage>": binds keys to one round
@@ -65,9 +59,6 @@ NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DATA_ROOT = "data-root"
 NODE_VERIFY_KEY = "verify-key"  # path of the server's signing.pub on this node
 
-# Statistics array names inside STATS_RECORD (SkillStats.to_arrays)
-STATS_ARRAYS = ("count", "sum", "sumsq", "angular_sum")
-
 
 def correct_key(stage: int) -> str:
     """Metric key of the number of correct answers on ``stage``."""
@@ -82,3 +73,24 @@ def total_key(stage: int) -> str:
 def loss_key(term: str) -> str:
     """Metric key of a loss term (``task``, ``spec``, ``geo``, ``total``)."""
     return f"{LOSS_PREFIX}{term}"
+
+
+# A method's own stage-end statistics (client -> server) and memory (server -> client)
+STATISTICS_PREFIX = "stats-"  # ArrayRecord stats-<name>: additive sums
+STATISTICS_COUNT_PREFIX = "count-"  # MetricRecord key count-<name>: samples summed
+MEMORY_PREFIX = "memory-"  # ArrayRecord memory-<name>: merged state of earlier stages
+
+
+def statistics_record(name: str) -> str:
+    """Record of a method's stage-end statistics ``name`` in a reply."""
+    return f"{STATISTICS_PREFIX}{name}"
+
+
+def statistics_count_key(name: str) -> str:
+    """Metric key of how many samples statistics ``name`` sum."""
+    return f"{STATISTICS_COUNT_PREFIX}{name}"
+
+
+def memory_record(name: str) -> str:
+    """Record of a method's memory ``name`` in a train message."""
+    return f"{MEMORY_PREFIX}{name}"

@@ -1,23 +1,57 @@
-"""Attention-Spectrum Regularization loss and the geometry term (DESIGN section 2).
+"""Attention-Spectrum Regularization loss L_spec (DESIGN section 2).
 
 ``ASRRegularizer`` returns L_spec only; the training loop applies the weights:
-L = L_task + beta * L_spec + gamma * L_geo.
+L = L_task + beta * L_spec + gamma * L_geo. Three losses (``RegularizerConfig.
+spec_loss``):
+
+- ``"paper"``: pull each sample to its skills' prototype means, weighted by a
+  confidence exp(-min_s d2_s / tau_mah), plus lambda_ang times the angular symKL;
+- ``"hinge"``: penalise only the excess relu(d2_s - (1 + margin)) of the normalised
+  Mahalanobis distance over its expectation 1 under the prototype's own diagonal
+  Gaussian, so samples within the typical spread are left alone (no confidence
+  weight, no angular term: the angular features are part of the descriptor);
+- ``"moment"``: match the batch's per-skill weighted mean and variance to the
+  prototype's (squared standardised mean difference + squared log-variance ratio,
+  plus lambda_ang times symKL of the batch's mean angular distribution), so the
+  spread is kept rather than collapsed.
+
+The geometry term L_geo lives in ``fed_asr.geometry`` (re-exported here).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fed_asr.config import RegularizerConfig
-from fed_asr.spectral import SpectralDescriptor
+from fed_asr.geometry import (
+    batch_geometry_loss,
+    geometry_loss,
+    geometry_loss_from_reference,
+    pooled_embeddings,
+    reference_log_similarity,
+)
+from fed_asr.query_tokens import query_token_weights
+from fed_asr.spectral import SpectralDescriptor, describe
 from fed_asr.spectrum import SkillSpectrum
 
-__all__ = ["ASRLoss", "ASRRegularizer", "geometry_loss", "symmetric_kl"]
+__all__ = [
+    "SPEC_LOSSES",
+    "ASRLoss",
+    "ASRRegularizer",
+    "batch_geometry_loss",
+    "geometry_loss",
+    "geometry_loss_from_reference",
+    "moment_loss",
+    "pooled_embeddings",
+    "reference_log_similarity",
+    "symmetric_kl",
+]
 
+SPEC_LOSSES = ("paper", "hinge", "moment")
 _EPS = 1e-8
 
 
@@ -34,7 +68,8 @@ class ASRLoss:
     angular : Tensor
         Scalar, detached: mean over active samples of sum_s p~ symKL(a, a_s).
     weight : Tensor
-        Scalar, detached: mean confidence weight w(x) over active samples.
+        Scalar, detached: mean confidence weight w(x) over active samples (1 for
+        ``"hinge"`` and ``"moment"``).
     active_fraction : Tensor
         Scalar, detached: fraction of the batch with some active skill.
     """
@@ -46,10 +81,38 @@ class ASRLoss:
     active_fraction: Tensor
 
 
-def symmetric_kl(p: Tensor, q: Tensor, eps: float = _EPS) -> Tensor:
-    """KL(p||q) + KL(q||p) = sum (p - q)(log p - log q) over the last dimension."""
+def symmetric_kl(
+    p: Tensor, q: Tensor, eps: float = _EPS, reduction: str = "mean"
+) -> Tensor:
+    """Symmetric KL of two distributions over the last dimension.
+
+    Parameters
+    ----------
+    p, q : Tensor
+        Distributions (clamped at ``eps`` before the logarithm).
+    eps : float
+        Floor of the probabilities.
+    reduction : str
+        ``"mean"`` (paper): 0.5 (KL(p||q) + KL(q||p)); ``"sum"``: KL(p||q) + KL(q||p)
+        = sum (p - q)(log p - log q).
+
+    Returns
+    -------
+    Tensor
+        One value per leading index.
+
+    Raises
+    ------
+    ValueError
+        If ``reduction`` is unknown.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"`reduction` must be one of ['mean', 'sum'], got {reduction!r}."
+        )
     p, q = p.clamp_min(eps), q.clamp_min(eps)
-    return ((p - q) * (p.log() - q.log())).sum(-1)
+    both = ((p - q) * (p.log() - q.log())).sum(-1)
+    return 0.5 * both if reduction == "mean" else both
 
 
 class ASRRegularizer:
@@ -61,8 +124,11 @@ class ASRRegularizer:
     - p~ = p restricted to skills with a prototype, renormalised; a sample is active
       when its restricted mass is positive;
     - w(x) = exp(-min_s d2_s / tau_mah), min over all skills with a prototype;
-    - L_spec = mean over active samples of w (sum_s p~ d2_s
-      + lambda_ang sum_s p~ symKL(a, a_s)).
+    - ``spec_loss="paper"``: L_spec = mean over active samples of w (sum_s p~ d2_s
+      + lambda_ang sum_s p~ symKL(a, a_s));
+    - ``"hinge"``: L_spec = mean over active samples of
+      sum_s p~ relu(d2_s - (1 + hinge_margin));
+    - ``"moment"``: L_spec = ``moment_loss`` of the batch with weights p~.
 
     w is detached: it is a per-sample weight, not a target. Were gradients to flow
     through it, the cheapest way to lower w * d2 would be to push the descriptor
@@ -73,7 +139,8 @@ class ASRRegularizer:
     Parameters
     ----------
     cfg : RegularizerConfig
-        Reads ``lambda_ang`` and ``tau_mah``.
+        Reads ``spec_loss``, ``lambda_ang``, ``tau_mah``, ``sym_kl``,
+        ``hinge_margin`` and ``cov_floor``.
     spectrum : SkillSpectrum | None
         The prototypes; ``None`` gives a zero loss until ``set_spectrum``.
     """
@@ -156,13 +223,30 @@ class ASRRegularizer:
         diff = x[:, None, :] - mu[None]  # (B, S', D)
         d2 = (diff.square() / var[None]).sum(-1) / d  # (B, S')
         maha = (p_tilde * d2).sum(1)  # (B,)
-        kl = symmetric_kl(a[:, None, :], proto_ang[None])  # (B, S')
-        ang = (p_tilde * kl).sum(1)  # (B,)
-        w = torch.exp(-d2.min(dim=1).values.detach() / self.cfg.tau_mah)  # (B,)
-
+        kl = symmetric_kl(a[:, None, :], proto_ang[None], reduction=self.cfg.sym_kl)
+        ang = (p_tilde * kl).sum(1)  # (B,), kl is (B, S')
         n_active = active.sum().clamp_min(1.0)
-        per_sample = w * (maha + self.cfg.lambda_ang * ang)  # (B,)
-        loss = (active * per_sample).sum() / n_active
+        w = torch.ones_like(maha)  # (B,)
+
+        if self.cfg.spec_loss == "paper":
+            w = torch.exp(-d2.min(dim=1).values.detach() / self.cfg.tau_mah)
+            per_sample = w * (maha + self.cfg.lambda_ang * ang)  # (B,)
+            loss = (active * per_sample).sum() / n_active
+        elif self.cfg.spec_loss == "hinge":
+            excess = torch.relu(d2 - (1.0 + self.cfg.hinge_margin))  # (B, S')
+            loss = (active * (p_tilde * excess).sum(1)).sum() / n_active
+        else:
+            loss = moment_loss(
+                x,
+                a,
+                p_tilde,
+                mu,
+                var,
+                proto_ang,
+                self.cfg.lambda_ang,
+                self.cfg.cov_floor,
+                self.cfg.sym_kl,
+            )
 
         def batch_mean(v: Tensor) -> Tensor:
             return ((active * v).sum() / n_active).detach()
@@ -176,98 +260,74 @@ class ASRRegularizer:
         )
 
 
-def geometry_loss(
-    image_cur: Tensor,
-    text_cur: Tensor,
-    image_ref: Tensor,
-    text_ref: Tensor,
-    text_mask: Tensor,
-    temperature: float,
+def moment_loss(
+    x: Tensor,
+    a: Tensor,
+    weights: Tensor,
+    mu: Tensor,
+    var: Tensor,
+    proto_ang: Tensor,
+    lambda_ang: float = 0.1,
+    floor: float = 1e-4,
+    reduction: str = "mean",
 ) -> Tensor:
-    """Symmetric KL between current and reference text-to-image similarity rows.
+    """Match the batch's per-skill moments to the prototypes' (``spec_loss="moment"``).
 
-    For each sample, S = cos(text_t, image_p) (T, P); each row is softmaxed over the
-    image tokens at ``temperature``; the loss is sum_p (P - R)(log P - log R) per row,
-    averaged over the valid text rows of the batch. The reference is detached.
+    For skill s with sample weights w_bs (p~, zero for inactive samples) and
+    n_s = sum_b w_bs > 0:
+
+    - m_s = sum_b w_bs x_b / n_s; v_s the weighted variance with Kish's correction
+      1 / (1 - sum_b w_bs^2 / n_s^2) (unbiased for equal weights);
+    - L_s = mean_j (m_sj - mu_sj)^2 / var_sj
+      + mean_j (log(v_sj + floor) - log(var_sj + floor))^2  (only when the
+      effective sample size n_s^2 / sum_b w_bs^2 exceeds 1)
+      + lambda_ang symKL(sum_b w_bs a_b / n_s, a_s);
+    - L = sum_s n_s L_s / sum_s n_s.
 
     Parameters
     ----------
-    image_cur, text_cur : Tensor
-        (B, P, d) and (B, T, d) hidden states of the model being trained.
-    image_ref, text_ref : Tensor
-        The same from the reference model (e.g. the base model, adapters disabled).
-    text_mask : Tensor
-        (B, T), non-zero for the text rows to use.
-    temperature : float
-        Softmax temperature (positive).
+    x : Tensor
+        (B, D) descriptors.
+    a : Tensor
+        (B, M) angular distributions.
+    weights : Tensor
+        (B, S') non-negative skill weights (p~ of the present skills).
+    mu, var : Tensor
+        (S', D) prototype means and variances.
+    proto_ang : Tensor
+        (S', M) prototype angular distributions.
+    lambda_ang : float
+        Weight of the angular term.
+    floor : float
+        Added to both variances inside the logarithms.
+    reduction : str
+        Symmetric KL with (``"mean"``) or without (``"sum"``) the 1/2.
 
     Returns
     -------
     Tensor
-        Scalar float32 loss; zero (connected to the inputs) when no row is valid.
-
-    Raises
-    ------
-    ValueError
-        If shapes disagree or ``temperature`` is not positive.
+        Scalar loss; a zero connected to ``x`` when no skill has weight.
     """
-    if temperature <= 0:
-        raise ValueError(f"`temperature` must be positive, got {temperature}.")
-    if image_cur.shape != image_ref.shape or text_cur.shape != text_ref.shape:
-        raise ValueError(
-            f"Current and reference shapes differ: image {tuple(image_cur.shape)} vs "
-            f"{tuple(image_ref.shape)}, text {tuple(text_cur.shape)} vs "
-            f"{tuple(text_ref.shape)}."
-        )
-    if text_mask.shape != text_cur.shape[:2]:
-        raise ValueError(
-            f"`text_mask` must have shape {tuple(text_cur.shape[:2])}, "
-            f"got {tuple(text_mask.shape)}."
-        )
-    with torch.no_grad():
-        log_ref = reference_log_similarity(
-            image_ref.detach(), text_ref.detach(), temperature
-        )
-    return geometry_loss_from_reference(
-        image_cur, text_cur, log_ref, text_mask, temperature
-    )
-
-
-def reference_log_similarity(image: Tensor, text: Tensor, temperature: float) -> Tensor:
-    """(B, T, P) log of the row-softmaxed text-to-image cosine similarities.
-
-    For a frozen reference model this is a constant of each sample, so callers may
-    compute it once and reuse it (see ``geometry_loss_from_reference``).
-    """
-    return _row_log_softmax(image, text, temperature)
-
-
-def geometry_loss_from_reference(
-    image_cur: Tensor,
-    text_cur: Tensor,
-    log_ref: Tensor,
-    text_mask: Tensor,
-    temperature: float,
-) -> Tensor:
-    """``geometry_loss`` with the reference given as log-similarity rows (B, T, P)."""
-    if log_ref.shape != (*text_cur.shape[:2], image_cur.shape[1]):
-        raise ValueError(
-            f"`log_ref` must have shape {(*text_cur.shape[:2], image_cur.shape[1])}, "
-            f"got {tuple(log_ref.shape)}."
-        )
-    log_cur = _row_log_softmax(image_cur, text_cur, temperature)  # (B, T, P)
-    log_ref = log_ref.detach().to(log_cur)
-    kl = ((log_cur.exp() - log_ref.exp()) * (log_cur - log_ref)).sum(-1)  # (B, T)
-    mask = (text_mask != 0).to(device=kl.device, dtype=kl.dtype)  # (B, T)
-    return (kl * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def _row_log_softmax(image: Tensor, text: Tensor, temperature: float) -> Tensor:
-    """(B, T, P) log-softmax over image tokens of cosine similarities / temperature."""
-    image = F.normalize(image.float(), dim=-1)  # (B, P, d)
-    text = F.normalize(text.float(), dim=-1)  # (B, T, d)
-    sim = text @ image.transpose(1, 2)  # (B, T, P)
-    return F.log_softmax(sim / temperature, dim=-1)
+    n = weights.sum(0)  # (S',)
+    keep = n > 0  # (S',)
+    if not bool(keep.any()):
+        return _zero_like_graph(x, a)
+    n_safe = n.clamp_min(_EPS)[:, None]  # (S', 1)
+    mean = weights.T @ x / n_safe  # (S', D)
+    dev = x[:, None, :] - mean[None]  # (B, S', D)
+    biased = (weights[..., None] * dev.square()).sum(0) / n_safe  # (S', D)
+    n_eff = n.square() / weights.square().sum(0).clamp_min(_EPS)  # (S',)
+    has_spread = n_eff > 1.0 + 1e-6  # (S',)
+    correction = torch.where(has_spread, 1.0 - 1.0 / n_eff, torch.ones_like(n_eff))
+    spread = biased / correction[:, None]  # (S', D)
+    mean_term = ((mean - mu).square() / var).mean(-1)  # (S',)
+    log_ratio = torch.log(spread + floor) - torch.log(var + floor)  # (S', D)
+    var_term = torch.where(has_spread, log_ratio.square().mean(-1), 0.0)  # (S',)
+    mean_ang = weights.T @ a / n_safe  # (S', M)
+    ang_term = symmetric_kl(mean_ang, proto_ang, reduction=reduction)  # (S',)
+    per_skill = mean_term + var_term + lambda_ang * ang_term  # (S',)
+    n_kept = torch.where(keep, n, 0.0)  # (S',)
+    return (n_kept * per_skill).sum() / n_kept.sum()
 
 
 def _zero_like_graph(*tensors: Tensor) -> Tensor:
@@ -279,3 +339,20 @@ def _zero_like_graph(*tensors: Tensor) -> Tensor:
     for t in connected[1:]:
         total = total + t.sum()
     return total * 0.0
+
+
+def describe_capture(
+    capture: Any, batch: dict[str, Tensor], reg_cfg: RegularizerConfig
+) -> SpectralDescriptor:
+    """Spectral descriptors of a captured batch with the configured conventions."""
+    weights = query_token_weights(
+        capture.query_mask, batch.get("function_mask"), reg_cfg.query_tokens
+    )
+    return describe(
+        capture.attn,
+        capture.grid,
+        token_weights=weights.to(capture.attn.dtype),
+        n_radial=reg_cfg.n_radial,
+        n_angular=reg_cfg.n_angular,
+        convention=reg_cfg.descriptor,
+    )

@@ -7,30 +7,39 @@ D = 2 (K + 2M + 3), and the mean angular distribution (M,).
 
 Spectra are computed in float32 whatever the input dtype (bfloat16 attention works).
 
-The DC component (rho = 0)
---------------------------
-Every map is normalised to sum 1, so with the orthonormal FFT the DC coefficient is
-always 1 / sqrt(P) and its power always 1 / P. For a non-negative map, the triangle
-inequality gives |F(k)| <= 1 / sqrt(P) for every k, so DC is always a (possibly tied)
-peak. Hence:
+Two conventions (``convention``)
+--------------------------------
+``"paper"`` (default) follows the paper's code (DESIGN section 2):
 
-- the radial bins *include* DC (first bin). After normalising the power spectrum to
-  sum 1 the DC share is 1 / (P * ||m||^2), the inverse participation ratio of the map:
-  1 for a uniform map, 1 / P for a one-hot map. That is the concentration of the map,
-  a useful feature, and it lives in radial bin 0;
-- the angular bins and the dominant frequency *exclude* DC: theta is undefined at
-  rho = 0 (atan2(0, 0) = 0 would dump the DC share into one angular bin), and DC would
-  always win the peak search. The angular distribution is normalised over the non-DC
-  (AC) power. A map without AC power (uniform) gets the uniform angular distribution.
+- maps are clamped at 0 and divided by their sum clamped at ``eps``
+  (``x / x.sum().clamp_min(eps)``); every later normalisation (power spectrum,
+  radial and angular distributions, anisotropy) divides the same way;
+- the DC frequency stays everywhere: in radial bin 0, in the angular bin of
+  theta = atan2(0, 0) = 0, and in the peak search (argmax over all frequencies);
+- radial bins: ``bucketize(rho, linspace(0, 1, K + 1)[1:-1])``; angular bins:
+  ``bucketize(theta, linspace(-pi, pi, M + 1)[1:-1])``; a value on an inner edge
+  goes to the lower bin (``right=False``).
 
-The power spectrum of a real map is conjugate-symmetric, P(k) = P(-k), so its peak is
-always tied between k and -k. The peak search runs on the exactly symmetrised spectrum
-(P(k) + P(-k)) / 2 so the tie is broken by index order, never by rounding noise; this
-keeps (rho*, theta*) stable under circular shifts of the map.
+Every map sums to 1, so with the orthonormal FFT the DC power is 1 / P and, for a
+non-negative map, |F(k)| <= |F(0)| for every k: DC is always a (possibly tied) peak,
+so under ``"paper"`` the peak is DC (rho* = theta* = 0, peak power = the DC share)
+unless rounding puts a tied frequency ahead.
 
-Epsilons are only added to shift-invariant quantities (map sums, spectrum sums, bin
-energies), so a circular shift of the map leaves the descriptor unchanged up to float
-rounding.
+``"ours"`` (this project's earlier descriptor):
+
+- maps get ``eps`` added to every cell before normalising (an all-zero map becomes
+  uniform), and bin energies get ``eps`` per bin;
+- radial bins by ``floor(rho * K)``, angular bins by ``floor((theta + pi) / 2pi * M)``;
+- DC is excluded from the angular bins and the peak search (theta is undefined at
+  rho = 0); the angular distribution is normalised over the AC power (uniform when
+  there is none);
+- the peak search runs on the exactly symmetrised spectrum (P(k) + P(-k)) / 2, so
+  the k / -k tie is broken by index order, never by rounding noise, and (rho*,
+  theta*) are stable under circular shifts of the map.
+
+Under both, the radial DC share is 1 / (P * ||m||^2), the inverse participation ratio
+of the map (1 for a uniform map, 1 / P for a one-hot map), and the power spectrum is
+invariant under circular shifts of the map.
 """
 
 from __future__ import annotations
@@ -39,9 +48,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "DESCRIPTOR_CONVENTIONS",
     "SpectralDescriptor",
     "attention_maps",
     "describe",
@@ -52,6 +63,7 @@ __all__ = [
 ]
 
 _EPS = 1e-8
+DESCRIPTOR_CONVENTIONS = ("paper", "ours")
 
 
 @dataclass
@@ -141,7 +153,10 @@ def frequency_coordinates(
 
 
 def attention_maps(
-    attn: Tensor, grid: tuple[int, int], token_weights: Tensor | None = None
+    attn: Tensor,
+    grid: tuple[int, int],
+    token_weights: Tensor | None = None,
+    convention: str = "paper",
 ) -> Tensor:
     """Average attention over text queries into one normalised map per layer-head.
 
@@ -154,17 +169,22 @@ def attention_maps(
     token_weights : Tensor | None
         (B, Tq) non-negative weights of the query tokens (e.g. a functional-token
         mask). ``None`` or an all-zero row means uniform weights.
+    convention : str
+        ``"paper"``: divide by the sum clamped at eps (an all-zero map stays 0);
+        ``"ours"``: add eps to every cell first (an all-zero map becomes uniform).
 
     Returns
     -------
     Tensor
-        (B, J, Gh, Gw) float32 maps, J = L * H, each clamped at 0 and summing to 1.
+        (B, J, Gh, Gw) float32 maps, J = L * H, each clamped at 0 and summing to 1
+        (or all zero under ``"paper"`` when the attention is all zero).
 
     Raises
     ------
     ValueError
         If a shape does not match.
     """
+    _check_convention(convention)
     if attn.ndim != 5:
         raise ValueError(
             f"`attn` must have shape (B, L, H, Tq, P), got {tuple(attn.shape)}."
@@ -192,13 +212,17 @@ def attention_maps(
     maps = torch.einsum("blhqp,bq->blhp", attn, weights)  # (B, L, H, P)
     maps = maps.reshape(b, n_layers * n_heads, gh, gw)  # (B, J, Gh, Gw)
     maps = maps.clamp_min(0.0)
+    if convention == "paper":
+        return maps / maps.sum(dim=(-2, -1), keepdim=True).clamp_min(_EPS)
     # The eps is added uniformly, so it is shift-invariant and turns an all-zero map
     # into the uniform map instead of 0 / 0.
     maps = maps + _EPS
     return maps / maps.sum(dim=(-2, -1), keepdim=True)
 
 
-def layer_head_features(maps: Tensor, n_radial: int = 8, n_angular: int = 8) -> Tensor:
+def layer_head_features(
+    maps: Tensor, n_radial: int = 8, n_angular: int = 8, convention: str = "paper"
+) -> Tensor:
     """Spectral features of each map (DESIGN section 2, steps 3-5).
 
     Parameters
@@ -208,7 +232,10 @@ def layer_head_features(maps: Tensor, n_radial: int = 8, n_angular: int = 8) -> 
     n_radial : int
         Number K of radial bins over rho in [0, 1]; bin 0 includes DC.
     n_angular : int
-        Number M of angular bins over theta in [-pi, pi]; DC excluded.
+        Number M of angular bins over theta in [-pi, pi]; DC in the bin of theta = 0
+        under ``"paper"``, excluded under ``"ours"``.
+    convention : str
+        ``"paper"`` or ``"ours"`` (see the module docstring).
 
     Returns
     -------
@@ -217,6 +244,9 @@ def layer_head_features(maps: Tensor, n_radial: int = 8, n_angular: int = 8) -> 
         (M), anisotropy = angular / mean(angular) (M), rho*, theta*, peak power.
     """
     _check_bins(n_radial, n_angular)
+    _check_convention(convention)
+    if convention == "paper":
+        return _paper_features(maps, n_radial, n_angular)
     b, j, gh, gw = maps.shape
     maps = maps.float()
     spectrum = torch.fft.fft2(maps, norm="ortho")  # (B, J, Gh, Gw) complex
@@ -261,12 +291,47 @@ def layer_head_features(maps: Tensor, n_radial: int = 8, n_angular: int = 8) -> 
     )  # (B, J, K + 2M + 3)
 
 
+def _paper_features(maps: Tensor, n_radial: int, n_angular: int) -> Tensor:
+    """``layer_head_features`` under the paper's conventions (module docstring)."""
+    b, j, gh, gw = maps.shape
+    maps = maps.float()
+    spectrum = torch.fft.fft2(maps, norm="ortho")  # (B, J, Gh, Gw) complex
+    power = spectrum.real.square() + spectrum.imag.square()  # (B, J, Gh, Gw)
+    power = power / power.sum(dim=(-2, -1), keepdim=True).clamp_min(_EPS)
+    flat = power.reshape(b, j, gh * gw)  # (B, J, P)
+
+    rho, theta = frequency_coordinates(gh, gw, device=maps.device)  # (Gh, Gw) each
+    rho_flat, theta_flat = rho.reshape(-1), theta.reshape(-1)  # (P,) each
+    radial_bin = _bucket(rho_flat, 0.0, 1.0, n_radial)  # (P,)
+    radial = flat @ F.one_hot(radial_bin, n_radial).float()  # (B, J, K)
+    radial = radial / radial.sum(-1, keepdim=True).clamp_min(_EPS)
+    angular_bin = _bucket(theta_flat, -math.pi, math.pi, n_angular)  # (P,), DC too
+    angular = flat @ F.one_hot(angular_bin, n_angular).float()  # (B, J, M)
+    angular = angular / angular.sum(-1, keepdim=True).clamp_min(_EPS)
+    anisotropy = angular / angular.mean(-1, keepdim=True).clamp_min(_EPS)  # (B,J,M)
+
+    peak_index = flat.argmax(dim=-1, keepdim=True)  # (B, J, 1), DC included
+    peak_power = flat.gather(-1, peak_index)  # (B, J, 1), differentiable
+    peak_rho = rho_flat[peak_index]  # (B, J, 1)
+    peak_theta = theta_flat[peak_index]  # (B, J, 1)
+    return torch.cat(
+        [radial, angular, anisotropy, peak_rho, peak_theta, peak_power], dim=-1
+    )  # (B, J, K + 2M + 3)
+
+
+def _bucket(values: Tensor, low: float, high: float, n_bins: int) -> Tensor:
+    """Index of each value among ``n_bins`` even bins of [low, high] (ties: lower)."""
+    edges = torch.linspace(low, high, n_bins + 1, device=values.device)  # (n + 1,)
+    return torch.bucketize(values, edges[1:-1].contiguous())  # right=False
+
+
 def describe(
     attn: Tensor,
     grid: tuple[int, int],
     token_weights: Tensor | None = None,
     n_radial: int = 8,
     n_angular: int = 8,
+    convention: str = "paper",
 ) -> SpectralDescriptor:
     """Spectral descriptor of each sample from its text-to-image attention.
 
@@ -283,6 +348,8 @@ def describe(
         Number K of radial bins.
     n_angular : int
         Number M of angular bins.
+    convention : str
+        ``"paper"`` (the paper's code) or ``"ours"`` (see the module docstring).
 
     Returns
     -------
@@ -294,11 +361,12 @@ def describe(
     Raises
     ------
     ValueError
-        If a shape does not match or a bin count is not positive.
+        If a shape does not match, a bin count is not positive or ``convention`` is
+        unknown.
     """
     _check_bins(n_radial, n_angular)
-    maps = attention_maps(attn, grid, token_weights)  # (B, J, Gh, Gw)
-    feats = layer_head_features(maps, n_radial, n_angular)  # (B, J, F)
+    maps = attention_maps(attn, grid, token_weights, convention)  # (B, J, Gh, Gw)
+    feats = layer_head_features(maps, n_radial, n_angular, convention)  # (B, J, F)
     mean = feats.mean(dim=1)  # (B, F)
     var = feats.var(dim=1, unbiased=False)  # (B, F); 0 when J = 1
     angular = feats[..., n_radial : n_radial + n_angular].mean(dim=1)  # (B, M)
@@ -311,3 +379,12 @@ def _check_bins(n_radial: int, n_angular: int) -> None:
         raise ValueError(f"`n_radial` must be positive, got {n_radial}.")
     if n_angular <= 0:
         raise ValueError(f"`n_angular` must be positive, got {n_angular}.")
+
+
+def _check_convention(convention: str) -> None:
+    """Raise if ``convention`` is not a known descriptor convention."""
+    if convention not in DESCRIPTOR_CONVENTIONS:
+        raise ValueError(
+            f"`convention` must be one of {sorted(DESCRIPTOR_CONVENTIONS)}, "
+            f"got {convention!r}."
+        )

@@ -11,39 +11,26 @@ earlier stages.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from fed_asr.spectral import SpectralDescriptor
+from fed_asr.spectrum_io import SPECTRUM_FORMAT, STATS_FORMAT, load_arrays, save_arrays
+from fed_asr.spectrum_schema import (
+    SPECTRUM_FIELDS,
+    STATS_FIELDS,
+    check_skills,
+    validate_arrays,
+)
 
 __all__ = ["BLEND_MODES", "SkillSpectrum", "SkillStats", "blend", "sum_stats"]
 
 BLEND_MODES = ("ema", "count", "replace")
-
-# name -> shape as a tuple of symbols ("S" skills, "D" descriptor, "M" angular bins)
-_STATS_FIELDS = {
-    "count": ("S",),
-    "sum": ("S", "D"),
-    "sumsq": ("S", "D"),
-    "angular_sum": ("S", "M"),
-}
-_SPECTRUM_FIELDS = {
-    "mean": ("S", "D"),
-    "var": ("S", "D"),
-    "angular": ("S", "M"),
-    "count": ("S",),
-}
-_STATS_FORMAT = "fed-asr-skill-stats"
-_SPECTRUM_FORMAT = "fed-asr-skill-spectrum"
 
 
 @dataclass
@@ -72,9 +59,9 @@ class SkillStats:
 
     def __post_init__(self) -> None:
         """Validate shapes and values; store float64 CPU tensors."""
-        self.skills = _check_skills(self.skills)
-        arrays = {name: getattr(self, name) for name in _STATS_FIELDS}
-        checked = _validate(arrays, _STATS_FIELDS, len(self.skills), "SkillStats")
+        self.skills = check_skills(self.skills)
+        arrays = {name: getattr(self, name) for name in STATS_FIELDS}
+        checked = validate_arrays(arrays, STATS_FIELDS, len(self.skills), "SkillStats")
         for name, value in checked.items():
             setattr(self, name, value)
 
@@ -213,7 +200,7 @@ class SkillStats:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """float64 NumPy arrays keyed ``count``, ``sum``, ``sumsq``, ``angular_sum``."""
-        return {name: getattr(self, name).numpy().copy() for name in _STATS_FIELDS}
+        return {name: getattr(self, name).numpy().copy() for name in STATS_FIELDS}
 
     @classmethod
     def from_arrays(
@@ -226,17 +213,17 @@ class SkillStats:
         ValueError
             Naming the missing key, the bad shape or the non-finite value.
         """
-        checked = _validate(arrays, _STATS_FIELDS, len(skills), "SkillStats")
+        checked = validate_arrays(arrays, STATS_FIELDS, len(skills), "SkillStats")
         return cls(tuple(skills), **checked)
 
     def save(self, path: str | Path) -> None:
         """Write a safetensors file; skill names go in its metadata."""
-        _save(self.to_arrays(), self.skills, _STATS_FORMAT, path)
+        save_arrays(self.to_arrays(), self.skills, STATS_FORMAT, path)
 
     @classmethod
     def load(cls, path: str | Path) -> SkillStats:
         """Read a file written by ``save`` (validated like ``from_arrays``)."""
-        arrays, skills = _load(path, _STATS_FORMAT)
+        arrays, skills = load_arrays(path, STATS_FORMAT)
         return cls.from_arrays(arrays, skills)
 
 
@@ -282,10 +269,10 @@ class SkillSpectrum:
 
     def __post_init__(self) -> None:
         """Validate shapes and values (dtype and device are kept)."""
-        self.skills = _check_skills(self.skills)
-        arrays = {name: getattr(self, name) for name in _SPECTRUM_FIELDS}
-        checked = _validate(
-            arrays, _SPECTRUM_FIELDS, len(self.skills), "SkillSpectrum", keep_dtype=True
+        self.skills = check_skills(self.skills)
+        arrays = {name: getattr(self, name) for name in SPECTRUM_FIELDS}
+        checked = validate_arrays(
+            arrays, SPECTRUM_FIELDS, len(self.skills), "SkillSpectrum", keep_dtype=True
         )
         for name, value in checked.items():
             setattr(self, name, value)
@@ -321,7 +308,7 @@ class SkillSpectrum:
         """float64 NumPy arrays keyed ``mean``, ``var``, ``angular``, ``count``."""
         return {
             name: getattr(self, name).detach().to("cpu", torch.float64).numpy().copy()
-            for name in _SPECTRUM_FIELDS
+            for name in SPECTRUM_FIELDS
         }
 
     @classmethod
@@ -336,17 +323,17 @@ class SkillSpectrum:
             Naming the missing key, the bad shape, the non-finite value, a
             non-positive variance or a negative count.
         """
-        checked = _validate(arrays, _SPECTRUM_FIELDS, len(skills), "SkillSpectrum")
+        checked = validate_arrays(arrays, SPECTRUM_FIELDS, len(skills), "SkillSpectrum")
         return cls(tuple(skills), **checked)
 
     def save(self, path: str | Path) -> None:
         """Write a safetensors file; skill names go in its metadata."""
-        _save(self.to_arrays(), self.skills, _SPECTRUM_FORMAT, path)
+        save_arrays(self.to_arrays(), self.skills, SPECTRUM_FORMAT, path)
 
     @classmethod
     def load(cls, path: str | Path) -> SkillSpectrum:
         """Read a file written by ``save`` (validated like ``from_arrays``)."""
-        arrays, skills = _load(path, _SPECTRUM_FORMAT)
+        arrays, skills = load_arrays(path, SPECTRUM_FORMAT)
         return cls.from_arrays(arrays, skills)
 
 
@@ -455,88 +442,3 @@ def _normalise_rows(x: Tensor) -> Tensor:
     """Rows divided by their sum (rows summing to 0 stay 0)."""
     total = x.sum(dim=-1, keepdim=True)
     return x / torch.where(total > 0, total, torch.ones_like(total))
-
-
-def _check_skills(skills: Sequence[str]) -> tuple[str, ...]:
-    """Skill names as a tuple of unique strings."""
-    skills = tuple(skills)
-    if not all(isinstance(s, str) and s for s in skills):
-        raise ValueError(f"`skills` must be non-empty strings, got {list(skills)}.")
-    if len(set(skills)) != len(skills):
-        raise ValueError(f"`skills` must be unique, got {list(skills)}.")
-    return skills
-
-
-def _validate(
-    arrays: Mapping[str, Any],
-    fields: Mapping[str, tuple[str, ...]],
-    n_skills: int,
-    owner: str,
-    keep_dtype: bool = False,
-) -> dict[str, Tensor]:
-    """Check keys, shapes and values; return float64 CPU tensors (or as given)."""
-    sizes: dict[str, int] = {"S": n_skills}
-    out: dict[str, Tensor] = {}
-    for key, symbols in fields.items():
-        if key not in arrays:
-            raise ValueError(
-                f"{owner}: missing array `{key}`; got keys {sorted(arrays)}."
-            )
-        value = arrays[key]
-        if isinstance(value, Tensor):
-            tensor = value if keep_dtype else value.detach().to("cpu", torch.float64)
-        else:
-            try:
-                tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
-            except (TypeError, ValueError) as err:
-                raise ValueError(
-                    f"{owner}: array `{key}` is not numeric ({err})."
-                ) from err
-        if not tensor.is_floating_point():
-            tensor = tensor.to(torch.float64)
-        shape = tuple(tensor.shape)
-        ok = len(shape) == len(symbols)
-        for size, sym in zip(shape, symbols, strict=False):
-            ok = ok and sizes.setdefault(sym, size) == size
-        if not ok:
-            want = ", ".join(
-                f"{sym}={sizes[sym]}" if sym in sizes else sym for sym in symbols
-            )
-            raise ValueError(
-                f"{owner}: array `{key}` must have shape ({want}), got {shape}."
-            )
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{owner}: array `{key}` holds NaN or infinite values.")
-        if key == "count" and bool((tensor < 0).any()):
-            raise ValueError(f"{owner}: array `count` must be >= 0, got {tensor}.")
-        if key == "var" and bool((tensor <= 0).any()):
-            raise ValueError(
-                f"{owner}: array `var` must be positive, got min {tensor.min():.3g}."
-            )
-        out[key] = tensor
-    return out
-
-
-def _save(
-    arrays: Mapping[str, np.ndarray],
-    skills: tuple[str, ...],
-    fmt: str,
-    path: str | Path,
-) -> None:
-    """Write float64 arrays and the skill names to a safetensors file."""
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    metadata = {"format": fmt, "skills": json.dumps(list(skills))}
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def _load(path: str | Path, fmt: str) -> tuple[dict[str, Tensor], list[str]]:
-    """Read arrays and skill names written by ``_save``."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != fmt or "skills" not in metadata:
-            raise ValueError(
-                f"{path}: not a {fmt} file (metadata `format` is "
-                f"{metadata.get('format')!r})."
-            )
-        arrays = {key: handle.get_tensor(key) for key in handle.keys()}
-    return arrays, json.loads(metadata["skills"])

@@ -132,8 +132,8 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
     ValueError
         Overrides that do not compose (misspelt key, bad value).
     """
-    from fed_asr.aggregation import get_spectrum_strategy
     from fed_asr.methods import METHODS
+    from fed_asr.spectrum_strategies import get_spectrum_strategy
 
     cells: dict[str, Cell] = {}
     for grid in spec.grids:
@@ -142,7 +142,7 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
                 raise KeyError(
                     f"Unknown method {method!r}. Available: {sorted(METHODS)}."
                 )
-            shares = METHODS[method].shares_spectrum
+            shares = METHODS[method].method_class.stage_end.spectrum == "shared"
             for strategy in grid.strategies if shares else (NO_STRATEGY,):
                 if shares:
                     get_spectrum_strategy(strategy)

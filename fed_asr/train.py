@@ -17,19 +17,22 @@ from torch import Tensor
 
 from fed_asr.config import RegularizerConfig, TrainConfig
 from fed_asr.data import VQASample, skill_probabilities
+from fed_asr.diagnostics import grad_norm_ratios
 from fed_asr.methods import ContinualMethod, StepContext
 from fed_asr.models import (
+    MODEL_INPUT_KEYS,
     VQACollator,
     candidate_token_ids,
     forward_with_attention,
+    model_device,
+    move_batch,
     score_candidates,
 )
 from fed_asr.progress import Progress
+from fed_asr.regularizer import describe_capture
 from fed_asr.security.dp import clip_angular, clip_descriptors
-from fed_asr.spectral import SpectralDescriptor, describe, descriptor_dim
+from fed_asr.spectral import SpectralDescriptor, descriptor_dim
 from fed_asr.spectrum import SkillStats
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels")
 
 
 @dataclass
@@ -40,15 +43,8 @@ class StageTrainResult:
     steps: int
     seconds: float
     losses: dict[str, float] = field(default_factory=dict)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter."""
-    return next(model.parameters()).device
-
-
-def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    # Mean gradient-norm ratio of each penalty to the task loss (diagnostics)
+    grad_ratios: dict[str, float] = field(default_factory=dict)
 
 
 def _batches(
@@ -121,11 +117,12 @@ def train_stage(
     if progress is not None:
         progress.total = len(plan)
     sums: dict[str, float] = {}
+    ratio_sums: dict[str, list[float]] = {}
     method.before_training(model)
     model.train()
     for step, indices in enumerate(plan, start=1):
         chunk = [samples[i] for i in indices]
-        batch = _to_device(collator(chunk), device)
+        batch = move_batch(collator(chunk), device)
         probs = skill_probabilities(chunk, skills).to(device)
         keys = [(sample.image, sample.question) for sample in chunk]
         terms = _step_losses(model, batch, probs, method, reg_cfg, capture_mode, keys)
@@ -136,6 +133,11 @@ def train_stage(
                 f"Non-finite loss at step {step}: "
                 f"{ {k: float(v) for k, v in terms.items()} }"
             )
+        penalties = {k: v for k, v in terms.items() if k != "task" and v.requires_grad}
+        if train_cfg.diagnostics and penalties and step % train_cfg.log_every == 1:
+            ratios = grad_norm_ratios(params, terms["task"], penalties)
+            for name, ratio in ratios.items():
+                ratio_sums.setdefault(name, []).append(ratio)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if train_cfg.grad_clip > 0:
@@ -155,6 +157,7 @@ def train_stage(
         steps=len(plan),
         seconds=time.perf_counter() - start,
         losses=losses,
+        grad_ratios={k: sum(v) / len(v) for k, v in ratio_sums.items()},
     )
 
 
@@ -210,7 +213,7 @@ def evaluate_samples(
     model.eval()
     correct = 0
     for indices in _batches(len(samples), batch_size, None):
-        batch = _to_device(collator([samples[i] for i in indices]), device)
+        batch = move_batch(collator([samples[i] for i in indices]), device)
         scores = score_candidates(model, batch, candidates)  # (B, C)
         predicted = scores.argmax(dim=-1)
         correct += int((predicted == batch["answer_index"]).sum())
@@ -247,15 +250,9 @@ def spectrum_statistics(
     model.eval()
     for indices in _batches(len(samples), batch_size, None):
         chunk = [samples[i] for i in indices]
-        batch = _to_device(collator(chunk), device)
+        batch = move_batch(collator(chunk), device)
         capture = forward_with_attention(model, batch, reg_cfg.l_sel, capture_mode)
-        desc = describe(
-            capture.attn,
-            capture.grid,
-            token_weights=capture.query_mask.to(capture.attn.dtype),
-            n_radial=reg_cfg.n_radial,
-            n_angular=reg_cfg.n_angular,
-        )
+        desc = describe_capture(capture, batch, reg_cfg)
         if dp_clip is not None:
             desc = SpectralDescriptor(
                 clip_descriptors(desc.descriptor, dp_clip), clip_angular(desc.angular)

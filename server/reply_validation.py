@@ -24,7 +24,7 @@ from fed_asr.security.validation import (
     spec_from_arrays,
     validate_reply,
 )
-from server.records import record_to_numpy
+from fed_asr.wire import record_arrays
 
 ReplyCheck = Callable[[Message, ArrayRecord | None], str | None]
 
@@ -53,11 +53,11 @@ def make_train_reply_check(security: SecurityConfig) -> ReplyCheck:
         metrics = dict(content.metric_records[P.METRICS_RECORD])
         if _is_zero(metrics.get(P.NUM_EXAMPLES_KEY)):
             return None
-        arrays = record_to_numpy(content.array_records[P.ARRAYS_RECORD])
+        arrays = record_arrays(content.array_records[P.ARRAYS_RECORD])
         if sent is None:
             result = check_num_examples(metrics, limits.max_num_examples)
             return None if result else result.reason
-        reference = record_to_numpy(sent)
+        reference = record_arrays(sent)
         result = validate_reply(
             arrays, metrics, spec_from_arrays(reference), limits, reference
         )

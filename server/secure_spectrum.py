@@ -30,7 +30,7 @@ from fed_asr.security.secagg import (
     SecAggServer,
     UnmaskResponse,
 )
-from server.records import record_bytes, record_to_numpy
+from fed_asr.wire import record_arrays, record_nbytes
 
 # Adds records (e.g. signatures) to an outgoing message's content
 Decorate = Callable[[RecordDict, str], None]
@@ -131,7 +131,7 @@ class SecureSpectrumRound:
             if self.decorate is not None:
                 self.decorate(content, message_type)
             self.result.bytes_down += sum(
-                record_bytes(r) for r in content.array_records.values()
+                record_nbytes(r) for r in content.array_records.values()
             ) + sum(config_bytes(r) for r in content.config_records.values())
             messages.append(
                 Message(content=content, dst_node_id=node, message_type=message_type)
@@ -143,7 +143,7 @@ class SecureSpectrumRound:
                 self._drop(node, step, f"client error: {reply.error.reason}")
                 continue
             self.result.bytes_up += sum(
-                record_bytes(r) for r in reply.content.array_records.values()
+                record_nbytes(r) for r in reply.content.array_records.values()
             ) + sum(config_bytes(r) for r in reply.content.config_records.values())
             replies[node] = reply
         for node in set(payloads) - set(replies):
@@ -266,7 +266,7 @@ class SecureSpectrumRound:
         masked = {}
         for node, reply in self._exchange(P.SECAGG_MASK, payloads).items():
             try:
-                vector = record_to_numpy(
+                vector = record_arrays(
                     reply.content.array_records[P.SECAGG_MASKED_RECORD]
                 )["vector"]
                 text = str(reply.content.config_records[P.SECAGG_RECORD]["layout"])

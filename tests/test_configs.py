@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fed_asr.config import (
@@ -12,7 +14,8 @@ from fed_asr.config import (
     DataConfig,
     ExperimentConfig,
     FederationConfig,
-    LoraSettings,
+    LoraConfig,
+    MethodConfig,
     ModelConfig,
     RegularizerConfig,
     SpectrumConfig,
@@ -20,30 +23,46 @@ from fed_asr.config import (
     compose_config,
     load_config,
 )
+from fed_asr.methods.lwf import LwFOptions
 
 GROUP_OPTIONS = sorted(
     (path.parent.name, path.stem) for path in CONFIG_DIR.glob("*/*.yaml")
 )
+# Mandatory (``???``) fields of some options, with a value to fill them.
+REQUIRED_VALUES = {
+    ("data", "manifest"): {"root": "/tmp/manifest"},
+    ("model", "pretrained"): {"path": "/tmp/llava"},
+}
+# Groups whose option file is named after the registered choice it selects.
+NAMED_BY_STEM = ("engine", "method")
 
 
-def _required_overrides(group: str, option: str) -> list[str]:
-    if (group, option) == ("data", "manifest"):
-        return ["data.root=/tmp/manifest"]
-    if (group, option) == ("model", "pretrained"):
-        return ["model.path=/tmp/llava"]
-    return []
+def _yaml_settings(group: str, option: str) -> dict[str, Any]:
+    """Top-level settings of ``configs/<group>/<option>.yaml``, without ``defaults``."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
+    assert isinstance(raw, dict)
+    settings = {key: value for key, value in raw.items() if key != "defaults"}
+    return {**settings, **REQUIRED_VALUES.get((group, option), {})}
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
-def test_compose_every_group_option_builds_experiment_config(
+def test_compose_every_group_option_sets_its_yaml_values(
     group: str, option: str
 ) -> None:
+    # Prepare
+    expected = _yaml_settings(group, option)
+    required = REQUIRED_VALUES.get((group, option), {})
+    overrides = [f"{group}={option}"]
+    overrides += [f"{group}.{key}={value}" for key, value in required.items()]
     # Execute
-    cfg = compose_config(
-        "config", [f"{group}={option}", *_required_overrides(group, option)]
-    )
+    cfg = compose_config("config", overrides)
     # Assert
     assert isinstance(cfg, ExperimentConfig)
+    section = getattr(cfg, group)
+    if group in NAMED_BY_STEM:
+        assert section.name == option
+    for key, value in expected.items():
+        assert getattr(section, key) == value, f"{group}.{key}"
 
 
 def test_compose_default_config_gives_defaults() -> None:
@@ -70,9 +89,42 @@ def test_compose_wrong_type_raises_validation_error() -> None:
         compose_config("config", ["train.batch_size=many"])
 
 
-def test_structured_schema_rejects_unknown_key() -> None:
-    from omegaconf import OmegaConf
+def test_compose_method_options_reach_the_typed_dataclass() -> None:
+    # Execute
+    cfg = compose_config("config", ["method=lwf", "method.options.temperature=3"])
+    # Assert
+    assert cfg.method.options == LwFOptions(weight=1.0, temperature=3.0)
 
+
+def test_compose_unknown_method_option_raises_naming_it() -> None:
+    with pytest.raises(Exception, match=r"method\.options\.bogus"):
+        compose_config("config", ["method=ewc", "method.options.bogus=1"])
+
+
+def test_method_config_unknown_option_raises_naming_it_and_the_options() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"`method.options.bogus` is not an option of method 'ewc'. "
+        r"Options: \['decay', 'ewc_lambda', 'fisher_batch_size'\]",
+    ):
+        MethodConfig(name="ewc", options={"bogus": 1})
+
+
+def test_compose_method_option_out_of_range_raises_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"`method.options.mu` must be >= 0, got -1"):
+        compose_config("config", ["method=fedprox", "method.options.mu=-1"])
+
+
+def test_compose_unknown_method_name_raises_listing_choices() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"`method.name`: Unknown method 'bogus'. Available: "
+        r"\[.*'asr'.*'ewc'.*'lwf'.*'vanilla'\]",
+    ):
+        compose_config("config", ["method.name=bogus"])
+
+
+def test_structured_schema_rejects_unknown_key() -> None:
     schema = OmegaConf.structured(ExperimentConfig)
     with pytest.raises((ConfigKeyError, ValidationError)):
         OmegaConf.merge(schema, {"trian": {"lr": 1.0}})
@@ -87,9 +139,9 @@ def test_structured_schema_rejects_unknown_key() -> None:
         (lambda: ModelConfig(image_size=30, patch_size=4), "model.image_size"),
         (lambda: ModelConfig(prompt_template="{question}"), "prompt_template"),
         (lambda: ModelConfig(attn_capture="flash"), "attn_capture"),
-        (lambda: LoraSettings(r=0), "lora.r"),
-        (lambda: LoraSettings(dropout=1.5), "lora.dropout"),
-        (lambda: LoraSettings(target_modules=[]), "target_modules"),
+        (lambda: LoraConfig(r=0), "lora.r"),
+        (lambda: LoraConfig(dropout=1.5), "lora.dropout"),
+        (lambda: LoraConfig(target_modules=[]), "target_modules"),
         (lambda: DataConfig(name="coco"), "data.name"),
         (lambda: DataConfig(stream="time"), "data.stream"),
         (lambda: DataConfig(name="manifest"), "data.root"),

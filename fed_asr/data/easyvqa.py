@@ -274,7 +274,7 @@ def easyvqa_stream(
             f"selected stages {order}."
         )
     return ContinualStream(
-        name=f"easyvqa-{stream}",
+        name=f"easyvqa/{stream}",
         stages=stages,
         answers=list(easyvqa_answers()),
         skills=skill_list,

@@ -253,7 +253,7 @@ def manifest_stream(
     texts = {s.question for s in everything} | {s.answer for s in everything}
     words = {w for text in texts for w in tokenize(text)}
     return ContinualStream(
-        name=f"manifest-{root.name}",
+        name=f"manifest:{root.name}",
         stages=stages,
         answers=sorted({s.answer for s in everything}),
         skills=skill_list,

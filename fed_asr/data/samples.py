@@ -60,12 +60,17 @@ class VQASample:
         Explicit skill label. When set it wins over the question parser (one-hot skill
         probabilities); easy-VQA samples leave it ``None`` so the parser gives soft
         probabilities.
+    region : tuple[float, float, float, float] | None
+        Normalised box ``(x0, y0, x1, y1)`` (0..1, origin top left) of the object the
+        question is about, when the stream knows it (see ``fed_asr.data.regions``);
+        ``None`` for questions about no single object or streams without boxes.
     """
 
     image: str
     question: str
     answer: str
     skill: str | None = None
+    region: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -84,7 +89,8 @@ class ContinualStream:
     Parameters
     ----------
     name : str
-        Stream name, e.g. ``"easyvqa-ability"``.
+        Stream name, e.g. ``"easyvqa/ability"``, ``"manifest:<folder>"`` or
+        ``"scenes"``; engines report it in ``metrics.json``.
     stages : list[Stage]
         Stages in training order.
     answers : list[str]

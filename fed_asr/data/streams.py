@@ -1,49 +1,236 @@
-"""Build the configured continual stream."""
+"""Registry of continual streams: ``data.stream`` picks one by name.
+
+A stream is a plug-in: one module with a builder ``(DataConfig, seed) ->
+ContinualStream`` and one ``register_stream`` line (below for the built-in ones, or
+in any module imported before the config is validated)::
+
+    register_stream("scenes", build_scenes_stream, preparation=scenes_preparation)
+
+``DataConfig.__post_init__`` validates ``data.stream`` against this registry, and
+``data.name`` is the stream's ``source`` (e.g. ``easyvqa`` for ``ability`` and
+``domain``), filled in when not given.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from fed_asr.config import DataConfig
-from fed_asr.data.easyvqa import easyvqa_stream
+from fed_asr.data.easyvqa import caption_samples, easyvqa_stream
 from fed_asr.data.manifest import manifest_stream
-from fed_asr.data.samples import ContinualStream
+from fed_asr.data.samples import ContinualStream, VQASample
+from fed_asr.data.scenes import scenes_preparation, scenes_stream
+
+StreamBuilder = Callable[[DataConfig, int], ContinualStream]
+# (number of samples, seed, data config) -> base-model preparation samples
+PreparationBuilder = Callable[[int, int, DataConfig], list[VQASample]]
+
+_SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
-def build_stream(cfg: DataConfig, seed: int) -> ContinualStream:
-    """Build the continual stream named by ``cfg.name``.
+@dataclass(frozen=True)
+class StreamEntry:
+    """A registered stream.
 
     Parameters
     ----------
-    cfg : DataConfig
-        ``name`` picks the source (``easyvqa`` uses ``stream``; ``manifest`` uses
-        ``root``); ``stage_order``, ``skills`` and the per-stage maxima apply to both.
-    seed : int
-        Subsampling seed (the experiment seed).
+    name : str
+        Registry key (``data.stream``).
+    build : StreamBuilder
+        ``(cfg, seed) -> ContinualStream``.
+    source : str
+        Data source (``data.name``); several streams may share one.
+    needs_root : bool
+        ``data.root`` must be set.
+    preparation : PreparationBuilder | None
+        The stream's own base-model preparation set (``model.pretrain_data=stream``),
+        ``(n, seed, cfg) -> samples``; ``None`` when it has none.
+    """
+
+    name: str
+    build: StreamBuilder
+    source: str
+    needs_root: bool = False
+    preparation: PreparationBuilder | None = None
+
+
+STREAMS: dict[str, StreamEntry] = {}
+
+
+def register_stream(
+    name: str,
+    builder: StreamBuilder,
+    *,
+    source: str | None = None,
+    needs_root: bool = False,
+    preparation: PreparationBuilder | None = None,
+) -> StreamEntry:
+    """Register a continual stream under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Unique snake_case name, used as ``data.stream``.
+    builder : StreamBuilder
+        Builds the full (not partitioned) stream from the data config and seed.
+    source : str | None
+        ``data.name`` of the stream; ``name`` when None.
+    needs_root : bool
+        Whether the stream reads ``data.root``.
+    preparation : PreparationBuilder | None
+        Optional base-model preparation set of the stream.
 
     Returns
     -------
-    ContinualStream
-        The full (not yet partitioned) stream.
+    StreamEntry
+        The registered entry.
 
     Raises
     ------
     ValueError
-        Unknown ``cfg.name`` or stage, or invalid skills / manifest rows.
+        ``name`` or ``source`` is not snake_case.
+    KeyError
+        ``name`` is already registered.
+    """
+    source = name if source is None else source
+    for field, value in (("name", name), ("source", source)):
+        if not _SNAKE_CASE.match(value):
+            raise ValueError(f"Stream `{field}` must be snake_case, got {value!r}.")
+    if name in STREAMS:
+        raise KeyError(f"Stream {name!r} is already registered.")
+    entry = StreamEntry(name, builder, source, needs_root, preparation)
+    STREAMS[name] = entry
+    return entry
+
+
+def get_stream(name: str) -> StreamEntry:
+    """Return the entry of stream ``name``.
+
+    Raises
+    ------
+    KeyError
+        Unknown name; the message lists the registered streams.
+    """
+    if name not in STREAMS:
+        raise KeyError(f"Unknown stream {name!r}. Available: {sorted(STREAMS)}.")
+    return STREAMS[name]
+
+
+def stream_sources() -> list[str]:
+    """Sorted distinct sources (valid ``data.name`` values)."""
+    return sorted({entry.source for entry in STREAMS.values()})
+
+
+def build_stream(cfg: DataConfig, seed: int) -> ContinualStream:
+    """Build the continual stream named by ``cfg.stream``.
+
+    Parameters
+    ----------
+    cfg : DataConfig
+        ``stream`` picks the registered builder; ``stage_order``, ``skills`` and the
+        per-stage maxima apply to every stream, ``root`` to manifests.
+    seed : int
+        Subsampling / generation seed (the experiment seed).
+
+    Returns
+    -------
+    ContinualStream
+        The full (not yet partitioned) stream; its ``name`` identifies it in metrics.
+
+    Raises
+    ------
+    KeyError
+        Unknown ``cfg.stream``.
+    ValueError
+        Unknown stage, or invalid skills / manifest rows.
     FileNotFoundError
         Missing manifest folder, file or image.
     """
-    common = {
+    return get_stream(cfg.stream).build(cfg, seed)
+
+
+def stream_preparation(cfg: DataConfig, num_samples: int, seed: int) -> list[VQASample]:
+    """Base-model preparation samples of the stream ``cfg.stream``.
+
+    Parameters
+    ----------
+    cfg : DataConfig
+        The run's data config.
+    num_samples : int
+        Number of samples wanted.
+    seed : int
+        Seed of the (deterministic) set.
+
+    Returns
+    -------
+    list[VQASample]
+        Samples whose images are disjoint from the stream's test images.
+
+    Raises
+    ------
+    ValueError
+        The stream provides no preparation set.
+    """
+    entry = get_stream(cfg.stream)
+    if entry.preparation is None:
+        with_set = sorted(n for n, e in STREAMS.items() if e.preparation is not None)
+        raise ValueError(
+            f"Stream {cfg.stream!r} has no preparation set for "
+            f"`model.pretrain_data='stream'`; streams with one: {with_set}."
+        )
+    return entry.preparation(num_samples, seed, cfg)
+
+
+def _common(cfg: DataConfig, seed: int) -> dict[str, object]:
+    """Keyword arguments every built-in builder takes."""
+    return {
         "stage_order": cfg.stage_order,
         "max_train_per_stage": cfg.max_train_per_stage,
         "max_test_per_stage": cfg.max_test_per_stage,
         "skills": cfg.skills,
         "seed": seed,
     }
-    if cfg.name == "easyvqa":
-        return easyvqa_stream(cfg.stream, **common)
-    if cfg.name == "manifest":
-        if not cfg.root:
-            raise ValueError("`data.root` is required when `data.name='manifest'`.")
-        return manifest_stream(cfg.root, **common)
-    raise ValueError(
-        f"`data.name` must be one of ['easyvqa', 'manifest'], got {cfg.name!r}."
-    )
+
+
+def _build_ability(cfg: DataConfig, seed: int) -> ContinualStream:
+    """easy-VQA, one question type per stage."""
+    return easyvqa_stream("ability", **_common(cfg, seed))  # type: ignore[arg-type]
+
+
+def _build_domain(cfg: DataConfig, seed: int) -> ContinualStream:
+    """easy-VQA, one drawn shape per stage."""
+    return easyvqa_stream("domain", **_common(cfg, seed))  # type: ignore[arg-type]
+
+
+def _build_manifest(cfg: DataConfig, seed: int) -> ContinualStream:
+    """JSONL manifest folder ``cfg.root``."""
+    if not cfg.root:
+        raise ValueError("`data.root` is required when `data.stream='manifest'`.")
+    return manifest_stream(cfg.root, **_common(cfg, seed))  # type: ignore[arg-type]
+
+
+def _build_scenes(cfg: DataConfig, seed: int) -> ContinualStream:
+    """Generated multi-object scenes, images under ``cfg.cache_dir``."""
+    return scenes_stream(cache_dir=cfg.cache_dir, **_common(cfg, seed))  # type: ignore[arg-type]
+
+
+def _easyvqa_captions(n: int, seed: int, cfg: DataConfig) -> list[VQASample]:
+    """easy-VQA caption samples (training images only)."""
+    return caption_samples(n, seed)
+
+
+def _scenes_preparation(n: int, seed: int, cfg: DataConfig) -> list[VQASample]:
+    """Scene captions and QA pairs in the neutral base style."""
+    return scenes_preparation(n, seed, cache_dir=cfg.cache_dir, skills=cfg.skills)
+
+
+register_stream(
+    "ability", _build_ability, source="easyvqa", preparation=_easyvqa_captions
+)
+register_stream(
+    "domain", _build_domain, source="easyvqa", preparation=_easyvqa_captions
+)
+register_stream("manifest", _build_manifest, needs_root=True)
+register_stream("scenes", _build_scenes, preparation=_scenes_preparation)

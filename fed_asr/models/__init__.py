@@ -13,10 +13,22 @@ from fed_asr.models.device import (
     resolve_device,
     resolve_dtype,
 )
+from fed_asr.models.families import LlavaFamily
+from fed_asr.models.family import (
+    MODEL_FAMILIES,
+    ImageSpan,
+    ModelFamily,
+    get_model_family,
+    infer_model_family,
+    model_family_names,
+    register_model_family,
+    resolve_model_family,
+)
 from fed_asr.models.loading import (
     cached_base_model,
     ensure_tiny_model,
     load_base_model,
+    load_run_base_model,
     tiny_model_dir,
 )
 from fed_asr.models.lora import (
@@ -26,32 +38,45 @@ from fed_asr.models.lora import (
     load_adapter_state,
     save_adapter,
 )
+from fed_asr.models.modules import bind_model_family, model_family
 from fed_asr.models.pretrain import PretrainResult, pretrain_base_model
 from fed_asr.models.scoring import candidate_token_ids, predict, score_candidates
 from fed_asr.models.tiny import build_tiny
 
 __all__ = [
     "IGNORE_INDEX",
+    "MODEL_FAMILIES",
     "MODEL_INPUT_KEYS",
     "CaptureResult",
+    "ImageSpan",
+    "LlavaFamily",
+    "ModelFamily",
     "PretrainResult",
     "VQACollator",
     "adapter_state",
     "attach_lora",
+    "bind_model_family",
     "build_tiny",
     "cached_base_model",
     "candidate_token_ids",
     "ensure_tiny_model",
     "forward_with_attention",
+    "get_model_family",
+    "infer_model_family",
     "install_attention_capture",
     "load_adapter",
     "load_adapter_state",
     "load_base_model",
+    "load_run_base_model",
     "model_device",
     "model_dtype",
+    "model_family",
+    "model_family_names",
     "move_batch",
     "predict",
     "pretrain_base_model",
+    "register_model_family",
+    "resolve_model_family",
     "resolve_device",
     "resolve_dtype",
     "save_adapter",

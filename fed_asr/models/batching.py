@@ -1,4 +1,4 @@
-"""Collate VQA samples into right-padded LLaVA batches with answer labels."""
+"""Collate VQA samples into right-padded MLLM batches with answer labels."""
 
 from __future__ import annotations
 
@@ -9,17 +9,25 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from fed_asr.models.family import ModelFamily, get_model_family
+from fed_asr.query_tokens import function_word_mask
+
 if TYPE_CHECKING:
     from fed_asr.data import VQASample
 
 IGNORE_INDEX = -100
-# Keys of a collated batch that are model inputs (the rest describe positions).
+# Model inputs of a collated LLaVA batch (the rest describe positions); other families
+# take `VQACollator.model_input_keys`.
 MODEL_INPUT_KEYS: tuple[str, ...] = (
     "input_ids",
     "attention_mask",
     "pixel_values",
     "labels",
 )
+# Family of a collator built without one: that of the built-in tiny model.
+DEFAULT_FAMILY = "llava"
+# Processor outputs that the collator produces.
+_COLLATED_INPUTS = frozenset({"input_ids", "attention_mask", "pixel_values"})
 
 
 def _strip_eos(ids: list[int], eos_id: int | None) -> list[int]:
@@ -114,7 +122,7 @@ class _PixelCache:
 
 
 class VQACollator:
-    """Turn ``VQASample`` lists into LLaVA training / scoring batches.
+    """Turn ``VQASample`` lists into MLLM training / scoring batches.
 
     The prompt is ``prompt_template.format(image=<image token>, question=q)`` and the
     full text is ``prompt + " " + answer`` followed by EOS. Rows are right-padded, so
@@ -124,13 +132,23 @@ class VQACollator:
     Parameters
     ----------
     processor : Any
-        A LLaVA processor (``tokenizer``, ``image_processor``, ``image_token``).
+        The model's processor (``tokenizer``, ``image_processor``, image token).
     prompt_template : str
         Contains ``{image}`` and ``{question}``.
     answers : Sequence[str]
         Candidate answers; ``answer_index`` indexes this list.
     pixel_cache_mb : int
         Memory bound of the per-image pixel cache.
+    family : ModelFamily | None
+        Model family (image token, tokens per image, forward inputs); LLaVA when None.
+        Pass ``model_family(model)`` for a loaded model.
+
+    Raises
+    ------
+    ValueError
+        ``prompt_template`` lacks ``{image}`` or ``{question}``.
+    NotImplementedError
+        The family's forward takes processor outputs the collator does not produce.
 
     Notes
     -----
@@ -138,7 +156,9 @@ class VQACollator:
     (B, 3, H, W)``, ``labels (B, S)`` (-100 except answer tokens and EOS),
     ``answer_index (B,)`` (-1 when the answer is not a candidate), ``prompt_length
     (B,)``, ``query_mask (B, Tq)`` with ``Tq = S - image_end`` (True on the prompt
-    tokens after the image block), and the ints ``image_start``, ``image_end``.
+    tokens after the image block), ``function_mask (B, Tq)`` (its function words,
+    ``function_words`` or ``fed_asr.query_tokens.FUNCTION_WORDS``), and the ints
+    ``image_start``, ``image_end``.
     """
 
     def __init__(
@@ -147,18 +167,31 @@ class VQACollator:
         prompt_template: str,
         answers: Sequence[str],
         pixel_cache_mb: int = 512,
+        family: ModelFamily | None = None,
+        function_words: Sequence[str] | None = None,
     ) -> None:
         if "{image}" not in prompt_template or "{question}" not in prompt_template:
             raise ValueError(
                 "`prompt_template` must contain `{image}` and `{question}`, "
                 f"got {prompt_template!r}."
             )
+        self.family = get_model_family(DEFAULT_FAMILY) if family is None else family
+        missing = set(self.family.forward_inputs) - _COLLATED_INPUTS
+        if missing:
+            raise NotImplementedError(
+                f"The model family {type(self.family).__name__} needs the processor "
+                f"outputs {sorted(missing)}; VQACollator produces only "
+                f"{sorted(_COLLATED_INPUTS)}."
+            )
+        # Model inputs of a collated batch: the family's processor outputs + labels.
+        self.model_input_keys: tuple[str, ...] = (*self.family.forward_inputs, "labels")
         self.processor = processor
+        self.function_words = function_words
         self.tokenizer = processor.tokenizer
         self.prompt_template = prompt_template
         self.answers = list(answers)
         self._answer_index = {a: i for i, a in enumerate(self.answers)}
-        self.image_token: str = processor.image_token
+        self.image_token: str = self.family.image_token(processor)
         self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(
             self.image_token
         )
@@ -173,13 +206,8 @@ class VQACollator:
         if self._num_image_tokens is None:
             from fed_asr.data import load_image
 
-            encoded = self.processor(
-                text=[self.image_token],
-                images=[load_image(image_path)],
-                return_tensors="pt",
-            )
-            self._num_image_tokens = int(
-                (encoded["input_ids"] == self.image_token_id).sum()
+            self._num_image_tokens = self.family.num_image_tokens(
+                self.processor, load_image(image_path)
             )
         return self._num_image_tokens
 
@@ -234,14 +262,23 @@ class VQACollator:
         answer_index = torch.tensor(
             [self._answer_index.get(s.answer, -1) for s in samples], dtype=torch.long
         )
-        return {
+        batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "pixel_values": self._pixels.get([s.image for s in samples]),
+        }
+        if "pixel_values" in self.family.forward_inputs:
+            batch["pixel_values"] = self._pixels.get([s.image for s in samples])
+        return {
+            **batch,
             "labels": labels,
             "answer_index": answer_index,
             "prompt_length": prompt_length,
             "query_mask": query_mask,
+            # (B, Tq) function words of the prompt (masked out of the query weights)
+            "function_mask": function_word_mask(
+                input_ids[:, image_end:], self.function_words, self.tokenizer
+            )
+            & query_mask,
             "image_start": image_start,
             "image_end": image_end,
         }

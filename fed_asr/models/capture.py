@@ -29,8 +29,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from fed_asr.models.batching import MODEL_INPUT_KEYS
-from fed_asr.models.modules import attention_modules, text_config, vision_grid
+from fed_asr.models.family import ImageSpan, ModelFamily
+from fed_asr.models.modules import (
+    attention_modules,
+    model_family,
+    text_config,
+    unwrap,
+)
 
 SELECTIVE_ATTENTION = "fed_asr_selective"
 CAPTURE_MODES = ("selective", "eager")
@@ -57,6 +62,8 @@ class CaptureResult:
         (B, P, d) last-layer hidden states of the image tokens (``hidden=True``).
     text_hidden : Tensor | None
         (B, Tq, d) last-layer hidden states of the text query rows (``hidden=True``).
+    spans : list[list[ImageSpan]] | None
+        Image spans of every row, from the model family (one per row for now).
     """
 
     logits: Tensor
@@ -66,6 +73,7 @@ class CaptureResult:
     query_mask: Tensor
     image_hidden: Tensor | None = None
     text_hidden: Tensor | None = None
+    spans: list[list[ImageSpan]] | None = None
 
 
 @dataclass
@@ -164,7 +172,7 @@ def install_attention_capture(model: nn.Module) -> None:
     Parameters
     ----------
     model : nn.Module
-        A LLaVA-family model, optionally inside a peft model.
+        An MLLM of a registered family, optionally inside a peft model.
     """
     _register()
     config = text_config(model)
@@ -184,9 +192,44 @@ def text_attention(model: nn.Module, implementation: str) -> Iterator[None]:
         config._attn_implementation = previous
 
 
-def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+def _model_inputs(batch: Mapping[str, Any], family: ModelFamily) -> dict[str, Any]:
     """Select the keys of a collated batch that the model's forward takes."""
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
+    keys = (*family.forward_inputs, "labels")
+    return {k: batch[k] for k in keys if batch.get(k) is not None}
+
+
+def _image_block(
+    batch: Mapping[str, Any], spans: list[list[ImageSpan]]
+) -> tuple[int, int, tuple[int, int]]:
+    """Shared ``(image_start, image_end, grid)`` of a batch with one image per row."""
+    if any(len(row) != 1 for row in spans):
+        raise NotImplementedError(
+            "Attention capture takes exactly one image span per row, got "
+            f"{sorted({len(row) for row in spans})} spans per row; several images "
+            "(or image tiles) per sample are not supported yet."
+        )
+    first = spans[0][0]
+    if any(row[0] != first for row in spans):
+        raise ValueError(
+            "The image span differs between rows "
+            f"{sorted({(r[0].start, r[0].end) for r in spans})}; capture needs the "
+            "image block at the same positions in every row."
+        )
+    start = int(batch.get("image_start", first.start))
+    end = int(batch.get("image_end", first.end))
+    grid = first.grid
+    if end - start != grid[0] * grid[1]:
+        raise ValueError(
+            f"The image block has {end - start} tokens but the vision grid "
+            f"{grid} has {grid[0] * grid[1]}; multi-crop image layouts are not "
+            "supported."
+        )
+    if (start, end) != (first.start, first.end):
+        raise ValueError(
+            f"The batch's image block [{start}, {end}) is not the image span "
+            f"[{first.start}, {first.end}) found in `input_ids`."
+        )
+    return start, end, grid
 
 
 def forward_with_attention(
@@ -201,7 +244,8 @@ def forward_with_attention(
     Parameters
     ----------
     model : nn.Module
-        A LLaVA-family model, optionally a peft model (gradients flow to adapters).
+        An MLLM of a registered family, optionally a peft model (gradients flow to
+        adapters).
     batch : Mapping[str, Any]
         Output of ``VQACollator`` on the model's device.
     l_sel : int
@@ -219,7 +263,10 @@ def forward_with_attention(
     Raises
     ------
     ValueError
-        Bad ``mode`` or ``l_sel``, or an image block that does not match the grid.
+        Bad ``mode`` or ``l_sel``, or an image block that does not match the span
+        found in ``input_ids`` or its grid.
+    NotImplementedError
+        A row holds more than one image span.
     RuntimeError
         A selected layer did not run the capturing attention (e.g. gradient
         checkpointing re-ran it outside the capture, or another implementation).
@@ -232,15 +279,10 @@ def forward_with_attention(
             f"`l_sel` must be in [1, {len(modules)}] (language-model layers), "
             f"got {l_sel}."
         )
-    image_start, image_end = int(batch["image_start"]), int(batch["image_end"])
-    grid = vision_grid(model)
-    if image_end - image_start != grid[0] * grid[1]:
-        raise ValueError(
-            f"The image block has {image_end - image_start} tokens but the vision grid "
-            f"{grid} has {grid[0] * grid[1]}; multi-crop image layouts are not "
-            "supported."
-        )
-    inputs = _model_inputs(batch)
+    family = model_family(model)
+    spans = family.image_spans(unwrap(model).config, batch["input_ids"])
+    image_start, image_end, grid = _image_block(batch, spans)
+    inputs = _model_inputs(batch, family)
     if mode == "selective":
         install_attention_capture(model)
         selected = modules[-l_sel:]
@@ -286,4 +328,5 @@ def forward_with_attention(
         query_mask=batch["query_mask"],
         image_hidden=image_hidden,
         text_hidden=text_hidden,
+        spans=spans,
     )

@@ -1,5 +1,8 @@
 """Load the base MLLM: the cached tiny LLaVA or a local pre-trained checkpoint.
 
+The model's family (``model.family``, or inferred from the checkpoint's config) is
+bound to the loaded model; ``fed_asr.models.modules`` locates its parts through it.
+
 The tiny model is built, caption-pretrained and saved once per configuration under
 ``<cache_dir>/tiny-<hash>``; the hash covers the architecture, the pre-training
 settings, the tokenizer vocabulary and the seed. Builds are atomic (a temporary
@@ -25,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fed_asr.config import ModelConfig
+from fed_asr.config import DataConfig, ModelConfig
 from fed_asr.models.capture import install_attention_capture
 from fed_asr.models.device import resolve_device, resolve_dtype
-from fed_asr.models.pretrain import pretrain_base_model
+from fed_asr.models.family import resolve_model_family
+from fed_asr.models.modules import bind_model_family
+from fed_asr.models.pretrain import preparation_samples, pretrain_base_model
 from fed_asr.models.tiny import build_tiny, tiny_tokens
 
 if TYPE_CHECKING:
@@ -178,7 +183,8 @@ def _model_path(cfg: ModelConfig) -> Path:
         raise FileNotFoundError(
             f"`model.path` {str(path)!r} is not a local model directory (no "
             "config.json); "
-            "nothing is downloaded, so point it at a saved LLaVA-family checkpoint."
+            "nothing is downloaded, so point it at a saved checkpoint of a registered "
+            "model family."
         )
     return path
 
@@ -214,14 +220,18 @@ def load_base_model(
     -------
     tuple[nn.Module, Any]
         The model (eval mode, every weight frozen, dtype from ``cfg.dtype``; the
-        language model uses the capturing SDPA attention) and the processor.
+        language model uses the capturing SDPA attention; its family, ``cfg.family``
+        or inferred from its config, is bound to it) and the processor.
 
     Raises
     ------
     FileNotFoundError
         ``pretrained`` with a ``cfg.path`` that is not a local model directory.
+    ValueError
+        ``cfg.family`` is None and no registered family (or several) matches the
+        checkpoint's config.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     target = resolve_device(cfg.device if device is None else device)
     dtype = resolve_dtype(cfg.dtype, target)
@@ -229,6 +239,10 @@ def load_base_model(
         path = ensure_tiny_model(cfg, vocabulary, seed, samples, progress)
     else:
         path = _model_path(cfg)
+    # Resolve the family before loading the weights, so a mismatch fails fast.
+    family = resolve_model_family(
+        cfg.family, AutoConfig.from_pretrained(str(path), local_files_only=True)
+    )
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
     )
@@ -236,6 +250,7 @@ def load_base_model(
     model.to(target)
     model.requires_grad_(False)
     model.eval()
+    bind_model_family(model, family)
     install_attention_capture(model)
     return model, processor
 
@@ -274,3 +289,19 @@ def _cached_base_model(
     """Memoised loader behind ``cached_base_model`` (hashable arguments only)."""
     cfg = ModelConfig(**json.loads(cfg_json))
     return load_base_model(cfg, list(vocabulary), torch.device(device), seed=seed)
+
+
+def load_run_base_model(
+    model: ModelConfig,
+    data: DataConfig,
+    vocabulary: Sequence[str],
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, Any]:
+    """The base model of a run: ``load_base_model`` with its configured preparation.
+
+    ``model.pretrain_data`` picks the preparation samples (``preparation_samples``);
+    the base is prepared with seed 0 for every run, so runs of different seeds
+    share one base, as they would share one pretrained checkpoint.
+    """
+    samples = preparation_samples(model, 0, data)
+    return load_base_model(model, vocabulary, device, samples=samples)

@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
-from fed_asr.config import LoraSettings
+from fed_asr.config import LoraConfig
 from fed_asr.models.modules import language_model_prefix
 
 LORA_SCOPES = ("language_model", "all")
@@ -57,7 +58,7 @@ def lora_target_modules(
 
 def attach_lora(
     model: nn.Module,
-    lora: LoraSettings,
+    lora: LoraConfig,
     *,
     scope: str = "language_model",
     ffa: bool = False,
@@ -70,7 +71,7 @@ def attach_lora(
     model : nn.Module
         A LLaVA-family model. peft injects the adapter layers in place, so attach once
         per base model and later replace adapter weights with ``load_adapter_state``.
-    lora : LoraSettings
+    lora : LoraConfig
         Rank, alpha, dropout and ``target_modules`` names.
     scope : str
         ``"language_model"`` (default) or ``"all"``; see ``lora_target_modules``.
@@ -91,7 +92,7 @@ def attach_lora(
     ValueError
         No module matched ``lora.target_modules`` within ``scope``.
     """
-    config = LoraConfig(
+    config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,

@@ -1,8 +1,21 @@
-"""Locate the parts of a LLaVA-family model, with or without a peft wrapper."""
+"""Locate the parts of a loaded MLLM through its model family, with or without peft.
+
+The family of a model is the one ``bind_model_family`` attached to it
+(``load_base_model`` does so, honouring a forced ``model.family``), else the one
+inferred from its config.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+from weakref import WeakKeyDictionary
+
 from torch import nn
+
+from fed_asr.models.family import ModelFamily, get_model_family, infer_model_family
+
+# Family bound to each loaded transformers model (weak: dies with the model).
+_BOUND: WeakKeyDictionary[nn.Module, ModelFamily] = WeakKeyDictionary()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -11,37 +24,70 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def language_model(model: nn.Module) -> nn.Module:
-    """Return the decoder-only language model of a LLaVA-family model.
+def bind_model_family(model: nn.Module, family: ModelFamily) -> None:
+    """Make ``family`` the family of ``model`` (and of any peft model around it).
 
     Parameters
     ----------
     model : nn.Module
-        ``LlavaForConditionalGeneration`` (or a family member with the same layout:
-        ``model.language_model`` or ``language_model``), optionally inside a peft model.
+        A transformers model, optionally inside a peft model.
+    family : ModelFamily
+        Its family, e.g. from ``resolve_model_family(cfg.family, model.config)``.
+    """
+    _BOUND[unwrap(model)] = family
+
+
+def model_family(model: nn.Module) -> ModelFamily:
+    """Return the family of ``model``: the bound one, else inferred from its config.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformers model, optionally inside a peft model.
+
+    Returns
+    -------
+    ModelFamily
+        The family that locates the model's parts.
+
+    Raises
+    ------
+    ValueError
+        No family is bound and none (or several) match ``model.config``.
+    """
+    base = unwrap(model)
+    family = _BOUND.get(base)
+    if family is None:
+        family = get_model_family(infer_model_family(getattr(base, "config", None)))
+    return family
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """Return the decoder-only language model of an MLLM.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformers MLLM of a registered family, optionally inside a peft model.
 
     Returns
     -------
     nn.Module
-        The text decoder (e.g. ``LlamaModel``) whose ``layers`` hold ``self_attn``.
+        The text decoder (e.g. ``LlamaModel``).
 
     Raises
     ------
     TypeError
-        The model has no ``language_model`` with ``layers``.
+        The model does not have its family's layout.
     """
     base = unwrap(model)
-    inner = getattr(base, "model", None)
-    for owner in (inner, base):
-        candidate = (
-            getattr(owner, "language_model", None) if owner is not None else None
-        )
-        if candidate is not None and hasattr(candidate, "layers"):
-            return candidate
-    raise TypeError(
-        f"{type(base).__name__} has no `language_model` with `layers`; only "
-        "LLaVA-family models are supported."
-    )
+    return model_family(base).language_model(base)
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """Return the image encoder of an MLLM (see ``language_model``)."""
+    base = unwrap(model)
+    return model_family(base).vision_tower(base)
 
 
 def language_model_prefix(model: nn.Module) -> str:
@@ -55,20 +101,12 @@ def language_model_prefix(model: nn.Module) -> str:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Return the ``self_attn`` of every language-model decoder layer, in order."""
-    return [layer.self_attn for layer in language_model(model).layers]
+    """Return the self-attention of every language-model decoder layer, in order."""
+    base = unwrap(model)
+    return model_family(base).attention_modules(base)
 
 
-def text_config(model: nn.Module):  # noqa: ANN201 - a transformers PretrainedConfig
+def text_config(model: nn.Module) -> Any:  # a transformers PretrainedConfig
     """Config object of the language model (shared with its attention modules)."""
-    return language_model(model).config
-
-
-def vision_grid(model: nn.Module) -> tuple[int, int]:
-    """Image token grid (Gh, Gw) from the vision config: image size // patch size."""
-    config = unwrap(model).config.vision_config
-    size = config.image_size
-    patch = config.patch_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return height // patch_h, width // patch_w
+    base = unwrap(model)
+    return model_family(base).text_config(base)

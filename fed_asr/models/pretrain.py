@@ -1,9 +1,17 @@
-"""Base-model preparation of the tiny LLaVA: caption pre-training of all its weights.
+"""Base-model preparation of the tiny LLaVA: pre-training of all its weights.
 
 A freshly built tiny model knows nothing about images. Before federated continual
-learning starts, it learns to caption easy-VQA images ("caption" -> "red circle") with
-the LM loss on the answer tokens, so that its cross-modal attention is meaningful, as
-that of a real pre-trained MLLM would be.
+learning starts, it is trained with the LM loss on the answer tokens, so that its
+cross-modal attention is meaningful, as that of a real pre-trained MLLM would be.
+``model.pretrain_data`` picks the set (``preparation_samples``):
+
+- ``easyvqa``: easy-VQA captions ("caption" -> "red circle"), the default;
+- ``stream``: the run stream's own preparation set (for ``scenes``: scene captions
+  plus QA pairs of every skill and answer, on images disjoint from its test set);
+- ``manifest``: the rows of the JSONL file ``model.pretrain_manifest``.
+
+The prepared model is cached by a hash of its configuration and of these samples
+(``fed_asr.models.loading``).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from fed_asr.models.batching import MODEL_INPUT_KEYS, VQACollator
 from fed_asr.models.device import model_device, move_batch
 
 if TYPE_CHECKING:
+    from fed_asr.config import DataConfig
     from fed_asr.data import VQASample
 
 LOG_EVERY = 50
@@ -38,6 +47,53 @@ class PretrainResult:
     seconds: float
     first_loss: float
     final_loss: float  # mean over the last ``LOG_EVERY`` steps
+
+
+def preparation_samples(
+    cfg: ModelConfig, seed: int = 0, data: DataConfig | None = None
+) -> list[VQASample] | None:
+    """Samples of the base-model preparation chosen by ``cfg.pretrain_data``.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        ``pretrain_data``, ``pretrain_size`` and ``pretrain_manifest`` are used.
+    seed : int
+        Seed of the sample subset (pass the seed given to ``load_base_model``).
+    data : DataConfig | None
+        The run's data config; required for ``pretrain_data="stream"``.
+
+    Returns
+    -------
+    list[VQASample] | None
+        ``None`` for the default (easy-VQA captions of ``PRETRAIN_IMAGES`` images):
+        ``load_base_model(..., samples=None)`` then builds them itself and the cache
+        key stays the one of earlier versions. Otherwise the samples, to pass as
+        ``samples=`` (their digest enters the cache key).
+
+    Raises
+    ------
+    ValueError
+        ``stream`` without ``data`` or for a stream without a preparation set.
+    FileNotFoundError
+        A missing ``pretrain_manifest`` or image of one of its rows.
+    """
+    from fed_asr.data import caption_samples, read_manifest, stream_preparation
+
+    if cfg.pretrain_data == "easyvqa":
+        from fed_asr.models.loading import PRETRAIN_IMAGES
+
+        if cfg.pretrain_size == PRETRAIN_IMAGES:
+            return None
+        return caption_samples(cfg.pretrain_size, seed)
+    if cfg.pretrain_data == "manifest":
+        return read_manifest(str(cfg.pretrain_manifest))
+    if data is None:
+        raise ValueError(
+            "`model.pretrain_data='stream'` needs the run's data config: pass "
+            "`data=cfg.data` to `preparation_samples`."
+        )
+    return stream_preparation(data, cfg.pretrain_size, seed)
 
 
 def _lr_factor(step: int, total: int) -> float:
@@ -65,7 +121,7 @@ def pretrain_base_model(
     seed: int = 0,
     progress: bool = True,
 ) -> PretrainResult:
-    """Train every weight of ``model`` on caption samples (in place).
+    """Train every weight of ``model`` on preparation samples (in place).
 
     Parameters
     ----------
@@ -74,7 +130,9 @@ def pretrain_base_model(
     processor : Any
         Its processor.
     samples : Sequence[VQASample]
-        ``VQASample(image, question="caption", answer="red circle")`` items.
+        Preparation samples (``preparation_samples``), e.g.
+        ``VQASample(image, question="caption", answer="red circle")``; the LM loss
+        covers every token of each answer.
     cfg : ModelConfig
         ``pretrain_steps``, ``pretrain_batch_size``, ``pretrain_lr`` and
         ``prompt_template`` are used.

@@ -8,12 +8,18 @@ Two exact methods:
   the prompt length in each branch. When every candidate is a single token (no EOS),
   this is a forward pass over the prompts only, read at the answer position.
 - ``teacher_forcing`` (general reference): one row per (sample, candidate).
+
+Two evaluation protocols read the same scores (``EVAL_PROTOCOLS``): ``all`` ranks
+every candidate answer; ``type`` ranks only the answers of the question's skill
+(e.g. yes/no for existence, the colours for colour), given per sample as a boolean
+mask over the candidates (``allowed_answers_mask``). ``predict_protocols`` returns
+both from one forward pass by masking the scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +29,11 @@ from fed_asr.models.capture import SELECTIVE_ATTENTION
 from fed_asr.models.device import model_dtype
 from fed_asr.models.modules import text_config, unwrap
 
+if TYPE_CHECKING:
+    from fed_asr.data import VQASample
+
 SCORING_METHODS = ("auto", "packed", "teacher_forcing")
+EVAL_PROTOCOLS = ("all", "type")
 # Attention implementations that accept an arbitrary additive 4-D mask.
 _MASKABLE = ("sdpa", "eager", SELECTIVE_ATTENTION)
 
@@ -252,6 +262,137 @@ def predict(
     batch: Mapping[str, Any],
     candidate_ids: Sequence[Sequence[int]],
     method: str = "auto",
+    allowed: Tensor | None = None,
 ) -> Tensor:
-    """Index (B,) of the most likely candidate answer of each row."""
-    return score_candidates(model, batch, candidate_ids, method).argmax(dim=-1)
+    """Index (B,) of the most likely candidate (among ``allowed`` when given)."""
+    scores = score_candidates(model, batch, candidate_ids, method)
+    return restrict_scores(scores, allowed).argmax(dim=-1)
+
+
+def predict_protocols(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    candidate_ids: Sequence[Sequence[int]],
+    allowed: Tensor | None = None,
+    method: str = "auto",
+    chunk_size: int = 64,
+) -> dict[str, Tensor]:
+    """Predictions under both evaluation protocols from one scoring pass.
+
+    Parameters
+    ----------
+    model, batch, candidate_ids, method, chunk_size
+        As in ``score_candidates``.
+    allowed : Tensor | None
+        (B, C) bool, the candidates of each sample's skill (``allowed_answers_mask``);
+        ``None`` makes ``type`` equal to ``all``.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        ``{"all": (B,), "type": (B,)}`` candidate indices.
+    """
+    scores = score_candidates(model, batch, candidate_ids, method, chunk_size)
+    return {
+        "all": scores.argmax(dim=-1),
+        "type": restrict_scores(scores, allowed).argmax(dim=-1),
+    }
+
+
+def restrict_scores(scores: Tensor, allowed: Tensor | None) -> Tensor:
+    """Set the scores of disallowed candidates to -inf.
+
+    Parameters
+    ----------
+    scores : Tensor
+        (B, C) candidate scores.
+    allowed : Tensor | None
+        (B, C) bool; ``None`` returns ``scores`` unchanged. A row with no allowed
+        candidate is left unrestricted.
+
+    Returns
+    -------
+    Tensor
+        (B, C) masked scores.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
+    """
+    if allowed is None:
+        return scores
+    if allowed.shape != scores.shape:
+        raise ValueError(
+            f"`allowed` must have shape {tuple(scores.shape)}, "
+            f"got {tuple(allowed.shape)}."
+        )
+    allowed = allowed.to(device=scores.device, dtype=torch.bool)
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # empty row: all allowed
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def skill_answer_sets(
+    samples: Iterable[VQASample],
+    skill_of: Callable[[VQASample], str] | None = None,
+) -> dict[str, list[str]]:
+    """Answers seen for each skill in (training) rows.
+
+    Parameters
+    ----------
+    samples : Iterable[VQASample]
+        Rows with ``answer`` and a skill.
+    skill_of : Callable[[VQASample], str] | None
+        The skill of a sample; ``None`` uses ``sample.skill`` or, when unset, the
+        easy-VQA question parser (``fed_asr.data.skills.question_skill``).
+
+    Returns
+    -------
+    dict[str, list[str]]
+        Skill -> its sorted answers (the ``type`` protocol's candidate sets).
+    """
+    get_skill = sample_skill if skill_of is None else skill_of
+    sets: dict[str, set[str]] = {}
+    for sample in samples:
+        sets.setdefault(get_skill(sample), set()).add(sample.answer)
+    return {skill: sorted(answers) for skill, answers in sorted(sets.items())}
+
+
+def sample_skill(sample: VQASample) -> str:
+    """``sample.skill``, else the easy-VQA parser's skill of its question."""
+    from fed_asr.data.skills import question_skill  # fed_asr.data imports models
+
+    return sample.skill or question_skill(sample.question)
+
+
+def allowed_answers_mask(
+    skills: Sequence[str],
+    answers: Sequence[str],
+    skill_answers: Mapping[str, Collection[str]],
+) -> Tensor:
+    """Per-sample candidate mask of the ``type`` protocol.
+
+    Parameters
+    ----------
+    skills : Sequence[str]
+        The skill of each sample of the batch.
+    answers : Sequence[str]
+        The candidate answers, in scoring order (the collator's ``answers``).
+    skill_answers : Mapping[str, Collection[str]]
+        Skill -> allowed answers (``skill_answer_sets``).
+
+    Returns
+    -------
+    Tensor
+        (B, C) bool. A skill missing from ``skill_answers`` allows every candidate.
+    """
+    index = {a: j for j, a in enumerate(answers)}
+    mask = torch.zeros((len(skills), len(answers)), dtype=torch.bool)
+    for b, skill in enumerate(skills):
+        if skill not in skill_answers:
+            mask[b] = True
+            continue
+        for answer in skill_answers[skill]:
+            if answer in index:
+                mask[b, index[answer]] = True
+    return mask

@@ -25,7 +25,6 @@ import torch
 
 from fed_asr.config import PrivacyConfig
 
-STATS_NAMES = ("count", "sum", "sumsq", "angular_sum")
 _SQRT2 = math.sqrt(2.0)
 
 

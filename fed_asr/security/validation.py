@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fed_asr.config import SecurityConfig
-
-NUM_EXAMPLES_KEY = "num-examples"
-STATS_SHAPES = {"count": 1, "sum": 2, "sumsq": 2, "angular_sum": 2}  # name -> ndim
+from fed_asr.protocol import NUM_EXAMPLES_KEY
+from fed_asr.spectrum_schema import STATS_FIELDS
 
 
 @dataclass(frozen=True)
@@ -195,13 +194,14 @@ def check_spectrum_stats(
         Relative tolerance of the moment checks.
     """
     names = set(stats)
-    if names != set(STATS_SHAPES):
+    if names != set(STATS_FIELDS):
         return _fail(
             f"Spectrum stats have arrays {sorted(names)}, expected "
-            f"{sorted(STATS_SHAPES)}."
+            f"{sorted(STATS_FIELDS)}."
         )
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
-    for name, ndim in STATS_SHAPES.items():
+    for name, symbols in STATS_FIELDS.items():
+        ndim = len(symbols)
         if arrays[name].ndim != ndim:
             return _fail(
                 f"Stats `{name}` has shape {arrays[name].shape}; need {ndim}-D."
@@ -209,7 +209,7 @@ def check_spectrum_stats(
         result = _first_nonfinite(name, arrays[name])
         if not result:
             return result
-    count, total, sumsq, angular = (arrays[k] for k in STATS_SHAPES)
+    count, total, sumsq, angular = (arrays[k] for k in STATS_FIELDS)
     n_skills = count.shape[0]
     if total.shape != sumsq.shape or total.shape[0] != n_skills:
         return _fail(

@@ -19,13 +19,13 @@ from flwr.app import (
 from clients.app import make_client_app
 from clients.site import site_from_context
 from fed_asr import protocol as P
-from fed_asr.aggregation import get_spectrum_strategy
 from fed_asr.config import compose_config
 from fed_asr.data import build_stream
 from fed_asr.models import adapter_state
 from fed_asr.spectrum import SkillStats
+from fed_asr.spectrum_strategies import get_spectrum_strategy
 from fed_asr.train import spectrum_statistics
-from server.records import record_to_numpy
+from fed_asr.wire import record_arrays as record_to_numpy
 
 
 @pytest.fixture(autouse=True)
@@ -128,13 +128,8 @@ def test_train_client_without_stage_data_replies_zero_examples(setup) -> None:  
         .stream.stages[0]
         .train
     )
-    config = {
-        P.STAGE_KEY: 0,
-        P.BETA_KEY: 0.5,
-        P.GAMMA_KEY: 0.05,
-        P.LOCAL_EPOCHS_KEY: 1,
-        P.GLOBAL_ROUND_KEY: 1,
-    }
+    # Only the stage and round travel; epochs and loss weights are the node's config
+    config = {P.STAGE_KEY: 0, P.GLOBAL_ROUND_KEY: 1}
     # Execute
     reply = app(
         _message(MessageType.TRAIN, arrays, config), _context(run_config, empty, 64)
@@ -153,13 +148,8 @@ def test_train_then_evaluate_reports_losses_and_counts(setup) -> None:  # type: 
     # Prepare
     _, run_config, arrays = setup
     app = make_client_app()
-    config = {
-        P.STAGE_KEY: 0,
-        P.BETA_KEY: 0.5,
-        P.GAMMA_KEY: 0.05,
-        P.LOCAL_EPOCHS_KEY: 1,
-        P.GLOBAL_ROUND_KEY: 1,
-    }
+    # Only the stage and round travel; epochs and loss weights are the node's config
+    config = {P.STAGE_KEY: 0, P.GLOBAL_ROUND_KEY: 1}
     # Execute
     reply = app(_message(MessageType.TRAIN, arrays, config), _context(run_config, 0, 2))
     evaluation = app(

@@ -1,38 +1,41 @@
-"""Baselines (FedProx, LwF, EWC, ASR-local, joint) and LoRA aggregations."""
+"""Methods as plug-ins (FedProx, LwF, EWC, ASR-local, joint) and LoRA aggregations."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from fed_asr.baselines import (
-    TEACHER_ADAPTER,
-    accumulate_fisher,
-    distillation_loss,
-    fisher_sums,
-    mean_fisher,
-    trainable_parameters,
-    update_local_spectrum,
-    update_memory,
-)
+from fed_asr.adapter_aggregation import exact_lora_merge, get_lora_aggregation
 from fed_asr.config import (
     DataConfig,
-    LoraSettings,
+    LoraConfig,
     MethodConfig,
     ModelConfig,
     RegularizerConfig,
     SpectrumConfig,
 )
 from fed_asr.data import ContinualStream, build_stream
-from fed_asr.lora_aggregation import exact_lora_merge, get_lora_aggregation
-from fed_asr.methods import METHODS, StageMemory, StepContext, build_method
+from fed_asr.methods import (
+    METHODS,
+    PREVIOUS_ADAPTER,
+    ContinualMethod,
+    NoOptions,
+    StageEndPlan,
+    StepContext,
+    build_method,
+    method_entry,
+    register_method,
+    trainable_parameters,
+)
+from fed_asr.methods.ewc import FISHER, accumulate_fisher, fisher_sums
+from fed_asr.methods.lwf import TEACHER_ADAPTER, distillation_loss
 from fed_asr.models import VQACollator, adapter_state, forward_with_attention
 from fed_asr.models.batching import MODEL_INPUT_KEYS
 from fed_asr.models.tiny import build_tiny
+from fed_asr.schedule import update_spectrum
 from fed_asr.spectrum import SkillStats
 
 MODEL = ModelConfig(
@@ -56,13 +59,13 @@ def stream() -> ContinualStream:
 
 def _model(stream, aggregation: str = "fedavg"):  # type: ignore[no-untyped-def]
     base, processor = build_tiny(MODEL, stream.vocabulary())
-    model = get_lora_aggregation(aggregation).attach(base, LoraSettings(r=4), seed=0)
+    model = get_lora_aggregation(aggregation).attach(base, LoraConfig(r=4), seed=0)
     collator = VQACollator(processor, MODEL.prompt_template, stream.answers)
     return model, collator
 
 
-def _method(name: str, **fields: object):  # type: ignore[no-untyped-def]
-    return build_method(replace(MethodConfig(name=name), **fields), REG, MODEL)
+def _method(name: str, **options: object):  # type: ignore[no-untyped-def]
+    return build_method(MethodConfig(name=name, options=options), REG)
 
 
 def _ctx(model, collator, samples, method) -> StepContext:  # type: ignore[no-untyped-def]
@@ -100,7 +103,7 @@ def test_fedprox_penalty_zero_at_received_weights_positive_after_a_step(
     # Prepare
     model, collator = _model(stream)
     _perturb(model)
-    method = _method("fedprox", fedprox_mu=0.5)
+    method = _method("fedprox", mu=0.5)
     samples = stream.stages[0].train[:4]
     method.before_training(model)
     # Execute
@@ -126,11 +129,11 @@ def test_lwf_penalty_zero_when_teacher_equals_student_and_keeps_ffa_a_frozen(
     model, collator = _model(stream, "ffa")
     _perturb(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    method = _method("lwf", lwf_weight=1.0, lwf_temperature=2.0)
+    method = _method("lwf", weight=1.0, temperature=2.0)
     samples = stream.stages[0].train[:4]
     # Execute
     method.set_memory(
-        model, StageMemory(previous=adapter_state(model, trainable_only=True))
+        model, {PREVIOUS_ADAPTER: adapter_state(model, trainable_only=True)}
     )
     same = method.penalties(_ctx(model, collator, samples, method))["lwf"]
     _perturb(model, seed=2)
@@ -162,9 +165,9 @@ def test_lwf_without_previous_adapter_adds_nothing_and_drops_teacher(
     # Prepare
     model, collator = _model(stream)
     method = _method("lwf")
-    method.set_memory(model, StageMemory(previous=adapter_state(model)))
+    method.set_memory(model, {PREVIOUS_ADAPTER: adapter_state(model)})
     # Execute
-    method.set_memory(model, StageMemory())
+    method.set_memory(model, {})
     terms = method.penalties(_ctx(model, collator, stream.stages[0].train[:2], method))
     # Assert
     assert terms == {}
@@ -195,7 +198,7 @@ def test_ewc_penalty_zero_at_anchor_and_weighted_by_fisher(
     anchor = adapter_state(model)
     fisher = {k: torch.full_like(v, 0.5) for k, v in anchor.items()}
     samples = stream.stages[0].train[:2]
-    method.set_memory(model, StageMemory(previous=anchor, fisher=fisher))
+    method.set_memory(model, {PREVIOUS_ADAPTER: anchor, FISHER: fisher})
     # Execute
     at_anchor = method.penalties(_ctx(model, collator, samples, method))["ewc"]
     with torch.no_grad():
@@ -236,22 +239,23 @@ def test_fisher_sums_batch_one_equal_per_sample_squared_gradients(
     assert all(p.grad is None for p in params.values())
 
 
-def test_mean_fisher_weights_sites_by_examples_and_accumulates() -> None:
-    # Prepare
+def test_ewc_merge_statistics_weights_sites_by_examples_and_accumulates() -> None:
+    # Prepare: Fisher sums of three sites; the last one had no sample
+    ewc = _method("ewc")
     parts = [
         ({"w": torch.tensor([2.0])}, 2),
         ({"w": torch.tensor([10.0])}, 6),
         ({"w": torch.tensor([99.0])}, 0),
     ]
     # Execute
-    pooled = mean_fisher(parts)
+    pooled = ewc.merge_statistics(FISHER, parts)
     summed = accumulate_fisher({"w": torch.tensor([1.0])}, pooled, decay=1.0)
     online = accumulate_fisher({"w": torch.tensor([1.0])}, pooled, decay=0.5)
     # Assert
     torch.testing.assert_close(pooled["w"], torch.tensor([1.5]))
     torch.testing.assert_close(summed["w"], torch.tensor([2.5]))
     torch.testing.assert_close(online["w"], torch.tensor([2.0]))
-    assert mean_fisher([({"w": torch.tensor([1.0])}, 0)]) is None
+    assert ewc.merge_statistics(FISHER, [({"w": torch.tensor([1.0])}, 0)]) is None
 
 
 def test_update_memory_keeps_what_the_method_needs() -> None:
@@ -259,19 +263,17 @@ def test_update_memory_keeps_what_the_method_needs() -> None:
     adapter = {"w": torch.tensor([1.0])}
     fisher = {"w": torch.tensor([3.0])}
     # Execute
-    lwf = update_memory(METHODS["lwf"], StageMemory(), adapter, fisher, 1.0)
-    ewc = update_memory(
-        METHODS["ewc"],
-        StageMemory(fisher={"w": torch.tensor([1.0])}),
-        adapter,
-        fisher,
-        1.0,
+    lwf = _method("lwf").update_memory({}, adapter, {FISHER: fisher})
+    ewc = _method("ewc", decay=1.0).update_memory(
+        {FISHER: {"w": torch.tensor([1.0])}}, adapter, {FISHER: fisher}
     )
+    vanilla = _method("vanilla").update_memory({}, adapter, {FISHER: fisher})
     # Assert
-    assert lwf.previous is not None and lwf.fisher is None
-    torch.testing.assert_close(ewc.fisher["w"], torch.tensor([4.0]))
+    assert set(lwf) == {PREVIOUS_ADAPTER} and set(ewc) == {PREVIOUS_ADAPTER, FISHER}
+    assert vanilla == {}
+    torch.testing.assert_close(ewc[FISHER]["w"], torch.tensor([4.0]))
     adapter["w"].add_(5.0)
-    torch.testing.assert_close(ewc.previous["w"], torch.tensor([1.0]))  # a copy
+    torch.testing.assert_close(ewc[PREVIOUS_ADAPTER]["w"], torch.tensor([1.0]))
 
 
 def test_joint_trains_on_union_of_stages_so_far(stream: ContinualStream) -> None:
@@ -285,7 +287,7 @@ def test_joint_trains_on_union_of_stages_so_far(stream: ContinualStream) -> None
     assert own == list(stream.stages[1].train)
 
 
-def test_update_local_spectrum_blends_and_keeps_old_without_data() -> None:
+def test_update_spectrum_blends_and_keeps_old_without_data() -> None:
     # Prepare
     skills = ("a", "b")
     spectrum_cfg = SpectrumConfig(blend="ema", alpha=0.5)
@@ -296,10 +298,10 @@ def test_update_local_spectrum_blends_and_keeps_old_without_data() -> None:
     second.count[0], second.sum[0], second.sumsq[0] = 1, torch.tensor([3.0, 3.0]), 9.0
     second.angular_sum[0] = 1.0
     # Execute
-    own = update_local_spectrum(None, first, spectrum_cfg, 1e-4)
-    blended = update_local_spectrum(own, second, spectrum_cfg, 1e-4)
-    kept = update_local_spectrum(
-        blended, SkillStats.empty(skills, 2, 1), spectrum_cfg, 1e-4
+    own = update_spectrum(None, [first], spectrum_cfg, 1e-4)
+    blended = update_spectrum(own, [second], spectrum_cfg, 1e-4)
+    kept = update_spectrum(
+        blended, [SkillStats.empty(skills, 2, 1)], spectrum_cfg, 1e-4
     )
     # Assert
     torch.testing.assert_close(
@@ -308,35 +310,70 @@ def test_update_local_spectrum_blends_and_keeps_old_without_data() -> None:
     torch.testing.assert_close(
         blended.mean[0], torch.tensor([2.0, 2.5], dtype=torch.float64)
     )
+    assert own is not None and blended is not None
     assert kept is blended
 
 
-def test_stage_end_round_flags_per_method() -> None:
+def test_stage_end_plan_needs_and_client_queries_per_method() -> None:
     # Execute
-    plan = {
-        name: [cls.stage_end_round(t, 3) for t in range(3)]
-        for name, cls in METHODS.items()
-    }
-    # Assert
-    assert plan["asr"] == [True, True, True]
-    assert plan["asr_local"] == [True, True, False]
-    assert plan["ewc"] == [True, True, False]
-    for name in ("vanilla", "fedprox", "lwf", "joint"):
-        assert plan[name] == [False, False, False]
+    plans = {name: entry.method_class.stage_end for name, entry in METHODS.items()}
+    needed = {n: [p.is_needed(t, 3) for t in range(3)] for n, p in plans.items()}
+    queried = {n: [p.queries_clients(t, 3) for t in range(3)] for n, p in plans.items()}
+    # Assert: a shared spectrum is merged after every stage (the last is an output)
+    assert needed["asr"] == queried["asr"] == [True, True, True]
+    assert needed["asr_local"] == queried["asr_local"] == [True, True, False]
+    assert needed["ewc"] == queried["ewc"] == [True, True, False]
+    # LwF only keeps the global adapter: a stage end without any client work
+    assert needed["lwf"] == [True, True, False]
+    assert queried["lwf"] == [False, False, False]
+    for name in ("vanilla", "fedprox", "joint"):
+        assert needed[name] == queried[name] == [False, False, False]
 
 
-def test_build_method_unknown_name_lists_choices() -> None:
+def test_stage_end_plan_unknown_spectrum_use_raises() -> None:
+    with pytest.raises(ValueError, match="`StageEndPlan.spectrum` must be one of"):
+        StageEndPlan(spectrum="global")  # type: ignore[arg-type]
+
+
+def test_register_method_refuses_taken_non_snake_case_and_untyped_options() -> None:
+    with pytest.raises(KeyError, match="'ewc' is already registered"):
+        register_method("ewc", ContinualMethod, NoOptions)
+    with pytest.raises(ValueError, match="snake_case, got 'StageMean'"):
+        register_method("StageMean", ContinualMethod, NoOptions)
+    with pytest.raises(ValueError, match="must be a dataclass"):
+        register_method("stage_mean", ContinualMethod, dict)
+    assert "stage_mean" not in METHODS
+
+
+def test_method_entry_unknown_name_lists_choices() -> None:
     with pytest.raises(KeyError, match="Available: .*'ewc'.*'joint'.*'lwf'"):
-        _method("ewk")
+        method_entry("ewk")
 
 
-def test_method_negative_weight_raises_naming_field() -> None:
-    with pytest.raises(ValueError, match="`method.fedprox_mu` must be >= 0, got -1"):
-        _method("fedprox", fedprox_mu=-1.0)
-    with pytest.raises(ValueError, match="`method.ewc_decay` must be in"):
-        _method("ewc", ewc_decay=1.5)
-    with pytest.raises(ValueError, match="`method.lwf_temperature` must be positive"):
-        _method("lwf", lwf_temperature=0.0)
+def test_method_config_unknown_name_raises_naming_field_and_choices() -> None:
+    with pytest.raises(ValueError, match=r"`method.name`: Unknown method 'ewk'.*'lwf'"):
+        MethodConfig(name="ewk")
+
+
+def test_method_option_out_of_range_raises_naming_field() -> None:
+    with pytest.raises(ValueError, match=r"`method.options.mu` must be >= 0, got -1"):
+        _method("fedprox", mu=-1.0)
+    with pytest.raises(ValueError, match=r"`method.options.decay` must be in"):
+        _method("ewc", decay=1.5)
+    with pytest.raises(ValueError, match=r"`method.options.temperature` must be posi"):
+        _method("lwf", temperature=0.0)
+    with pytest.raises(ValueError, match=r"`method.options.fisher_batch_size` must"):
+        _method("ewc", fisher_batch_size=0)
+    with pytest.raises(ValueError, match=r"`method.options.weight` must be >= 0"):
+        _method("lwf", weight=-0.5)
+
+
+def test_method_unknown_option_raises_naming_key_and_options() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"`method.options.lambda` is not an option of method 'ewc'.*decay",
+    ):
+        _method("ewc", **{"lambda": 1.0})
 
 
 def test_get_lora_aggregation_unknown_name_lists_choices() -> None:

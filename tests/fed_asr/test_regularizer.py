@@ -81,13 +81,13 @@ def test_regularizer_set_spectrum_turns_loss_on() -> None:
 def test_regularizer_tiny_case_matches_hand_computation() -> None:
     # Prepare: sample 0 has p = (0.2, 0.6, 0.2) -> p~ = (0.25, 0.75) over the two
     # prototypes; sample 1 only has probability on `shape` (no prototype): inactive.
-    cfg = RegularizerConfig(lambda_ang=0.1, tau_mah=1.0)
+    cfg = RegularizerConfig(lambda_ang=0.1, tau_mah=1.0, sym_kl="sum")
     reg = ASRRegularizer(cfg, tiny_spectrum())
     desc = tiny_desc()
     probs = torch.tensor([[0.2, 0.6, 0.2], [0.0, 0.0, 1.0]])
     # d2_color = (1/1 + 4/4) / 2 = 1, d2_count = (0 + 1/1) / 2 = 0.5
     maha = 0.25 * 1.0 + 0.75 * 0.5
-    # symKL((1/4, 3/4), (1/2, 1/2)) = 1/4 ln 3; symKL to `count` is 0
+    # symKL((1/4, 3/4), (1/2, 1/2)) = 1/4 ln 3 without the 1/2; to `count` it is 0
     ang = 0.25 * 0.25 * math.log(3.0)
     w = math.exp(-0.5)
 
@@ -156,6 +156,24 @@ def test_symmetric_kl_is_symmetric_and_zero_on_equal() -> None:
     torch.testing.assert_close(symmetric_kl(p, p), torch.zeros(4))
 
 
+def test_symmetric_kl_mean_is_half_the_sum_of_both_kls() -> None:
+    # Prepare: sum (p - q)(ln p - ln q) = -1/4 ln(1/2) + 1/4 ln(3/2) = ln 3 / 4
+    p, q = torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5])
+
+    # Execute
+    mean, total = symmetric_kl(p, q), symmetric_kl(p, q, reduction="sum")
+
+    # Assert
+    torch.testing.assert_close(total, torch.tensor(math.log(3.0) / 4))
+    torch.testing.assert_close(mean, torch.tensor(math.log(3.0) / 8))
+
+
+def test_symmetric_kl_unknown_reduction_raises() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        symmetric_kl(torch.ones(2) / 2, torch.ones(2) / 2, reduction="half")
+
+
 def test_geometry_loss_tiny_case_matches_hand_computation() -> None:
     # Prepare: cos rows (1, 0) and (0, 1) -> symKL = 2 tanh(1/2) at temperature 1
     image = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1, P=2, d=2)
@@ -163,11 +181,15 @@ def test_geometry_loss_tiny_case_matches_hand_computation() -> None:
     text_ref = torch.tensor([[[0.0, 1.0]]], requires_grad=True)
 
     # Execute
-    loss = geometry_loss(image, text_cur, image, text_ref, torch.ones(1, 1), 1.0)
+    loss = geometry_loss(
+        image, text_cur, image, text_ref, torch.ones(1, 1), 1.0, reduction="sum"
+    )
+    half = geometry_loss(image, text_cur, image, text_ref, torch.ones(1, 1), 1.0)
     loss.backward()
 
     # Assert
     torch.testing.assert_close(loss, torch.tensor(2 * math.tanh(0.5)))
+    torch.testing.assert_close(half, torch.tensor(math.tanh(0.5)))
     assert text_ref.grad is None
     assert text_cur.grad is not None
 
@@ -222,3 +244,172 @@ def test_geometry_loss_non_positive_temperature_raises() -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="`temperature` must be positive, got 0"):
         geometry_loss(image, text, image, text, torch.ones(1, 2), 0.0)
+
+
+def test_regularizer_default_symkl_halves_the_angular_term() -> None:
+    # Prepare: the tiny case of the test above with sym_kl="mean" (default)
+    reg = ASRRegularizer(RegularizerConfig(), tiny_spectrum())
+    probs = torch.tensor([[0.2, 0.6, 0.2], [0.0, 0.0, 1.0]])
+
+    # Execute
+    out = reg(tiny_desc(), probs)
+
+    # Assert
+    expected = 0.25 * 0.25 * math.log(3.0) / 2
+    torch.testing.assert_close(out.angular, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def hinge_spectrum() -> SkillSpectrum:
+    """One skill, D = 2: mu = (0, 0), var = (1, 4)."""
+    return SkillSpectrum(
+        ("color",),
+        mean=torch.zeros(1, 2),
+        var=torch.tensor([[1.0, 4.0]]),
+        angular=torch.tensor([[0.5, 0.5]]),
+        count=torch.tensor([5.0]),
+    )
+
+
+def test_regularizer_hinge_inside_typical_spread_is_zero_with_zero_gradient() -> None:
+    # Prepare: d2 / D = (0.5^2 / 1 + 1^2 / 4) / 2 = 0.25 < 1
+    reg = ASRRegularizer(RegularizerConfig(spec_loss="hinge"), hinge_spectrum())
+    x = torch.tensor([[0.5, 1.0]], requires_grad=True)
+    a = torch.tensor([[0.9, 0.1]], requires_grad=True)
+
+    # Execute
+    out = reg(SpectralDescriptor(x, a), torch.ones(1, 1))
+    out.loss.backward()
+
+    # Assert
+    assert out.loss.item() == 0.0
+    torch.testing.assert_close(out.mahalanobis, torch.tensor(0.25))
+    torch.testing.assert_close(x.grad, torch.zeros(1, 2))
+
+
+def test_regularizer_hinge_outside_spread_penalises_excess_and_pulls_back() -> None:
+    # Prepare: d2 / D = (2^2 / 1 + 4^2 / 4) / 2 = 4; margin 0.5 -> excess 2.5
+    cfg = RegularizerConfig(spec_loss="hinge", hinge_margin=0.5)
+    reg = ASRRegularizer(cfg, hinge_spectrum())
+    x = torch.tensor([[2.0, 4.0]], requires_grad=True)
+
+    # Execute
+    out = reg(SpectralDescriptor(x, torch.full((1, 2), 0.5)), torch.ones(1, 1))
+    out.loss.backward()
+
+    # Assert: grad = 2 (x - mu) / var / D = (2, 1)
+    torch.testing.assert_close(out.loss, torch.tensor(2.5))
+    torch.testing.assert_close(x.grad, torch.tensor([[2.0, 1.0]]))
+
+
+def test_regularizer_moment_batch_matching_prototype_moments_is_zero() -> None:
+    # Prepare: x = mu +- sqrt(var / 2): mean mu, Kish-corrected variance var
+    reg = ASRRegularizer(RegularizerConfig(spec_loss="moment"), hinge_spectrum())
+    s = torch.tensor([math.sqrt(0.5), math.sqrt(2.0)])
+    x = torch.stack([s, -s]).requires_grad_()
+    a = torch.full((2, 2), 0.5, requires_grad=True)
+
+    # Execute
+    out = reg(SpectralDescriptor(x, a), torch.ones(2, 1))
+    out.loss.backward()
+
+    # Assert
+    torch.testing.assert_close(out.loss, torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(x.grad, torch.zeros(2, 2), atol=1e-5, rtol=0)
+
+
+def test_regularizer_moment_collapsed_batch_is_penalised_and_spread_pushed_out() -> (
+    None
+):
+    # Prepare: both samples at the prototype mean (the collapse of "paper")
+    cfg = RegularizerConfig(spec_loss="moment", cov_floor=1e-4)
+    reg = ASRRegularizer(cfg, hinge_spectrum())
+    x = torch.tensor([[0.01, -0.02], [-0.01, 0.02]], requires_grad=True)
+    a = torch.full((2, 2), 0.5)
+
+    # Execute
+    out = reg(SpectralDescriptor(x, a), torch.ones(2, 1))
+    out.loss.backward()
+
+    # Assert: spread = 2 * 0.01^2 etc.; the loss is the log-variance term
+    spread = torch.tensor([2e-4, 8e-4])
+    log_ratio = torch.log(spread + 1e-4) - torch.log(torch.tensor([1.0, 4.0]) + 1e-4)
+    torch.testing.assert_close(out.loss, log_ratio.square().mean(), rtol=1e-5, atol=0)
+    # Descending the gradient moves the samples apart
+    assert (x.grad * x.detach()).sum() < 0
+
+
+def test_regularizer_moment_single_sample_skips_variance_and_matches_mean() -> None:
+    # Prepare: one sample at (1, 2): mean term (1 / 1 + 4 / 4) / 2 = 1
+    reg = ASRRegularizer(RegularizerConfig(spec_loss="moment"), hinge_spectrum())
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+
+    # Execute
+    out = reg(SpectralDescriptor(x, torch.full((1, 2), 0.5)), torch.ones(1, 1))
+    out.loss.backward()
+
+    # Assert
+    torch.testing.assert_close(out.loss, torch.tensor(1.0))
+    torch.testing.assert_close(x.grad, torch.tensor([[1.0, 0.5]]))
+
+
+@pytest.mark.parametrize("spec_loss", ["paper", "hinge", "moment"])
+def test_regularizer_every_spec_loss_backpropagates_through_describe(
+    spec_loss: str,
+) -> None:
+    # Prepare: prototypes from one batch, a far-off batch to regularise
+    cfg = RegularizerConfig(spec_loss=spec_loss)
+    attn = torch.randn(8, 2, 4, 5, 64).mul(3.0).softmax(-1)
+    probs = torch.rand(8, 3).mul(4.0).softmax(-1)
+    stats = SkillStats.from_batch(describe(attn, (8, 8)), probs, SKILLS, 0.2)
+    reg = ASRRegularizer(cfg, stats.to_prototypes(cfg.cov_floor))
+    logits = torch.randn(4, 2, 4, 5, 64).mul(8.0).requires_grad_()
+
+    # Execute
+    out = reg(describe(logits.softmax(-1), (8, 8)), torch.rand(4, 3).softmax(-1))
+    out.loss.backward()
+
+    # Assert
+    assert out.loss.item() > 0
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("descriptor", "mine"),
+        ("query_tokens", "all"),
+        ("sym_kl", "half"),
+        ("geometry", "pooled"),
+        ("spec_loss", "pull"),
+    ],
+)
+def test_regularizer_config_unknown_choice_raises(field: str, value: str) -> None:
+    # Execute / Assert
+    with pytest.raises(
+        ValueError, match=rf"`regularizer.{field}` must be one of .*got '{value}'"
+    ):
+        RegularizerConfig(**{field: value})
+
+
+@pytest.mark.parametrize(("field", "value"), [("hinge_margin", -0.1)])
+def test_regularizer_config_negative_margin_raises(field: str, value: float) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=rf"`regularizer.{field}` must be >= 0"):
+        RegularizerConfig(**{field: value})
+
+
+def test_regularizer_config_non_positive_geo_temperature_raises() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="`regularizer.geo_temperature` must be"):
+        RegularizerConfig(geo_temperature=0.0)
+
+
+def test_regularizer_config_defaults_follow_the_paper() -> None:
+    # Execute
+    cfg = RegularizerConfig()
+
+    # Assert
+    assert (cfg.geometry, cfg.gamma, cfg.geo_temperature) == ("paper", 0.02, 1.0)
+    assert (cfg.descriptor, cfg.sym_kl, cfg.spec_loss) == ("paper", "mean", "paper")
+    assert cfg.query_tokens == "function_words"

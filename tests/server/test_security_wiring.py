@@ -16,8 +16,11 @@ from clients.app import make_client_app
 from clients.site import site_from_context
 from clients.testing import LoopbackGrid
 from fed_asr import protocol as P
+from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import ExperimentConfig, compose_config
+from fed_asr.methods import StageEndPlan
 from fed_asr.models import adapter_state
+from fed_asr.schedule import StageEndInputs, update_spectrum
 from fed_asr.security.checkpoint_integrity import IntegrityError
 from fed_asr.security.dp import calibrate_stats_noise, max_skills_per_sample
 from fed_asr.security.secagg import flatten_arrays
@@ -26,11 +29,17 @@ from fed_asr.security.signing import (
     generate_signing_key,
     save_public_key,
 )
+from fed_asr.spectrum import SkillSpectrum
+from fed_asr.wire import record_arrays as record_to_numpy
+from server.adapter_strategies import build_adapter_strategy
 from server.checkpoint import ADAPTER, Checkpoint, Checkpointer
-from server.records import numpy_record, record_to_numpy
+from server.ledger import RoundLedger, RoundLog
+from server.records import numpy_record
 from server.reply_validation import make_train_reply_check
+from server.run import FederatedRun
 from server.secure_spectrum import SecureSpectrumRound
-from server.strategy import FedASR, RoundLog
+from server.stage_end import StageEndRound
+from server.strategy import FedASR
 
 NUM_NODES = 3
 
@@ -73,25 +82,54 @@ class Federation:
         self.arrays = ArrayRecord(torch_state_dict=adapter_state(site.model))
 
     def strategy(self, **kwargs) -> FedASR:  # type: ignore[no-untyped-def]
-        return FedASR(
-            skills=self.skills,
-            spectrum_cfg=self.cfg.spectrum,
-            privacy=self.cfg.privacy,
-            security=self.cfg.security,
-            min_train_nodes=2,
-            min_available_nodes=2,
-            **kwargs,
+        """FedASR around the configured FedAvg, sampling every node."""
+        inner = build_adapter_strategy(
+            self.cfg.federation, get_lora_aggregation(self.cfg.lora.aggregation)
+        )
+        return FedASR(inner, ledger=RoundLedger(), **kwargs)
+
+    def stage_end(
+        self, ledger: RoundLedger | None = None, secure: bool | None = None
+    ) -> StageEndInputs:
+        """The stage-end round of stage 0 (shared spectrum) over the grid."""
+        privacy = self.cfg.privacy
+        if secure is not None:
+            privacy = dataclasses.replace(privacy, secure_spectrum=secure)
+        ledger = ledger or RoundLedger([RoundLog(round=1, stage=0)])
+        round_ = StageEndRound(
+            self.grid,
+            self.skills,
+            privacy,
+            self.cfg.security,
+            ledger,
+            lambda content, message_type: None,
+            60.0,
+        )
+        return round_.run(self.arrays, 0, StageEndPlan(spectrum="shared"), 1)
+
+    def spectrum(self, secure: bool | None = None) -> SkillSpectrum | None:
+        """The global spectrum merged from the stage-end round of stage 0."""
+        parts = self.stage_end(secure=secure).spectrum_parts
+        return update_spectrum(
+            None, parts, self.cfg.spectrum, self.cfg.regularizer.cov_floor
         )
 
     def clear_stats(self) -> list[dict[str, np.ndarray]]:
-        """Each node's clear-text statistics of stage 0 (the plain spectrum round)."""
-        strategy = self.strategy()
-        strategy.privacy = dataclasses.replace(self.cfg.privacy, secure_spectrum=False)
-        strategy.spectrum_round(self.grid, self.arrays, 0, 60.0)
-        return [
-            record_to_numpy(m.content.array_records[P.STATS_RECORD])
-            for m in strategy.stage_end_replies
-        ]
+        """Each node's clear-text statistics of stage 0, as sent (node order)."""
+        sent: dict[int, dict[str, np.ndarray]] = {}
+
+        def capture(node: int, msg: Message, reply: Message) -> Message:
+            if P.STATS_RECORD in reply.content.array_records:
+                record = reply.content.array_records[P.STATS_RECORD]
+                sent[node] = record_to_numpy(record)
+            return reply
+
+        hook, self.grid.on_reply = self.grid.on_reply, capture
+        try:
+            self.stage_end(secure=False)
+        finally:
+            self.grid.on_reply = hook
+        return [sent[node] for node in sorted(sent)]
 
 
 @pytest.fixture
@@ -173,19 +211,15 @@ def test_secure_round_with_one_dropout_still_yields_the_correct_sum(
     assert [d["node"] for d in result.dropped] == [leaver]
 
 
-def test_secure_spectrum_round_in_strategy_equals_plain_pooled_spectrum(
+def test_secure_stage_end_round_gives_the_plain_pooled_spectrum(
     federation,
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare
     plain_fed = federation()
     secure_fed = federation(**{"privacy.secure_spectrum": "true"})
     # Execute
-    plain = plain_fed.strategy().spectrum_round(
-        plain_fed.grid, plain_fed.arrays, 0, 60.0
-    )
-    secure = secure_fed.strategy().spectrum_round(
-        secure_fed.grid, secure_fed.arrays, 0, 60.0
-    )
+    plain = plain_fed.spectrum()
+    secure = secure_fed.spectrum()
     # Assert
     assert plain is not None and secure is not None
     torch.testing.assert_close(secure.mean, plain.mean, atol=1e-5, rtol=0)
@@ -195,11 +229,14 @@ def test_secure_spectrum_round_in_strategy_equals_plain_pooled_spectrum(
 def test_secure_spectrum_refuses_a_strategy_that_needs_client_statistics(
     federation,
 ) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
     fed = federation(
         **{"privacy.secure_spectrum": "true", "spectrum.strategy": "median"}
     )
+    # Execute / Assert: refused at the start of the run, before any round
     with pytest.raises(ValueError, match="spectrum.strategy=median"):
-        fed.strategy()
+        FederatedRun(fed.cfg, fed.grid).run()
+    assert not (Path(fed.cfg.output_dir) / "checkpoint" / "LATEST").exists()
 
 
 # -- differential privacy -------------------------------------------------------------
@@ -270,20 +307,13 @@ def test_bad_train_reply_is_dropped_and_logged_with_its_node(
         _corrupt(kind, reply) if node == 1000 else reply
     )
     strategy = fed.strategy(reply_check=make_train_reply_check(fed.cfg.security))
-    config = ConfigRecord(
-        {
-            P.BETA_KEY: 0.0,
-            P.GAMMA_KEY: 0.0,
-            P.LOCAL_EPOCHS_KEY: 1,
-            P.SEED_KEY: 0,
-        }
-    )
+    strategy.begin_round(0, 1, None, {})
     # Execute
-    messages = strategy.configure_train(1, fed.arrays, config, fed.grid)
+    messages = strategy.configure_train(1, fed.arrays, ConfigRecord(), fed.grid)
     replies = fed.grid.send_and_receive(messages)
     arrays, _ = strategy.aggregate_train(1, replies)
     # Assert: the round went on with the two honest replies
-    dropped = strategy.rounds[-1].dropped
+    dropped = strategy.ledger.rounds[-1].dropped
     assert arrays is not None
     assert [d["node"] for d in dropped] == [1000]
     assert reason in dropped[0]["reason"]
@@ -302,14 +332,13 @@ def test_bad_statistics_reply_is_dropped_and_counted(federation) -> None:  # typ
         return reply
 
     fed.grid.on_reply = inflate
-    strategy = fed.strategy()
-    strategy.rounds.append(RoundLog(round=1, stage=0))
+    ledger = RoundLedger([RoundLog(round=1, stage=0)])
     # Execute
-    spectrum = strategy.spectrum_round(fed.grid, fed.arrays, 0, 60.0)
-    # Assert
-    assert spectrum is not None
-    assert [d["node"] for d in strategy.rounds[-1].dropped] == [1001]
-    assert "exceeds" in strategy.rounds[-1].dropped[0]["reason"]
+    inputs = fed.stage_end(ledger)
+    # Assert: the two honest parts are kept, the inflated one dropped and named
+    assert len(inputs.spectrum_parts) == NUM_NODES - 1
+    assert [d["node"] for d in ledger.rounds[-1].dropped] == [1001]
+    assert "exceeds" in ledger.rounds[-1].dropped[0]["reason"]
 
 
 # -- signatures -----------------------------------------------------------------------
@@ -322,7 +351,8 @@ def _signed_federation(federation, tmp_path: Path):  # type: ignore[no-untyped-d
 
 
 def _evaluate(fed: Federation, strategy: FedASR, round_: int) -> list[Message]:
-    messages = strategy.configure_evaluate(round_, fed.arrays, ConfigRecord(), fed.grid)
+    strategy.begin_round(0, round_, None, {})  # the signed round is the global one
+    messages = strategy.configure_evaluate(1, fed.arrays, ConfigRecord(), fed.grid)
     return list(fed.grid.send_and_receive(messages))
 
 
@@ -400,11 +430,13 @@ def test_resume_refuses_a_manifest_rewritten_without_the_key(tmp_path: Path) -> 
 
 
 # -- spectrum delivery ----------------------------------------------------------------
-def _train_round(fed: Federation, strategy: FedASR, round_: int) -> list[Message]:
-    config = ConfigRecord(
-        {P.BETA_KEY: 0.5, P.GAMMA_KEY: 0.0, P.LOCAL_EPOCHS_KEY: 1, P.SEED_KEY: 0}
+def _train_round(
+    fed: Federation, strategy: FedASR, round_: int, spectrum: SkillSpectrum
+) -> tuple[list[int], list[Message]]:
+    strategy.begin_round(1, round_, spectrum, {})
+    messages = list(
+        strategy.configure_train(round_, fed.arrays, ConfigRecord(), fed.grid)
     )
-    messages = list(strategy.configure_train(round_, fed.arrays, config, fed.grid))
     carried = sorted(
         m.metadata.dst_node_id
         for m in messages
@@ -412,7 +444,7 @@ def _train_round(fed: Federation, strategy: FedASR, round_: int) -> list[Message
     )
     replies = list(fed.grid.send_and_receive(messages))
     strategy.aggregate_train(round_, replies)
-    return carried, replies  # type: ignore[return-value]
+    return carried, replies
 
 
 def test_global_spectrum_travels_once_per_version_and_is_resent_after_state_loss(
@@ -420,20 +452,22 @@ def test_global_spectrum_travels_once_per_version_and_is_resent_after_state_loss
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare: a global spectrum from a stage-end round of stage 0
     fed = federation()
+    spectrum = fed.spectrum()
+    assert spectrum is not None
     strategy = fed.strategy()
-    strategy.spectrum_round(fed.grid, fed.arrays, 0, 60.0)
-    strategy.stage = 1
     # Execute: two rounds; then node 1001 loses its state; two more rounds
-    first, _ = _train_round(fed, strategy, 1)
-    second, replies = _train_round(fed, strategy, 2)
+    first, _ = _train_round(fed, strategy, 1, spectrum)
+    second, replies = _train_round(fed, strategy, 2, spectrum)
     fed.grid.contexts[1001].state = RecordDict()
-    third, failed = _train_round(fed, strategy, 3)
-    fourth, _ = _train_round(fed, strategy, 4)
-    # Assert: sent to all once, then only to the node that lost it (after its error)
+    third, failed = _train_round(fed, strategy, 3, spectrum)
+    fourth, _ = _train_round(fed, strategy, 4, spectrum)
+    # Assert: sent once; after the node that lost it fails, sent again. The inner
+    # strategy gives every message one shared content, so the spectrum goes to all
+    # sampled nodes while any of them has not confirmed the version.
     assert first == sorted(fed.nodes) and second == [] and third == []
     assert all(m.content[P.METRICS_RECORD][P.loss_key("spec")] > 0 for m in replies)
     assert [m.metadata.src_node_id for m in failed if m.has_error()] == [1001]
     assert "never received" in next(m for m in failed if m.has_error()).error.reason
-    assert fourth == [1001]
-    bytes_down = [r.bytes_down_spectrum for r in strategy.rounds]
-    assert bytes_down[1] == bytes_down[2] == 0 < bytes_down[3] < bytes_down[0]
+    assert fourth == sorted(fed.nodes)
+    bytes_down = [r.bytes_down_spectrum for r in strategy.ledger.rounds]
+    assert bytes_down[1] == bytes_down[2] == 0 < bytes_down[3] == bytes_down[0]

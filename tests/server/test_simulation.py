@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
 
 from clients.testing import failing_mod, nan_reply_mod
+from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import compose_config
 from fed_asr.data import build_stream
-from fed_asr.models import load_base_model
+from fed_asr.models import adapter_state, load_base_model
 from fed_asr.security.signing import (
     generate_signing_key,
     save_private_key,
@@ -73,6 +75,46 @@ def test_simulation_two_clients_two_stages_survives_a_failing_client(
     assert any("lora_B" in name for name, _ in adapted.named_parameters())
     spectrum = SkillSpectrum.load(out / "spectrum.safetensors")
     assert bool(spectrum.present.any())
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedadam"])
+def test_simulation_asr_around_another_flower_strategy_fills_the_matrix(
+    run_overrides, strategy: str
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: ASR wrapped around FedMedian / FedAdam, on an even smaller slice
+    overrides = run_overrides(
+        strategy,
+        **{
+            "federation.strategy": strategy,
+            "data.max_train_per_stage": 16,
+            "data.max_test_per_stage": 8,
+            "train.max_steps_per_stage": 2,
+        },
+    )
+    cfg = compose_config("config", overrides)
+    # Execute
+    metrics = _run(overrides)
+    # Assert: a full lower-triangular matrix, every reply aggregated
+    assert metrics["adapter_strategy"] == strategy
+    matrix = metrics["accuracy_matrix"]
+    assert matrix[0][0] is not None and None not in matrix[1]
+    assert metrics["dropped_replies"] == metrics["failed_replies"] == 0
+    assert [r["clients_answered"] for r in metrics["rounds"]] == [2, 2]
+    assert metrics["rounds"][1]["losses"]["spec"] > 0
+    # Assert: the saved adapter moved away from the initial (seeded) one
+    stream = build_stream(cfg.data, cfg.seed)
+    base, _ = load_base_model(cfg.model, stream.vocabulary())
+    initial = adapter_state(
+        get_lora_aggregation(cfg.lora.aggregation).attach(base, cfg.lora, cfg.seed)
+    )
+    base, _ = load_base_model(cfg.model, stream.vocabulary())
+    trained = adapter_state(
+        PeftModel.from_pretrained(base, Path(cfg.output_dir) / "adapter")
+    )
+    assert trained.keys() == initial.keys()
+    moved = [k for k in initial if not torch.equal(initial[k], trained[k])]
+    assert any(".lora_B." in k for k in moved)
+    assert all(bool(torch.isfinite(v).all()) for v in trained.values())
 
 
 def test_simulation_resume_from_checkpoint_gives_same_result(

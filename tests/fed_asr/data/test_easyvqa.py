@@ -222,7 +222,7 @@ def test_build_stream_dispatches_easyvqa_config() -> None:
     stream = build_stream(cfg, seed=0)
 
     # Assert
-    assert stream.name == "easyvqa-domain"
+    assert stream.name == "easyvqa/domain"
     assert [len(s.train) for s in stream.stages] == [30, 30, 30]
     assert (
         stream.stages

@@ -51,7 +51,7 @@ def test_manifest_stream_happy_path(tmp_path: Path) -> None:
     stream = manifest_stream(root, skills=["count", "id"], seed=0)
 
     # Assert
-    assert stream.name == "manifest-data"
+    assert stream.name == "manifest:data"
     assert [s.name for s in stream.stages] == ["stage_0", "stage_1"]
     assert [len(s.train) for s in stream.stages] == [4, 4]
     assert [len(s.test) for s in stream.stages] == [2, 2]

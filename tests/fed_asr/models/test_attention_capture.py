@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fed_asr.config import LoraSettings, ModelConfig
+from fed_asr.config import LoraConfig, ModelConfig
 from fed_asr.data import VQASample
 from fed_asr.models import VQACollator, attach_lora, forward_with_attention
 from fed_asr.models.capture import SELECTIVE_ATTENTION
@@ -45,7 +45,7 @@ def test_forward_with_attention_selective_equals_eager(
     # Prepare
     vqa_samples = vqa_samples[:rows]
     model, batch = _setup(cfg, vocab, answers, vqa_samples, kv_heads)
-    model = attach_lora(model, LoraSettings(r=4))
+    model = attach_lora(model, LoraConfig(r=4))
     _randomize_lora_b(model)
 
     # Execute
@@ -112,7 +112,7 @@ def test_forward_with_attention_gradients_reach_lora_of_q_proj(
 ) -> None:
     # Prepare
     model, batch = _setup(cfg, vocab, answers, vqa_samples)
-    model = attach_lora(model, LoraSettings(r=4))
+    model = attach_lora(model, LoraConfig(r=4))
     _randomize_lora_b(model)
     last = cfg.text_layers - 1
 

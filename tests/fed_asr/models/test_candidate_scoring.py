@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fed_asr.config import LoraSettings, ModelConfig
+from fed_asr.config import LoraConfig, ModelConfig
 from fed_asr.data import VQASample
 from fed_asr.models import (
     VQACollator,
@@ -63,7 +63,7 @@ def test_score_candidates_on_peft_model_packed_equals_teacher_forcing(setup) -> 
     base, processor, batch = setup
     candidates = candidate_token_ids(processor, MULTI)
     plain = score_candidates(base, batch, candidates)
-    model = attach_lora(base, LoraSettings(r=4))
+    model = attach_lora(base, LoraConfig(r=4))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

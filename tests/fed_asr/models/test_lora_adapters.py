@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from fed_asr.config import LoraSettings, ModelConfig
+from fed_asr.config import LoraConfig, ModelConfig
 from fed_asr.data import VQASample
 from fed_asr.models import (
     VQACollator,
@@ -47,7 +47,7 @@ def test_attach_lora_targets_only_language_model_q_and_v(
     base, _ = build_tiny(cfg, vocab)
 
     # Execute
-    model = attach_lora(base, LoraSettings(r=4))
+    model = attach_lora(base, LoraConfig(r=4))
 
     # Assert
     names = _lora_module_names(model)
@@ -66,7 +66,7 @@ def test_attach_lora_scope_all_also_targets_vision_tower(
     base, _ = build_tiny(cfg, vocab)
 
     # Execute
-    model = attach_lora(base, LoraSettings(r=4), scope="all")
+    model = attach_lora(base, LoraConfig(r=4), scope="all")
 
     # Assert
     names = _lora_module_names(model)
@@ -80,7 +80,7 @@ def test_attach_lora_unknown_target_raises(cfg: ModelConfig, vocab: list[str]) -
 
     # Execute / Assert
     with pytest.raises(ValueError, match="target_modules"):
-        attach_lora(base, LoraSettings(target_modules=["nonexistent_proj"]))
+        attach_lora(base, LoraConfig(target_modules=["nonexistent_proj"]))
 
 
 def test_attach_lora_ffa_trains_only_lora_b(cfg: ModelConfig, vocab: list[str]) -> None:
@@ -88,7 +88,7 @@ def test_attach_lora_ffa_trains_only_lora_b(cfg: ModelConfig, vocab: list[str]) 
     base, _ = build_tiny(cfg, vocab)
 
     # Execute
-    model = attach_lora(base, LoraSettings(r=4), ffa=True)
+    model = attach_lora(base, LoraConfig(r=4), ffa=True)
 
     # Assert
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -105,9 +105,9 @@ def test_attach_lora_same_seed_gives_same_lora_a(
     second_base, _ = build_tiny(cfg, vocab)
 
     # Execute
-    first = adapter_state(attach_lora(first_base, LoraSettings(r=4), seed=7))
+    first = adapter_state(attach_lora(first_base, LoraConfig(r=4), seed=7))
     torch.manual_seed(123)  # the global RNG must not matter
-    second = adapter_state(attach_lora(second_base, LoraSettings(r=4), seed=7))
+    second = adapter_state(attach_lora(second_base, LoraConfig(r=4), seed=7))
 
     # Assert
     assert first.keys() == second.keys()
@@ -124,7 +124,7 @@ def test_adapter_state_round_trip_restores_outputs(
     # Prepare
     base, processor = build_tiny(cfg, vocab)
     batch = VQACollator(processor, cfg.prompt_template, answers)(vqa_samples)
-    model = attach_lora(base, LoraSettings(r=4))
+    model = attach_lora(base, LoraConfig(r=4))
     _perturb(model, seed=1)
     saved = adapter_state(model)
     expected = _logits(model, batch)
@@ -147,7 +147,7 @@ def test_load_adapter_state_missing_key_raises(
 ) -> None:
     # Prepare
     base, _ = build_tiny(cfg, vocab)
-    model = attach_lora(base, LoraSettings(r=4))
+    model = attach_lora(base, LoraConfig(r=4))
     state = adapter_state(model)
     dropped = next(iter(state))
     del state[dropped]
@@ -163,7 +163,7 @@ def test_load_adapter_state_unexpected_key_raises(
 ) -> None:
     # Prepare
     base, _ = build_tiny(cfg, vocab)
-    model = attach_lora(base, LoraSettings(r=4))
+    model = attach_lora(base, LoraConfig(r=4))
     state = adapter_state(model)
     state["vision.q_proj.lora_A.weight"] = torch.zeros(1)
 
@@ -178,8 +178,8 @@ def test_load_adapter_state_shape_mismatch_raises(
     # Prepare
     base, _ = build_tiny(cfg, vocab)
     other_base, _ = build_tiny(cfg, vocab)
-    model = attach_lora(base, LoraSettings(r=4))
-    other = adapter_state(attach_lora(other_base, LoraSettings(r=2)))
+    model = attach_lora(base, LoraConfig(r=4))
+    other = adapter_state(attach_lora(other_base, LoraConfig(r=2)))
 
     # Execute / Assert
     with pytest.raises(ValueError, match=r"has shape \(2, 32\)"):
@@ -197,7 +197,7 @@ def test_save_adapter_reloads_with_peft_from_pretrained(
     base, processor = build_tiny(cfg, vocab, seed=5)
     fresh_base, _ = build_tiny(cfg, vocab, seed=5)
     batch = VQACollator(processor, cfg.prompt_template, answers)(vqa_samples)
-    model = attach_lora(base, LoraSettings(r=4))
+    model = attach_lora(base, LoraConfig(r=4))
     _perturb(model, seed=3)
     expected = _logits(model, batch)
 

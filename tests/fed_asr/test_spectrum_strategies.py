@@ -1,20 +1,20 @@
-"""Tests of fed_asr.aggregation: spectral aggregation strategies and their registry."""
+"""Tests of fed_asr.spectrum_strategies: spectrum merge strategies, registry."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fed_asr import aggregation
-from fed_asr.aggregation import (
+from fed_asr import spectrum_strategies
+from fed_asr.config import SpectrumConfig
+from fed_asr.spectrum import SkillStats
+from fed_asr.spectrum_strategies import (
     SPECTRUM_STRATEGIES,
     Pooled,
     SpectrumStrategy,
     get_spectrum_strategy,
     register_spectrum_strategy,
 )
-from fed_asr.config import SpectrumConfig
-from fed_asr.spectrum import SkillStats
 
 SKILLS = ("color", "shape")
 FLOOR = 1e-4
@@ -257,7 +257,7 @@ def test_get_spectrum_strategy_unknown_lists_choices() -> None:
 
 def test_register_spectrum_strategy_new_name_is_found(monkeypatch) -> None:
     # Prepare
-    monkeypatch.setattr(aggregation, "SPECTRUM_STRATEGIES", {})
+    monkeypatch.setattr(spectrum_strategies, "SPECTRUM_STRATEGIES", {})
 
     class First(Pooled):
         """Test strategy."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fed_asr.config import LoraSettings
+from fed_asr.config import LoraConfig
 from fed_asr.models import adapter_state, attach_lora, load_adapter_state
 
 LORA_A = ".lora_A."
@@ -49,7 +49,7 @@ class LoraAggregation:
     freeze_a: bool = False
     server_merges: bool = False
 
-    def attach(self, base: nn.Module, lora: LoraSettings, seed: int) -> nn.Module:
+    def attach(self, base: nn.Module, lora: LoraConfig, seed: int) -> nn.Module:
         """Wrap ``base`` with LoRA; every caller with the same ``seed`` gets the same A.
 
         ``torch.manual_seed(seed)`` is set first (as the engines always did), so the

@@ -1,0 +1,203 @@
+"""Evaluation that can see the mechanism: protocols, skills, drift, grounding.
+
+- Accuracy under two protocols (``fed_asr.models.scoring.EVAL_PROTOCOLS``): ``all``
+  ranks every answer of the stream; ``type`` ranks only the answers of the question's
+  skill (taken from the training rows, so it works from a manifest alone).
+- Accuracy per skill (question type) under both.
+- Spectral drift: the unweighted normalised Mahalanobis distance d2/D of a stage's
+  test descriptors to the prototypes recorded at the end of that stage, next to its
+  in-distribution floor (the same distance right after that stage).
+- Grounding share: the share of text-to-image attention on the queried object's
+  patches (streams whose samples carry a ``region``), next to the object's share of
+  the image (what uniform attention gives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fed_asr.config import RegularizerConfig
+from fed_asr.data import VQASample
+from fed_asr.data.regions import region_masks
+from fed_asr.diagnostics import attention_grounding_share, spectral_drift
+from fed_asr.models import (
+    VQACollator,
+    candidate_token_ids,
+    forward_with_attention,
+    model_device,
+    move_batch,
+)
+from fed_asr.models.scoring import (
+    EVAL_PROTOCOLS,
+    allowed_answers_mask,
+    predict_protocols,
+    sample_skill,
+)
+from fed_asr.query_tokens import query_token_weights
+from fed_asr.regularizer import describe_capture
+from fed_asr.spectral import descriptor_dim
+from fed_asr.spectrum import SkillStats
+
+
+@dataclass
+class StageScores:
+    """Counts of one evaluated stage: per protocol, overall and per skill."""
+
+    total: int = 0
+    correct: dict[str, int] = field(default_factory=dict)  # protocol -> correct
+    per_skill: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+
+    def accuracy(self, protocol: str = "all") -> float:
+        """Accuracy under ``protocol`` (NaN without samples)."""
+        return (
+            self.correct.get(protocol, 0) / self.total if self.total else float("nan")
+        )
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def score_stage(
+    model: torch.nn.Module,
+    collator: VQACollator,
+    samples: Sequence[VQASample],
+    batch_size: int,
+    skill_answers: Mapping[str, Sequence[str]],
+) -> StageScores:
+    """Score ``samples`` under every protocol from one forward pass per batch.
+
+    Parameters
+    ----------
+    skill_answers : Mapping[str, Sequence[str]]
+        Skill -> its answers (``skill_answer_sets`` of the training rows): the
+        candidates of the ``type`` protocol.
+    """
+    scores = StageScores(correct=dict.fromkeys(EVAL_PROTOCOLS, 0))
+    scores.per_skill = {p: {} for p in EVAL_PROTOCOLS}
+    if len(samples) == 0:
+        return scores
+    device = model_device(model)
+    candidates = candidate_token_ids(collator.processor, collator.answers)
+    model.eval()
+    for rows in _batches(len(samples), batch_size):
+        chunk = [samples[i] for i in rows]
+        skills = [sample_skill(s) for s in chunk]
+        batch = move_batch(collator(chunk), device)
+        allowed = allowed_answers_mask(skills, collator.answers, skill_answers)
+        predicted = predict_protocols(model, batch, candidates, allowed.to(device))
+        for protocol, pred in predicted.items():
+            hits = (pred == batch["answer_index"]).tolist()
+            scores.correct[protocol] += int(sum(hits))
+            table = scores.per_skill[protocol]
+            for skill, hit in zip(skills, hits, strict=True):
+                c, n = table.get(skill, (0, 0))
+                table[skill] = (c + int(hit), n + 1)
+        scores.total += len(chunk)
+    return scores
+
+
+@dataclass
+class AttentionProbe:
+    """Descriptors, skills and grounding shares of a set of samples."""
+
+    descriptors: Tensor  # (N, D)
+    skills: list[str]
+    grounding: Tensor  # (M,) share on the queried object (samples with a region)
+    uniform: Tensor  # (M,) the object's share of the image
+
+
+@torch.no_grad()
+def probe_attention(
+    model: torch.nn.Module,
+    collator: VQACollator,
+    samples: Sequence[VQASample],
+    reg_cfg: RegularizerConfig,
+    batch_size: int,
+    capture_mode: str = "selective",
+) -> AttentionProbe:
+    """Capture the attention of ``samples``: descriptors and grounding shares."""
+    dim = descriptor_dim(reg_cfg.n_radial, reg_cfg.n_angular)
+    descriptors, skills, shares, uniform = [], [], [], []
+    device = model_device(model)
+    model.eval()
+    for rows in _batches(len(samples), batch_size):
+        chunk = [samples[i] for i in rows]
+        batch = move_batch(collator(chunk), device)
+        capture = forward_with_attention(model, batch, reg_cfg.l_sel, capture_mode)
+        descriptors.append(describe_capture(capture, batch, reg_cfg).descriptor.cpu())
+        skills.extend(sample_skill(s) for s in chunk)
+        masks, has = region_masks(chunk, capture.grid)  # (B, Gh, Gw), (B,)
+        if bool(has.any()):
+            weights = query_token_weights(
+                capture.query_mask, batch.get("function_mask"), reg_cfg.query_tokens
+            )
+            share = attention_grounding_share(
+                capture.attn,
+                capture.grid,
+                masks.to(capture.attn.device),
+                weights.to(capture.attn.dtype),
+                reg_cfg.descriptor,
+            ).cpu()
+            shares.append(share[has])
+            uniform.append(masks.float().mean((-2, -1))[has])
+    empty = torch.zeros(0)
+    return AttentionProbe(
+        descriptors=torch.cat(descriptors) if descriptors else torch.zeros(0, dim),
+        skills=skills,
+        grounding=torch.cat(shares) if shares else empty,
+        uniform=torch.cat(uniform) if uniform else empty,
+    )
+
+
+class DriftMonitor:
+    """Old-skill spectral drift and grounding after each stage (any engine).
+
+    After stage ``t``: ``record(t, train_probe)`` keeps prototypes of stage ``t``'s
+    own training data; ``measure(t, i, test_probe)`` gives stage ``i``'s test
+    descriptors' distance to stage ``i``'s prototypes (``i == t`` is the floor).
+    """
+
+    def __init__(self, skills: Sequence[str], cov_floor: float) -> None:
+        self.skills = tuple(skills)
+        self.cov_floor = cov_floor
+        self.prototypes: dict[int, Any] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def record(self, stage: int, probe: AttentionProbe) -> None:
+        """Prototypes of ``stage`` from its training probe (one-hot skills)."""
+        stats = SkillStats.empty(self.skills, probe.descriptors.shape[1], 1)
+        for j, skill in enumerate(self.skills):
+            rows = [k for k, s in enumerate(probe.skills) if s == skill]
+            if not rows:
+                continue
+            x = probe.descriptors[rows].double()
+            stats.count[j] = len(rows)
+            stats.sum[j] = x.sum(0)
+            stats.sumsq[j] = x.square().sum(0)
+            stats.angular_sum[j] = float(len(rows))  # unused by the distance
+        self.prototypes[stage] = stats.to_prototypes(self.cov_floor)
+
+    def measure(self, after: int, stage: int, probe: AttentionProbe) -> dict[str, Any]:
+        """Drift of ``stage``'s test data after training ``after`` (one JSON row)."""
+        drift = spectral_drift(probe.descriptors, probe.skills, self.prototypes[stage])
+        row = {
+            "after_stage": after,
+            "stage": stage,
+            "drift": drift,
+            "drift_mean": sum(drift.values()) / len(drift) if drift else None,
+            "grounding_share": float(probe.grounding.mean())
+            if probe.grounding.numel()
+            else None,
+            "object_share": float(probe.uniform.mean())
+            if probe.uniform.numel()
+            else None,
+        }
+        self.rows.append(row)
+        return row

@@ -1,0 +1,102 @@
+"""Tests of the configurable base-model preparation set (``model.pretrain_data``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fed_asr.config import DataConfig, ModelConfig
+from fed_asr.data import caption_samples
+from fed_asr.models.loading import PRETRAIN_IMAGES, tiny_model_dir
+from fed_asr.models.pretrain import preparation_samples
+
+
+def test_preparation_samples_default_is_none_and_keeps_cache_key(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    cfg = ModelConfig(cache_dir=str(tmp_path))
+
+    # Execute
+    samples = preparation_samples(cfg, seed=0)
+
+    # Assert: loading builds its own default captions, under the earlier cache key
+    assert samples is None
+    assert cfg.pretrain_size == PRETRAIN_IMAGES
+    assert tiny_model_dir(cfg, ["red"], 0, samples) == tiny_model_dir(cfg, ["red"], 0)
+
+
+def test_preparation_samples_easyvqa_other_size_gives_captions() -> None:
+    # Prepare
+    cfg = ModelConfig(pretrain_size=25)
+
+    # Execute
+    samples = preparation_samples(cfg, seed=1)
+
+    # Assert
+    assert samples == caption_samples(25, 1)
+
+
+def test_preparation_samples_stream_uses_scenes_set(tmp_path: Path) -> None:
+    # Prepare
+    cfg = ModelConfig(pretrain_data="stream", pretrain_size=30)
+    data = DataConfig(stream="scenes", cache_dir=str(tmp_path))
+
+    # Execute
+    samples = preparation_samples(cfg, seed=0, data=data)
+
+    # Assert
+    assert samples is not None and len(samples) == 30
+    assert sum(s.question == "caption" for s in samples) == 10
+    assert all(Path(s.image).is_file() for s in samples)
+    other = tiny_model_dir(cfg, ["red"], 0, samples)
+    assert other != tiny_model_dir(cfg, ["red"], 0)  # the set enters the cache key
+
+
+def test_preparation_samples_stream_needs_data_config() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="data config"):
+        preparation_samples(ModelConfig(pretrain_data="stream"))
+
+
+def test_preparation_samples_manifest_reads_rows(tmp_path: Path) -> None:
+    # Prepare
+    (tmp_path / "a.png").write_bytes(b"")
+    rows = [{"image": "a.png", "question": "caption", "answer": "red circle"}]
+    path = tmp_path / "prep.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = ModelConfig(pretrain_data="manifest", pretrain_manifest=str(path))
+
+    # Execute
+    samples = preparation_samples(cfg)
+
+    # Assert
+    assert samples is not None
+    assert [(s.question, s.answer) for s in samples] == [("caption", "red circle")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pretrain_data": "coco"}, "model.pretrain_data"),
+        ({"pretrain_data": "manifest"}, "model.pretrain_manifest"),
+        ({"pretrain_size": 0}, "model.pretrain_size"),
+        ({"pretrain_batch_size": 0}, "model.pretrain_batch_size"),
+        ({"pretrain_lr": 0.0}, "model.pretrain_lr"),
+        ({"pretrain_steps": -1}, "model.pretrain_steps"),
+    ],
+)
+def test_model_config_rejects_bad_pretrain_value(
+    kwargs: dict[str, object], match: str
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_model_config_warns_on_ignored_pretrain_manifest() -> None:
+    # Execute / Assert
+    with pytest.warns(UserWarning, match="specified but will be ignored"):
+        ModelConfig(pretrain_manifest="/tmp/prep.jsonl")

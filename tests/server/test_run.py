@@ -1,0 +1,79 @@
+"""The federated run over an in-process grid (real ClientApps, protobuf on the wire)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+
+from clients.app import make_client_app
+from clients.testing import LoopbackGrid
+from fed_asr import protocol as P
+from fed_asr.config import compose_config
+from fed_asr.wire import record_arrays
+from server.records import numpy_record
+from server.run import FederatedRun
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Flower stamps messages with the process's task identity; set a test one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+
+
+def _loopback(overrides: list[str], num_nodes: int = 2) -> LoopbackGrid:
+    run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
+    app = make_client_app()
+    contexts = {
+        100 + p: Context(
+            run_id=7,
+            node_id=100 + p,
+            node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: num_nodes},
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        for p in range(num_nodes)
+    }
+    return LoopbackGrid(dict.fromkeys(contexts, app), contexts)
+
+
+def _nan(node: int, msg: Message, reply: Message) -> Message:
+    """Every train reply of global round 1 carries a NaN."""
+    config = msg.content.config_records.get(P.CONFIG_RECORD)
+    if msg.metadata.message_type.startswith("train") and config is not None:
+        if int(config[P.GLOBAL_ROUND_KEY]) == 1 and not reply.has_error():
+            arrays = record_arrays(reply.content[P.ARRAYS_RECORD])
+            first = sorted(arrays)[0]
+            arrays[first] = np.full_like(arrays[first], np.nan)
+            reply.content[P.ARRAYS_RECORD] = numpy_record(arrays)
+    return reply
+
+
+def test_federated_run_round_with_every_reply_dropped_keeps_the_global_adapter(
+    run_overrides,
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: both replies of round 1 are invalid (NaN), round 2 is honest
+    overrides = run_overrides(
+        "all-dropped",
+        method="vanilla",
+        **{"data.max_train_per_stage": 16, "train.max_steps_per_stage": 2},
+    )
+    grid = _loopback(overrides)
+    grid.on_reply = _nan
+    # Execute
+    path = FederatedRun(compose_config("config", overrides), grid).run()
+    # Assert: nothing aggregated in round 1, yet the run went on with the adapter
+    metrics = json.loads(Path(path).read_text())
+    first, second = metrics["rounds"]
+    assert [d["round"] for d in metrics["dropped"]] == [1, 1]
+    assert all("non-finite" in d["reason"] for d in metrics["dropped"])
+    assert first["losses"] == {} and second["losses"]["task"] > 0
+    assert metrics["failed_replies"] == 0 and second["clients_answered"] == 2
+    matrix = metrics["accuracy_matrix"]
+    assert matrix[0][0] is not None and None not in matrix[1]
