@@ -30,11 +30,12 @@ from clients.site import Site, site_from_context
 from clients.spectrum_state import local_spectrum, received_spectrum, store_local
 from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
+from fed_asr.evaluation import score_stage
 from fed_asr.methods import MethodMemory
 from fed_asr.schedule import update_spectrum
 from fed_asr.security.dp import max_skills_per_sample, noise_generator, privatize_stats
 from fed_asr.security.signing import load_public_key
-from fed_asr.train import evaluate_samples, spectrum_statistics, train_stage
+from fed_asr.train import spectrum_statistics, train_stage
 from fed_asr.wire import verify_content
 
 _SIGNATURE_STATE = "signature-state"  # ConfigRecord in context.state: last round
@@ -142,6 +143,24 @@ def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
     return content
 
 
+def _evaluation_counts(site: Site, stage: int, samples: Any) -> dict[str, int]:
+    """Counts of ``stage``'s test data: both protocols, overall and per skill."""
+    scores = score_stage(
+        site.model,
+        site.collator,
+        samples,
+        site.cfg.train.eval_batch_size,
+        site.skill_answers,
+    )
+    counts = {P.total_key(stage): scores.total}
+    for protocol, correct in scores.correct.items():
+        counts[P.correct_key(stage, protocol)] = correct
+        for skill, (hit, total) in scores.per_skill[protocol].items():
+            counts[P.correct_key(stage, protocol, skill)] = hit
+            counts[P.total_key(stage, skill)] = total
+    return counts
+
+
 def _seed(site: Site, config: ConfigRecord) -> int:
     """Seed of this client's data order in this round (deterministic on resume)."""
     round_ = int(config.get(P.GLOBAL_ROUND_KEY, config.get(P.SERVER_ROUND_KEY, 0)))
@@ -225,10 +244,7 @@ def make_client_app(
         seen = int(msg.content[P.CONFIG_RECORD][P.NUM_SEEN_STAGES_KEY])
         metrics: dict[str, int] = {P.PARTITION_ID_KEY: site.partition_id}
         for i, stage in enumerate(site.stream.stages[:seen]):
-            correct, total = evaluate_samples(
-                site.model, site.collator, stage.test, site.cfg.train.eval_batch_size
-            )
-            metrics[P.correct_key(i)], metrics[P.total_key(i)] = correct, total
+            metrics.update(_evaluation_counts(site, i, stage.test))
         metrics[P.NUM_EXAMPLES_KEY] = sum(metrics[P.total_key(i)] for i in range(seen))
         content = RecordDict({P.METRICS_RECORD: MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)

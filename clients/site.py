@@ -25,6 +25,7 @@ from fed_asr.models import (
     model_family,
     resolve_device,
 )
+from fed_asr.models.scoring import skill_answer_sets
 from fed_asr.protocol import NODE_DATA_ROOT, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 
 
@@ -38,6 +39,8 @@ class Site:
     model: Any
     collator: VQACollator
     method: ContinualMethod
+    # Skill -> its answers: the candidates of the `type` evaluation protocol
+    skill_answers: dict[str, list[str]]
 
 
 def site_from_context(
@@ -75,7 +78,9 @@ def _site(
     data_root: str | None,
 ) -> Site:
     cfg = _config(run_config_key)
-    stream, vocabulary = _client_stream(cfg, partition_id, num_partitions, data_root)
+    stream, vocabulary, skill_answers = _client_stream(
+        cfg, partition_id, num_partitions, data_root
+    )
     model, processor = _shared_model(to_yaml(cfg), vocabulary)
     collator = VQACollator(
         processor,
@@ -85,22 +90,23 @@ def _site(
         function_words=cfg.regularizer.function_words,
     )
     method = build_method(cfg.method, cfg.regularizer)
-    return Site(cfg, partition_id, stream, model, collator, method)
+    return Site(cfg, partition_id, stream, model, collator, method, skill_answers)
 
 
 def _client_stream(
     cfg: ExperimentConfig, partition_id: int, num_partitions: int, data_root: str | None
-) -> tuple[ContinualStream, tuple[str, ...]]:
-    """This client's stream and the vocabulary of the whole stream.
+) -> tuple[ContinualStream, tuple[str, ...], dict[str, list[str]]]:
+    """This client's stream, the vocabulary and skill answers of the whole stream.
 
     The tiny model's tokenizer is built from the vocabulary, so it must be the one
-    of the full stream (as on the server), not of this client's share.
+    of the full stream (as on the server), not of this client's share; so are the
+    candidates of the ``type`` protocol, for every client to score alike.
     """
     if data_root is not None:
         # A site with its own data folder: all of it is this client's.
         own = dataclasses.replace(cfg.data, name="manifest", root=data_root)
         stream = build_stream(own, cfg.seed)
-        return stream, tuple(stream.vocabulary())
+        return stream, tuple(stream.vocabulary()), _skill_answers(stream)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
             f"Node config `{NODE_PARTITION_ID}`={partition_id} is outside "
@@ -110,7 +116,11 @@ def _client_stream(
     shares = partition_stream(
         stream, num_partitions, cfg.data.dirichlet_alpha, cfg.seed
     )
-    return shares[partition_id], tuple(stream.vocabulary())
+    return shares[partition_id], tuple(stream.vocabulary()), _skill_answers(stream)
+
+
+def _skill_answers(stream: ContinualStream) -> dict[str, list[str]]:
+    return skill_answer_sets(s for stage in stream.stages for s in stage.train)
 
 
 @functools.cache

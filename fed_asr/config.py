@@ -114,6 +114,10 @@ class ModelConfig:
     pretrain_steps: int = 300
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
+    # multiplier of the initial query/key projection weights of both towers before
+    # preparation (1 = the default init); > 1 sharpens the initial attention and gets
+    # small models off the uniform-attention plateau sooner (`model=scenes_cpu`)
+    pretrain_qk_init: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("model.name", self.name, ("tiny", "pretrained"))
@@ -154,7 +158,12 @@ class ModelConfig:
                 f"`model.pretrain_data={self.pretrain_data!r}`.",
                 stacklevel=2,
             )
-        for name in ("pretrain_size", "pretrain_batch_size", "pretrain_lr"):
+        for name in (
+            "pretrain_size",
+            "pretrain_batch_size",
+            "pretrain_lr",
+            "pretrain_qk_init",
+        ):
             check_positive(f"model.{name}", getattr(self, name))
         if self.pretrain_steps < 0:
             raise ValueError(

@@ -149,7 +149,15 @@ class FederationConfig:
     """Federated schedule (simulation and deployment)."""
 
     num_clients: int = 4
+    # Rounds of a stage: `fixed` runs `rounds_per_stage`; `plateau` runs at least
+    # `rounds_per_stage` and at most `max_rounds_per_stage`, stopping once the pooled
+    # training loss improved by less than `plateau_rel_delta` (relative) over the
+    # last `plateau_patience` rounds; a stage stopped by the cap is flagged underfit.
+    schedule: str = "plateau"
     rounds_per_stage: int = 2
+    max_rounds_per_stage: int = 8
+    plateau_rel_delta: float = 0.03
+    plateau_patience: int = 1
     # Flower strategy aggregating the adapters (server.adapter_strategies) and its
     # keyword arguments, e.g. `+federation.strategy_options.eta=0.01` for fedadam
     strategy: str = "fedavg"
@@ -166,10 +174,24 @@ class FederationConfig:
         for name in (
             "num_clients",
             "rounds_per_stage",
+            "max_rounds_per_stage",
+            "plateau_patience",
             "local_epochs",
             "keep_checkpoints",
         ):
             check_positive(f"federation.{name}", getattr(self, name))
+        check_choice("federation.schedule", self.schedule, ("fixed", "plateau"))
+        if self.max_rounds_per_stage < self.rounds_per_stage:
+            raise ValueError(
+                "`federation.max_rounds_per_stage` must be >= "
+                f"`federation.rounds_per_stage` ({self.rounds_per_stage}), got "
+                f"{self.max_rounds_per_stage}."
+            )
+        if self.plateau_rel_delta < 0:
+            raise ValueError(
+                "`federation.plateau_rel_delta` must be >= 0, got "
+                f"{self.plateau_rel_delta}."
+            )
         for name in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:

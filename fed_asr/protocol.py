@@ -60,13 +60,23 @@ NODE_DATA_ROOT = "data-root"
 NODE_VERIFY_KEY = "verify-key"  # path of the server's signing.pub on this node
 
 
-def correct_key(stage: int) -> str:
-    """Metric key of the number of correct answers on ``stage``."""
-    return f"{CORRECT_PREFIX}{stage}"
+def correct_key(stage: int, protocol: str = "all", skill: str | None = None) -> str:
+    """Metric key of the correct answers on ``stage`` (under ``protocol``, of a skill).
+
+    ``correct-<stage>`` (protocol ``all``), ``correct-type-<stage>``, and per skill
+    ``correct-<protocol>-<stage>-<skill>``.
+    """
+    if skill is not None:
+        return f"{CORRECT_PREFIX}{protocol}-{stage}-{skill}"
+    if protocol == "all":
+        return f"{CORRECT_PREFIX}{stage}"
+    return f"{CORRECT_PREFIX}{protocol}-{stage}"
 
 
-def total_key(stage: int) -> str:
-    """Metric key of the number of scored questions on ``stage``."""
+def total_key(stage: int, skill: str | None = None) -> str:
+    """Metric key of the scored questions on ``stage`` (of a skill)."""
+    if skill is not None:
+        return f"{TOTAL_PREFIX}{stage}-{skill}"
     return f"{TOTAL_PREFIX}{stage}"
 
 

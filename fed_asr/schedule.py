@@ -15,7 +15,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from fed_asr.config import SpectrumConfig
+from fed_asr.config import FederationConfig, SpectrumConfig
 from fed_asr.methods import ContinualMethod, MethodMemory
 from fed_asr.spectrum import SkillSpectrum, SkillStats, blend
 from fed_asr.spectrum_strategies import get_spectrum_strategy
@@ -50,6 +50,60 @@ def update_spectrum(
         list(parts), spectrum_cfg, cov_floor
     )
     return blend(previous, merged, mode=spectrum_cfg.blend, alpha=spectrum_cfg.alpha)
+
+
+@dataclass(frozen=True)
+class RoundDecision:
+    """Whether a stage's training is over, and whether it ended underfit."""
+
+    done: bool
+    underfit: bool = False
+
+
+def stage_rounds_decision(
+    losses: Sequence[float], federation: FederationConfig
+) -> RoundDecision:
+    """Decide from a stage's pooled training losses (one per round so far).
+
+    ``fixed``: done after ``rounds_per_stage`` rounds. ``plateau``: at least
+    ``rounds_per_stage``; then done once the best loss of the last
+    ``plateau_patience`` rounds improves on the best before them by less than
+    ``plateau_rel_delta`` (relative); at ``max_rounds_per_stage`` done regardless,
+    flagged ``underfit`` if the loss was still improving. The training loss is
+    used, not a test accuracy, so stopping never sees evaluation data.
+    """
+    n, fed = len(losses), federation
+    if fed.schedule == "fixed":
+        return RoundDecision(done=n >= fed.rounds_per_stage)
+    if n < max(fed.rounds_per_stage, fed.plateau_patience + 1):
+        return RoundDecision(done=False)
+    before = min(losses[: n - fed.plateau_patience])
+    recent = min(losses[n - fed.plateau_patience :])
+    improving = before > 0 and (before - recent) / before >= fed.plateau_rel_delta
+    if not improving:
+        return RoundDecision(done=True)
+    if n >= fed.max_rounds_per_stage:
+        return RoundDecision(done=True, underfit=True)
+    return RoundDecision(done=False)
+
+
+def stage_outcome(
+    losses: Sequence[float], federation: FederationConfig
+) -> RoundDecision:
+    """How a finished stage ended: ``underfit`` if its loss was still falling.
+
+    Under either schedule, a stage whose last ``plateau_patience`` rounds still
+    improved the loss by ``plateau_rel_delta`` or more is flagged underfit.
+    """
+    patience = federation.plateau_patience
+    if len(losses) <= patience:
+        return RoundDecision(done=True, underfit=len(losses) > 0)
+    before = min(losses[: len(losses) - patience])
+    recent = min(losses[len(losses) - patience :])
+    improving = (
+        before > 0 and (before - recent) / before >= federation.plateau_rel_delta
+    )
+    return RoundDecision(done=True, underfit=improving)
 
 
 @dataclass

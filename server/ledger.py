@@ -40,6 +40,8 @@ class RoundLog:
     bytes_up_extra: int = 0  # method statistics of the stage-end round
     accuracy: dict[str, float] = field(default_factory=dict)
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Pooled evaluation counts: correct-<stage>, correct-type-<stage>, per skill
+    counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 

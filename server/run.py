@@ -27,7 +27,13 @@ from fed_asr.methods import build_method
 from fed_asr.models import load_run_base_model, resolve_device
 from fed_asr.outputs import seed_everything
 from fed_asr.progress import format_seconds
-from fed_asr.schedule import ContinualState, StageEndInputs, StageSchedule
+from fed_asr.schedule import (
+    ContinualState,
+    StageEndInputs,
+    StageSchedule,
+    stage_outcome,
+    stage_rounds_decision,
+)
 from server.adapter_strategies import build_adapter_strategy
 from server.checkpoint import Checkpoint, Checkpointer
 from server.ledger import RoundLedger
@@ -37,7 +43,14 @@ from server.signing_key import server_signing_key
 from server.stage_end import StageEndRound
 from server.strategy import FedASR
 
-_MEMORY_PREFIX = "memory/"  # checkpointed memory: memory/<name>/<adapter key>
+_MEMORY_PREFIX = "memory/"
+
+
+def _task_losses(rounds: list[Any]) -> list[float]:
+    """Pooled task loss of each round that aggregated something."""
+    return [
+        r.losses["task"] for r in rounds if "task" in r.losses
+    ]  # checkpointed memory: memory/<name>/<adapter key>
 
 
 class FederatedRun:
@@ -125,18 +138,32 @@ class FederatedRun:
 
     # -- StageEngine ---------------------------------------------------------------
     def train_stage(self, stage: int, state: ContinualState) -> None:
-        """The stage's remaining rounds, one Flower ``start`` each."""
-        R = self.cfg.federation.rounds_per_stage
+        """Rounds of ``stage`` until the round schedule says it is done.
+
+        One Flower ``start`` per round. The decision reads the ledger (rounds and
+        pooled training losses of this stage), so a resumed run decides alike.
+        """
+        fed = self.cfg.federation
+        cap = (
+            fed.rounds_per_stage
+            if fed.schedule == "fixed"
+            else fed.max_rounds_per_stage
+        )
         shared = self.method.stage_end.spectrum == "shared"
         spectrum = state.spectrum if shared else None
         memory = {
             P.memory_record(name): ArrayRecord(torch_state_dict=tensors)
             for name, tensors in state.memory.items()
         }
-        first = max(self.done_rounds, stage * R) + 1
-        for global_round in range(first, (stage + 1) * R + 1):
+        while True:
+            rounds = [r for r in self.ledger.rounds if r.stage == stage]
+            if any(r.stage > stage for r in self.ledger.rounds) or len(rounds) >= cap:
+                break
+            if stage_rounds_decision(_task_losses(rounds), fed).done:
+                break
             assert self.arrays is not None
-            self.strategy.begin_round(stage, global_round, spectrum, memory)
+            self.done_rounds += 1
+            self.strategy.begin_round(stage, self.done_rounds, spectrum, memory)
             result = self.strategy.start(
                 grid=self.grid,
                 initial_arrays=self.arrays,
@@ -148,9 +175,26 @@ class FederatedRun:
             # Flower's Result holds an empty ArrayRecord when nothing was aggregated
             if result.arrays is not None and len(result.arrays) > 0:
                 self.arrays = result.arrays
-            self.done_rounds = global_round
             self._save(state)
             self._log_round()
+        self._report_stage(stage)
+
+    def _report_stage(self, stage: int) -> None:
+        """Log the stage's rounds; warn when it ended still improving (underfit)."""
+        rounds = [r for r in self.ledger.rounds if r.stage == stage]
+        decision = stage_outcome(_task_losses(rounds), self.cfg.federation)
+        log(
+            WARNING if decision.underfit else INFO,
+            "[fed-asr] stage %d/%d (%s) trained for %d rounds%s",
+            stage + 1,
+            len(self.stage_names),
+            self.stage_names[stage],
+            len(rounds),
+            " and is UNDERFIT: its training loss was still falling at the cap "
+            "(raise `federation.max_rounds_per_stage` or `federation.local_epochs`)"
+            if decision.underfit
+            else "",
+        )
 
     def collect_stage_end(
         self, stage: int, state: ContinualState, query_clients: bool
@@ -203,7 +247,13 @@ class FederatedRun:
     def _log_round(self) -> None:
         entry = self.ledger.last
         assert entry is not None
-        total = self.cfg.federation.rounds_per_stage * len(self.stage_names)
+        fed = self.cfg.federation
+        per_stage = (
+            fed.rounds_per_stage
+            if fed.schedule == "fixed"
+            else fed.max_rounds_per_stage
+        )
+        total = per_stage * len(self.stage_names)  # an upper bound under `plateau`
         done = self.done_rounds - self.rounds_at_start
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(done, 1) * (total - self.done_rounds)

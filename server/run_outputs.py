@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fed_asr import protocol as P
 from fed_asr.config import ExperimentConfig
-from fed_asr.metrics import AccuracyMatrix
+from fed_asr.metrics import AccuracyMatrix, SkillAccuracyMatrices
+from fed_asr.models.scoring import EVAL_PROTOCOLS
 from fed_asr.outputs import write_run_outputs
-from fed_asr.schedule import ContinualState
+from fed_asr.schedule import ContinualState, stage_outcome
 from fed_asr.security.dp import (
     PrivacyAccountant,
     calibrate_stats_noise,
@@ -55,17 +57,30 @@ def privacy_report(
 def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
     """Accuracy matrices (pooled and per client), round logs, totals; the files."""
     cfg, names = run.cfg, run.stage_names
-    T, R = len(names), cfg.federation.rounds_per_stage
+    T = len(names)
     rounds = run.ledger.rounds
-    by_round = {r.round: r for r in rounds}
-    matrix = AccuracyMatrix(T)
+    # The last round of each stage is the row of the accuracy matrices
+    ends = {
+        t: max((r for r in rounds if r.stage == t), key=lambda r: r.round)
+        for t in range(T)
+        if any(r.stage == t for r in rounds)
+    }
+    matrix, typed = AccuracyMatrix(T), AccuracyMatrix(T)
+    per_skill = {p: SkillAccuracyMatrices(T) for p in EVAL_PROTOCOLS}
     partitions = sorted({int(p) for r in rounds for p in r.per_client})
     per_client = {str(p): AccuracyMatrix(T) for p in partitions}
-    for t in range(T):
-        end = by_round.get((t + 1) * R)
-        if end is None:
-            continue
+    for t, end in sorted(ends.items()):
         matrix.set_row(t, [end.accuracy.get(str(i), np.nan) for i in range(t + 1)])
+        typed.set_row(
+            t,
+            [
+                _ratio(end.counts, P.correct_key(i, "type"), P.total_key(i))
+                for i in range(t + 1)
+            ],
+        )
+        for i in range(t + 1):
+            for protocol, skills in _skill_counts(end.counts, i).items():
+                per_skill[protocol].add(t, i, skills)
         for p, row in end.per_client.items():
             per_client[str(p)].set_row(
                 t, [row.get(str(i), np.nan) for i in range(t + 1)]
@@ -74,6 +89,19 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
         name: [(r.round, r.accuracy[str(i)]) for r in rounds if str(i) in r.accuracy]
         for i, name in enumerate(names)
     }
+    stages = []
+    for t in range(T):
+        own = [r for r in rounds if r.stage == t]
+        losses = [r.losses["task"] for r in own if "task" in r.losses]
+        outcome = stage_outcome(losses, cfg.federation)
+        stages.append(
+            {
+                "stage": names[t],
+                "rounds": len(own),
+                "underfit": outcome.underfit,
+                "task_loss": losses,
+            }
+        )
     logs = run.ledger.to_list()
     extra = {
         "engine": run.engine,
@@ -81,7 +109,16 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
         "stream": run.stream.name,
         "seed": cfg.seed,
         "num_clients": cfg.federation.num_clients,
-        "rounds_per_stage": R,
+        "round_schedule": cfg.federation.schedule,
+        "stage_rounds": stages,
+        "underfit_stages": [s["stage"] for s in stages if s["underfit"]],
+        "accuracy_matrix_type": typed.to_list(),
+        "metrics_type": typed.summary().as_dict() if typed.completed_rows else {},
+        "per_skill": {
+            p: m.to_json(matrix.completed_rows)
+            for p, m in per_skill.items()
+            if m.skills
+        },
         "adapter_strategy": cfg.federation.strategy,
         "spectrum_strategy": cfg.spectrum.strategy,
         "lora_aggregation": cfg.lora.aggregation,
@@ -111,5 +148,26 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
         extra,
         curves=curves,
         curve_xlabel="round",
-        stage_boundaries=[(t + 1) * R + 0.5 for t in range(T - 1)],
+        stage_boundaries=[ends[t].round + 0.5 for t in sorted(ends)[:-1]],
     )
+
+
+def _ratio(counts: dict[str, int], correct: str, total: str) -> float:
+    n = counts.get(total, 0)
+    return counts.get(correct, 0) / n if n else float("nan")
+
+
+def _skill_counts(
+    counts: dict[str, int], stage: int
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """Protocol -> skill -> (correct, total) of ``stage`` from pooled counts."""
+    out: dict[str, dict[str, tuple[int, int]]] = {p: {} for p in EVAL_PROTOCOLS}
+    prefix = P.total_key(stage) + "-"
+    for key, total in counts.items():
+        if not key.startswith(prefix) or not total:
+            continue
+        skill = key[len(prefix) :]
+        for protocol in EVAL_PROTOCOLS:
+            correct = counts.get(P.correct_key(stage, protocol, skill), 0)
+            out[protocol][skill] = (correct, total)
+    return out

@@ -18,7 +18,14 @@ from logging import INFO, WARNING
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -67,21 +74,25 @@ def aggregate_losses(records: list[RecordDict], weight_key: str) -> MetricRecord
     return MetricRecord(out)
 
 
-def pool_stage_accuracy(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Accuracy per stage pooled over clients: sum of correct / sum of scored."""
-    correct: dict[int, int] = {}
-    total: dict[int, int] = {}
+def pool_evaluation_counts(records: Sequence[RecordDict]) -> dict[str, int]:
+    """Sum over clients of every count (``correct-*``, ``total-*``) they report."""
+    pooled: dict[str, int] = {}
     for record in records:
         for key, value in record[P.METRICS_RECORD].items():  # type: ignore[union-attr]
-            if key.startswith(P.CORRECT_PREFIX):
-                i = int(key[len(P.CORRECT_PREFIX) :])
-                correct[i] = correct.get(i, 0) + int(value)  # type: ignore[arg-type]
-            elif key.startswith(P.TOTAL_PREFIX):
-                i = int(key[len(P.TOTAL_PREFIX) :])
-                total[i] = total.get(i, 0) + int(value)  # type: ignore[arg-type]
-    return MetricRecord(
-        {f"acc-{i}": correct.get(i, 0) / n for i, n in sorted(total.items()) if n}
-    )
+            if key.startswith((P.CORRECT_PREFIX, P.TOTAL_PREFIX)):
+                pooled[key] = pooled.get(key, 0) + int(value)  # type: ignore[arg-type]
+    return pooled
+
+
+def pool_stage_accuracy(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Accuracy per stage pooled over clients: sum of correct / sum of scored."""
+    counts = pool_evaluation_counts(records)
+    accuracy: dict[str, float] = {}
+    for key, total in counts.items():
+        stage = key[len(P.TOTAL_PREFIX) :]
+        if key.startswith(P.TOTAL_PREFIX) and stage.isdigit() and total:
+            accuracy[f"acc-{stage}"] = counts.get(P.correct_key(int(stage)), 0) / total
+    return MetricRecord(dict(sorted(accuracy.items())))
 
 
 def keep_dtypes(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
@@ -282,11 +293,8 @@ class FedASR(Strategy):
         # `spec` before a client has a prototype); the inner strategy sees only the
         # adapter and `num-examples`, so no client's extra metric can stop it.
         metrics = aggregate_losses([m.content for m in with_data], P.NUM_EXAMPLES_KEY)
-        for msg in with_data:
-            msg.content[P.METRICS_RECORD] = MetricRecord(
-                {P.NUM_EXAMPLES_KEY: _num_examples(msg)}
-            )
-        arrays, _ = self.strategy.aggregate_train(self._round(server_round), with_data)
+        uniform = [_adapter_only(msg) for msg in with_data]
+        arrays, _ = self.strategy.aggregate_train(self._round(server_round), uniform)
         if arrays is not None and self._sent_arrays is not None:
             arrays = keep_dtypes(arrays, self._sent_arrays)
         entry.losses = {
@@ -328,7 +336,7 @@ class FedASR(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Pooled accuracy per stage (inner strategy); per-client rows to the log."""
+        """Pooled accuracy and counts per stage; per-client rows to the log."""
         replies = [m for m in replies if not m.has_error()]
         entry = self.ledger.entry(self.global_round, self.stage)
         valid = [
@@ -344,11 +352,11 @@ class FedASR(Strategy):
                 if n:
                     row[str(i)] = int(metrics.get(P.correct_key(i), 0)) / n
             entry.per_client[str(reply_partition(msg))] = row
-        pooled = (
-            self.strategy.aggregate_evaluate(self._round(server_round), valid)
-            if valid
-            else None
-        )
+        # Pooled here, not by the inner strategy: clients report different keys
+        # (a skill missing from a client's test split), which Flower refuses.
+        contents = [m.content for m in valid]
+        pooled = pool_stage_accuracy(contents, P.NUM_EXAMPLES_KEY) if valid else None
+        entry.counts = pool_evaluation_counts(contents)
         entry.accuracy = {
             k[len("acc-") :]: float(v)  # type: ignore[arg-type]
             for k, v in (pooled or {}).items()
@@ -388,6 +396,21 @@ class FedASR(Strategy):
             self.global_round,
         )
         self.strategy.summary()
+
+
+def _adapter_only(msg: Message) -> Message:
+    """A reply's adapter and ``num-examples`` alone (what the inner strategy sees)."""
+    content = RecordDict(
+        {
+            P.ARRAYS_RECORD: msg.content[P.ARRAYS_RECORD],
+            P.METRICS_RECORD: MetricRecord({P.NUM_EXAMPLES_KEY: _num_examples(msg)}),
+        }
+    )
+    return Message(
+        content=content,
+        dst_node_id=msg.metadata.src_node_id,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def _num_examples(msg: Message) -> int:

@@ -37,6 +37,7 @@ def small_run_overrides(cache_dir: str, output_dir: str, **extra: object) -> lis
         "train.eval_batch_size": 32,
         "federation.num_clients": 2,
         "federation.rounds_per_stage": 1,
+        "federation.schedule": "fixed",
         "regularizer.l_sel": 2,
         "progress": "false",
         "output_dir": output_dir,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from fed_asr.config import RegularizerConfig, SpectrumConfig
+from fed_asr.config import FederationConfig, RegularizerConfig, SpectrumConfig
 from fed_asr.methods import (
     PREVIOUS_ADAPTER,
     ContinualMethod,
@@ -18,6 +18,8 @@ from fed_asr.schedule import (
     ContinualState,
     StageEndInputs,
     StageSchedule,
+    stage_outcome,
+    stage_rounds_decision,
     update_spectrum,
 )
 from fed_asr.spectrum import SkillStats
@@ -143,3 +145,46 @@ def test_update_spectrum_without_samples_keeps_previous() -> None:
 
     # Execute / Assert
     assert update_spectrum(previous, [empty], SpectrumConfig(), 1e-4) is previous
+
+
+def _fed(**kw: object) -> FederationConfig:
+    base = {"rounds_per_stage": 2, "max_rounds_per_stage": 5, "plateau_rel_delta": 0.1}
+    return FederationConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("losses", "done", "underfit"),
+    [
+        ([1.0], False, False),  # below the minimum
+        ([1.0, 0.5], False, False),  # still falling fast
+        ([1.0, 0.5, 0.48], True, False),  # < 10% better: plateau
+        ([1.0, 0.5, 0.3, 0.2, 0.1], True, True),  # at the cap, still falling
+    ],
+)
+def test_plateau_schedule_stops_on_plateau_or_cap(
+    losses: list[float], done: bool, underfit: bool
+) -> None:
+    # Execute
+    decision = stage_rounds_decision(losses, _fed())
+    # Assert
+    assert (decision.done, decision.underfit) == (done, underfit)
+
+
+def test_fixed_schedule_runs_rounds_per_stage_and_outcome_flags_falling_loss() -> None:
+    # Prepare
+    fed = _fed(schedule="fixed")
+    # Execute / Assert
+    assert not stage_rounds_decision([1.0], fed).done
+    assert stage_rounds_decision([1.0, 0.2], fed).done
+    assert stage_outcome([1.0, 0.2], fed).underfit
+    assert not stage_outcome([1.0, 0.99], fed).underfit
+
+
+def test_federation_schedule_fields_are_checked() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="`federation.schedule` must be one of"):
+        _fed(schedule="adaptive")
+    with pytest.raises(ValueError, match="`federation.max_rounds_per_stage` must be"):
+        _fed(max_rounds_per_stage=1)
+    with pytest.raises(ValueError, match="`federation.plateau_rel_delta` must be"):
+        _fed(plateau_rel_delta=-0.5)
