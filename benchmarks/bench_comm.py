@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from benchmarks.common import default_out, format_table, machine_info, write_json
+from benchmarks.common import base_parser, format_table, machine_info, write_json
 from fed_asr.config import DataConfig, LoraConfig, ModelConfig, RegularizerConfig
 from fed_asr.data import build_stream
 from fed_asr.models import adapter_state, attach_lora, build_tiny
@@ -349,13 +348,7 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke setting: tiny model only (no 7B shapes)",
-    )
-    parser.add_argument("--out", type=Path, default=default_out(NAME))
+    parser = base_parser(__doc__, NAME, "smoke setting: tiny model only (no 7B shapes)")
     parser.add_argument("--rounds-per-stage", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     return parser

@@ -48,7 +48,7 @@ from typing import Any
 
 from benchmarks.common import (
     RESULTS_DIR,
-    default_out,
+    base_parser,
     format_table,
     machine_info,
     write_json,
@@ -571,13 +571,9 @@ def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke setting: 2 and 4 clients, 8 samples per client",
+    parser = base_parser(
+        __doc__, NAME, "smoke setting: 2 and 4 clients, 8 samples per client"
     )
-    parser.add_argument("--out", type=Path, default=default_out(NAME))
     parser.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
     parser.add_argument("--method", default="vanilla")
     parser.add_argument("--rounds", type=int, default=3)

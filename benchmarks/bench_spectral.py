@@ -24,13 +24,12 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.common import (
-    default_out,
+    base_parser,
     format_table,
     machine_info,
     median,
@@ -38,6 +37,7 @@ from benchmarks.common import (
     write_json,
 )
 from fed_asr.config import DataConfig, ModelConfig, RegularizerConfig
+from fed_asr.config_sections import check_positive
 from fed_asr.data import build_stream
 from fed_asr.models import (
     VQACollator,
@@ -60,8 +60,7 @@ def time_call(fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
     ValueError
         ``repeat`` is not positive.
     """
-    if repeat <= 0:
-        raise ValueError(f"`repeat` must be positive, got {repeat}.")
+    check_positive("repeat", repeat)
     for _ in range(warmup):
         fn()
     times = []
@@ -229,13 +228,9 @@ COLUMNS = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke setting: 8x8 grid, batch 4, 1 timed call",
+    parser = base_parser(
+        __doc__, NAME, "smoke setting: 8x8 grid, batch 4, 1 timed call"
     )
-    parser.add_argument("--out", type=Path, default=default_out(NAME))
     parser.add_argument("--grids", type=int, nargs="+", default=list(GRIDS))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)

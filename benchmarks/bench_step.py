@@ -54,8 +54,8 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import (
+    base_parser,
     current_rss_mib,
-    default_out,
     format_table,
     machine_info,
     median,
@@ -72,6 +72,7 @@ from fed_asr.config import (
     RegularizerConfig,
     TrainConfig,
 )
+from fed_asr.config_sections import check_positive
 from fed_asr.data import VQASample, build_stream
 from fed_asr.methods import ContinualMethod, build_method
 from fed_asr.models import (
@@ -307,8 +308,7 @@ def time_variants(
     ValueError
         ``repeat`` is not positive.
     """
-    if repeat <= 0:
-        raise ValueError(f"`repeat` must be positive, got {repeat}.")
+    check_positive("repeat", repeat)
     runners = [(v, make_method(setup, v)) for v in variants]
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
     losses: dict[str, dict[str, float]] = {}
@@ -575,13 +575,9 @@ COLUMNS = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke setting: 8x8 grid, batch 4, 1 timed step",
+    parser = base_parser(
+        __doc__, NAME, "smoke setting: 8x8 grid, batch 4, 1 timed step"
     )
-    parser.add_argument("--out", type=Path, default=default_out(NAME))
     parser.add_argument("--image-sizes", type=int, nargs="+", default=list(IMAGE_SIZES))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)

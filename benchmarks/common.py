@@ -12,6 +12,7 @@ allowed, the peak is the process's lifetime high-water mark (flagged in the resu
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 
+from fed_asr.config_sections import check_positive
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 2**20
 
@@ -32,6 +35,24 @@ MIB = 2**20
 def default_out(name: str) -> Path:
     """Default JSON path of benchmark ``name``: ``benchmarks/results/<name>.json``."""
     return RESULTS_DIR / f"{name}.json"
+
+
+def base_parser(doc: str | None, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """Parser of a benchmark script with the shared ``--quick`` and ``--out`` options.
+
+    Parameters
+    ----------
+    doc : str | None
+        The script's module docstring; its first line is the description.
+    name : str
+        Benchmark name; ``--out`` defaults to ``default_out(name)``.
+    quick_help : str
+        Help text of ``--quick`` (what the smoke setting runs).
+    """
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=default_out(name))
+    return parser
 
 
 def set_threads(threads: int) -> int:
@@ -42,8 +63,7 @@ def set_threads(threads: int) -> int:
     ValueError
         ``threads`` is not positive.
     """
-    if threads <= 0:
-        raise ValueError(f"`threads` must be positive, got {threads}.")
+    check_positive("threads", threads)
     torch.set_num_threads(threads)
     return torch.get_num_threads()
 

@@ -25,7 +25,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from clients.records import numpy_record
-from clients.secure import handle_secagg
+from clients.secure import handle_secagg, privatized, stage_statistics
 from clients.site import Site, site_from_context
 from clients.spectrum_state import local_spectrum, received_spectrum, store_local
 from fed_asr import protocol as P
@@ -33,9 +33,8 @@ from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.evaluation import score_stage
 from fed_asr.methods import MethodMemory
 from fed_asr.schedule import update_spectrum
-from fed_asr.security.dp import max_skills_per_sample, noise_generator, privatize_stats
 from fed_asr.security.signing import load_public_key
-from fed_asr.train import spectrum_statistics, train_stage
+from fed_asr.train import train_stage
 from fed_asr.wire import verify_content
 
 _SIGNATURE_STATE = "signature-state"  # ConfigRecord in context.state: last round
@@ -105,25 +104,13 @@ def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
     metrics = {P.NUM_EXAMPLES_KEY: len(samples), P.PARTITION_ID_KEY: site.partition_id}
     content = RecordDict()
     plan, cfg = site.method.stage_end, site.cfg
-    if plan.spectrum != "none":
-        stats = spectrum_statistics(
-            site.model,
-            site.collator,
-            samples,
-            site.stream.skills,
-            cfg.regularizer,
-            cfg.train.eval_batch_size,
-            cfg.model.attn_capture,
-            dp_clip=cfg.privacy.dp_clip if cfg.privacy.dp else None,
-        )
+    # Under secure aggregation a shared spectrum travels only in the secure round
+    secure = plan.spectrum == "shared" and cfg.privacy.secure_spectrum
+    if plan.spectrum != "none" and not secure:
+        stats = stage_statistics(site, stage)
         if plan.spectrum == "shared":
-            arrays = stats.to_arrays()
-            if cfg.privacy.dp:  # local DP: this release alone is (epsilon, delta)-DP
-                m = max_skills_per_sample(
-                    cfg.regularizer.tau_skill, len(site.stream.skills)
-                )
-                rng = noise_generator(cfg.privacy, stage, site.partition_id)
-                arrays = privatize_stats(arrays, cfg.privacy, m, rng)
+            # local DP: this release alone is (epsilon, delta)-DP
+            arrays = privatized(site, stage, stats.to_arrays())
             content[P.STATS_RECORD] = numpy_record(arrays)
         else:
             own = update_spectrum(

@@ -30,6 +30,7 @@ from fed_asr.security.secagg import (
     SecAggError,
     UnmaskRequest,
 )
+from fed_asr.spectrum import SkillStats
 from fed_asr.train import spectrum_statistics
 from fed_asr.wire import record_arrays
 
@@ -69,28 +70,45 @@ def _forget(context: Context) -> None:
             del context.state[name]
 
 
-def _private_statistics(
-    site: Site, stage: int, threshold: int
-) -> dict[str, np.ndarray]:
-    """This node's statistics for ``stage``, clipped and noised when DP is on."""
+def stage_statistics(site: Site, stage: int) -> SkillStats:
+    """This node's spectrum statistics of ``stage``'s training data.
+
+    Each sample's contribution is clipped to ``privacy.dp_clip`` when DP is on.
+    """
     cfg = site.cfg
-    samples = site.stream.stages[stage].train
-    stats = spectrum_statistics(
+    return spectrum_statistics(
         site.model,
         site.collator,
-        samples,
+        site.stream.stages[stage].train,
         site.stream.skills,
         cfg.regularizer,
         cfg.train.eval_batch_size,
         cfg.model.attn_capture,
         dp_clip=cfg.privacy.dp_clip if cfg.privacy.dp else None,
     )
-    arrays = stats.to_arrays()
-    if cfg.privacy.dp:
-        m = max_skills_per_sample(cfg.regularizer.tau_skill, len(site.stream.skills))
-        rng = noise_generator(cfg.privacy, stage, site.partition_id)
-        arrays = privatize_stats(arrays, cfg.privacy, m, rng, num_shares=threshold)
-    return arrays
+
+
+def privatized(
+    site: Site, stage: int, arrays: dict[str, np.ndarray], num_shares: int = 1
+) -> dict[str, np.ndarray]:
+    """``arrays`` with this node's DP noise for ``stage`` (as they are if DP is off).
+
+    ``num_shares`` as in ``privatize_stats`` (the secagg threshold, else 1).
+    """
+    cfg = site.cfg
+    if not cfg.privacy.dp:
+        return arrays
+    m = max_skills_per_sample(cfg.regularizer.tau_skill, len(site.stream.skills))
+    rng = noise_generator(cfg.privacy, stage, site.partition_id)
+    return privatize_stats(arrays, cfg.privacy, m, rng, num_shares=num_shares)
+
+
+def _private_statistics(
+    site: Site, stage: int, threshold: int
+) -> dict[str, np.ndarray]:
+    """This node's statistics for ``stage``, clipped and noised when DP is on."""
+    arrays = stage_statistics(site, stage).to_arrays()
+    return privatized(site, stage, arrays, num_shares=threshold)
 
 
 def handle_secagg(msg: Message, context: Context, site: Site) -> RecordDict:

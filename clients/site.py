@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fed_asr.adapter_aggregation import get_lora_aggregation
-from fed_asr.config import ExperimentConfig, load_config, to_yaml
+from fed_asr.config import ExperimentConfig, load_config
 from fed_asr.data import ContinualStream, build_stream, partition_stream
 from fed_asr.methods import ContinualMethod, build_method
 from fed_asr.models import (
@@ -81,7 +81,7 @@ def _site(
     stream, vocabulary, skill_answers = _client_stream(
         cfg, partition_id, num_partitions, data_root
     )
-    model, processor = _shared_model(to_yaml(cfg), vocabulary)
+    model, processor = _shared_model(run_config_key, vocabulary)
     collator = VQACollator(
         processor,
         cfg.model.prompt_template,
@@ -124,13 +124,11 @@ def _skill_answers(stream: ContinualStream) -> dict[str, list[str]]:
 
 
 @functools.cache
-def _shared_model(config_yaml: str, vocabulary: tuple[str, ...]) -> tuple[Any, Any]:
-    """Base model + LoRA wrapper, once per process and config."""
-    from omegaconf import OmegaConf
-
-    from fed_asr.config import to_experiment_config
-
-    cfg = to_experiment_config(OmegaConf.create(config_yaml))
+def _shared_model(
+    run_config_key: tuple[tuple[str, str], ...], vocabulary: tuple[str, ...]
+) -> tuple[Any, Any]:
+    """Base model + LoRA wrapper, once per process and config (composed once)."""
+    cfg = _config(run_config_key)
     device = resolve_device(cfg.model.device)
     base, processor = load_run_base_model(cfg.model, cfg.data, list(vocabulary), device)
     aggregation = get_lora_aggregation(cfg.lora.aggregation)

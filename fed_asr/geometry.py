@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fed_asr.config_sections import check_choice, check_positive
 from fed_asr.reference_cache import ReferenceCache
 
 __all__ = [
@@ -67,7 +68,7 @@ def symmetric_kl_from_log(
     ValueError
         If ``reduction`` is unknown.
     """
-    _check_reduction(reduction)
+    check_choice("reduction", reduction, SYM_KL_REDUCTIONS)
     both = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
     return 0.5 * both if reduction == "mean" else both
 
@@ -119,7 +120,7 @@ def pooled_embeddings(
 
 def batch_log_similarity(img: Tensor, txt: Tensor, temperature: float = 1.0) -> Tensor:
     """(B, B) row log-softmax of cos(img_i, txt_j) / ``temperature``."""
-    _check_temperature(temperature)
+    check_positive("temperature", temperature)
     img = F.normalize(img.float(), dim=-1)  # (B, H)
     txt = F.normalize(txt.float(), dim=-1)  # (B, H)
     return F.log_softmax(img @ txt.T / temperature, dim=-1)  # (B, B)
@@ -265,7 +266,7 @@ def geometry_loss(
     ValueError
         If shapes disagree or ``temperature`` is not positive.
     """
-    _check_temperature(temperature)
+    check_positive("temperature", temperature)
     if image_cur.shape != image_ref.shape or text_cur.shape != text_ref.shape:
         raise ValueError(
             f"Current and reference shapes differ: image {tuple(image_cur.shape)} vs "
@@ -292,7 +293,7 @@ def reference_log_similarity(image: Tensor, text: Tensor, temperature: float) ->
     For a frozen reference model this is a constant of each sample, so callers may
     compute it once and reuse it (see ``geometry_loss_from_reference``).
     """
-    _check_temperature(temperature)
+    check_positive("temperature", temperature)
     image = F.normalize(image.float(), dim=-1)  # (B, P, d)
     text = F.normalize(text.float(), dim=-1)  # (B, T, d)
     sim = text @ image.transpose(1, 2)  # (B, T, P)
@@ -318,18 +319,3 @@ def geometry_loss_from_reference(
     kl = symmetric_kl_from_log(log_cur, log_ref, reduction)  # (B, T)
     mask = (text_mask != 0).to(device=kl.device, dtype=kl.dtype)  # (B, T)
     return (kl * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def _check_temperature(temperature: float) -> None:
-    """Raise unless ``temperature`` is positive."""
-    if temperature <= 0:
-        raise ValueError(f"`temperature` must be positive, got {temperature}.")
-
-
-def _check_reduction(reduction: str) -> None:
-    """Raise unless ``reduction`` is a known symmetric-KL reduction."""
-    if reduction not in SYM_KL_REDUCTIONS:
-        raise ValueError(
-            f"`reduction` must be one of {sorted(SYM_KL_REDUCTIONS)}, "
-            f"got {reduction!r}."
-        )

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 
 def plot_accuracy_matrix(
@@ -36,11 +37,7 @@ def plot_accuracy_matrix(
                 )
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_forgetting_curves(
@@ -67,11 +64,7 @@ def plot_forgetting_curves(
     ax.set_title(title)
     ax.legend(title="stage")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_drift_curves(
@@ -111,6 +104,11 @@ def plot_drift_curves(
         ax.grid(alpha=0.3)
         ax.legend(title="stage")
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Lay out ``fig``, save it to ``path`` at 110 dpi, close it and return the path."""
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fed_asr.config_sections import check_choice, check_positive
+
 __all__ = [
     "DESCRIPTOR_CONVENTIONS",
     "SpectralDescriptor",
@@ -184,7 +186,7 @@ def attention_maps(
     ValueError
         If a shape does not match.
     """
-    _check_convention(convention)
+    check_choice("convention", convention, DESCRIPTOR_CONVENTIONS)
     if attn.ndim != 5:
         raise ValueError(
             f"`attn` must have shape (B, L, H, Tq, P), got {tuple(attn.shape)}."
@@ -244,7 +246,7 @@ def layer_head_features(
         (M), anisotropy = angular / mean(angular) (M), rho*, theta*, peak power.
     """
     _check_bins(n_radial, n_angular)
-    _check_convention(convention)
+    check_choice("convention", convention, DESCRIPTOR_CONVENTIONS)
     if convention == "paper":
         return _paper_features(maps, n_radial, n_angular)
     b, j, gh, gw = maps.shape
@@ -282,13 +284,10 @@ def layer_head_features(
         candidates = symmetric.masked_fill(not_dc == 0, -1.0)  # DC never wins
     else:
         candidates = symmetric
-    peak_index = candidates.argmax(dim=-1, keepdim=True)  # (B, J, 1)
-    peak_power = symmetric.gather(-1, peak_index)  # (B, J, 1), differentiable
-    peak_rho = rho_flat[peak_index]  # (B, J, 1)
-    peak_theta = theta_flat[peak_index]  # (B, J, 1)
-    return torch.cat(
-        [radial, angular, anisotropy, peak_rho, peak_theta, peak_power], dim=-1
-    )  # (B, J, K + 2M + 3)
+    peak = candidates.argmax(dim=-1, keepdim=True)  # (B, J, 1)
+    return _with_peak(
+        radial, angular, anisotropy, symmetric, peak, rho_flat, theta_flat
+    )
 
 
 def _paper_features(maps: Tensor, n_radial: int, n_angular: int) -> Tensor:
@@ -310,13 +309,31 @@ def _paper_features(maps: Tensor, n_radial: int, n_angular: int) -> Tensor:
     angular = angular / angular.sum(-1, keepdim=True).clamp_min(_EPS)
     anisotropy = angular / angular.mean(-1, keepdim=True).clamp_min(_EPS)  # (B,J,M)
 
-    peak_index = flat.argmax(dim=-1, keepdim=True)  # (B, J, 1), DC included
-    peak_power = flat.gather(-1, peak_index)  # (B, J, 1), differentiable
+    peak = flat.argmax(dim=-1, keepdim=True)  # (B, J, 1), DC included
+    return _with_peak(radial, angular, anisotropy, flat, peak, rho_flat, theta_flat)
+
+
+def _with_peak(
+    radial: Tensor,
+    angular: Tensor,
+    anisotropy: Tensor,
+    power: Tensor,
+    peak_index: Tensor,
+    rho_flat: Tensor,
+    theta_flat: Tensor,
+) -> Tensor:
+    """Concatenate the bin features with the peak's (rho, theta, power).
+
+    ``power`` is (B, J, P), ``peak_index`` (B, J, 1) its chosen peak bin and
+    ``rho_flat``/``theta_flat`` (P,) the frequency coordinates.
+    Returns (B, J, K + 2M + 3).
+    """
+    peak_power = power.gather(-1, peak_index)  # (B, J, 1), differentiable
     peak_rho = rho_flat[peak_index]  # (B, J, 1)
     peak_theta = theta_flat[peak_index]  # (B, J, 1)
     return torch.cat(
         [radial, angular, anisotropy, peak_rho, peak_theta, peak_power], dim=-1
-    )  # (B, J, K + 2M + 3)
+    )
 
 
 def _bucket(values: Tensor, low: float, high: float, n_bins: int) -> Tensor:
@@ -375,16 +392,5 @@ def describe(
 
 def _check_bins(n_radial: int, n_angular: int) -> None:
     """Raise if a bin count is not positive."""
-    if n_radial <= 0:
-        raise ValueError(f"`n_radial` must be positive, got {n_radial}.")
-    if n_angular <= 0:
-        raise ValueError(f"`n_angular` must be positive, got {n_angular}.")
-
-
-def _check_convention(convention: str) -> None:
-    """Raise if ``convention`` is not a known descriptor convention."""
-    if convention not in DESCRIPTOR_CONVENTIONS:
-        raise ValueError(
-            f"`convention` must be one of {sorted(DESCRIPTOR_CONVENTIONS)}, "
-            f"got {convention!r}."
-        )
+    check_positive("n_radial", n_radial)
+    check_positive("n_angular", n_angular)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -98,16 +98,21 @@ class Mean(SpectrumStrategy):
     def merge(
         self, client_stats: Sequence[SkillStats], cfg: SpectrumConfig, cov_floor: float
     ) -> SkillSpectrum:
-        """Weighted mean of the client means, variances and angular profiles."""
+        """Weighted mean of the client means and angular profiles; ``_variance``."""
         protos, counts = _client_prototypes(client_stats, cov_floor)
         w = _weights(counts, cfg.weighted)  # (K, S, 1)
         mean = (w * protos["mean"]).sum(0)
-        var = (w * protos["var"]).sum(0)
+        var = self._variance(w, protos["var"])
         angular = (w * protos["angular"]).sum(0)
         return _spectrum(client_stats[0].skills, mean, var, angular, counts, cov_floor)
 
+    @staticmethod
+    def _variance(w: Tensor, var: Tensor) -> Tensor:
+        """Weighted mean of the client variances ``var`` (K, S, D) -> (S, D)."""
+        return (w * var).sum(0)
 
-class Barycenter(SpectrumStrategy):
+
+class Barycenter(Mean):
     """Wasserstein-2 barycenter of the clients' diagonal Gaussians.
 
     With w_k as in ``mean`` (count-weighted if ``cfg.weighted``), the W2 barycenter of
@@ -116,18 +121,10 @@ class Barycenter(SpectrumStrategy):
     a = sum_k w_k a_k.
     """
 
-    def merge(
-        self, client_stats: Sequence[SkillStats], cfg: SpectrumConfig, cov_floor: float
-    ) -> SkillSpectrum:
-        """Closed-form W2 barycenter of diagonal Gaussians."""
-        protos, counts = _client_prototypes(client_stats, cov_floor)
-        w = _weights(counts, cfg.weighted)  # (K, S, 1)
-        mean = (w * protos["mean"]).sum(0)
-        sigma = (w * protos["var"].sqrt()).sum(0)
-        angular = (w * protos["angular"]).sum(0)
-        return _spectrum(
-            client_stats[0].skills, mean, sigma.square(), angular, counts, cov_floor
-        )
+    @staticmethod
+    def _variance(w: Tensor, var: Tensor) -> Tensor:
+        """Closed-form W2 barycenter variance: (sum_k w_k sqrt(var_k))^2."""
+        return (w * var.sqrt()).sum(0).square()
 
 
 class Median(SpectrumStrategy):
@@ -149,14 +146,7 @@ class Median(SpectrumStrategy):
             key: torch.nanquantile(value.masked_fill(~held, math.nan), 0.5, dim=0)
             for key, value in protos.items()
         }  # each (S, D) or (S, M); NaN for a skill no client holds
-        return _spectrum(
-            client_stats[0].skills,
-            out["mean"],
-            out["var"],
-            out["angular"],
-            counts,
-            cov_floor,
-        )
+        return _prototype_spectrum(client_stats[0].skills, out, counts, cov_floor)
 
 
 class TrimmedMean(SpectrumStrategy):
@@ -184,14 +174,7 @@ class TrimmedMean(SpectrumStrategy):
             # torch.sort puts NaN last, so rank r < n_held indexes the held values.
             ranked = value.masked_fill(~held[..., None], math.nan).sort(dim=0).values
             out[key] = (ranked.nan_to_num(0.0) * keep).sum(0) / n_keep
-        return _spectrum(
-            client_stats[0].skills,
-            out["mean"],
-            out["var"],
-            out["angular"],
-            counts,
-            cov_floor,
-        )
+        return _prototype_spectrum(client_stats[0].skills, out, counts, cov_floor)
 
 
 SPECTRUM_STRATEGIES: dict[str, type[SpectrumStrategy]] = {}
@@ -272,6 +255,18 @@ def _weights(counts: Tensor, weighted: bool) -> Tensor:
     raw = counts if weighted else (counts > 0).to(counts.dtype)  # (K, S)
     total = raw.sum(0, keepdim=True).clamp_min(1e-300)  # (1, S)
     return (raw / total)[..., None]
+
+
+def _prototype_spectrum(
+    skills: tuple[str, ...],
+    protos: Mapping[str, Tensor],
+    counts: Tensor,
+    cov_floor: float,
+) -> SkillSpectrum:
+    """``_spectrum`` of merged prototypes keyed ``mean``, ``var`` and ``angular``."""
+    return _spectrum(
+        skills, protos["mean"], protos["var"], protos["angular"], counts, cov_floor
+    )
 
 
 def _spectrum(

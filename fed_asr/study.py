@@ -17,8 +17,8 @@ Each cell runs as its own ``fed-asr`` subprocess (isolation: a fresh Ray, fresh
 caches) writing to ``<out>/runs/<method>-<strategy>-<stream>-s<seed>-<hash>``, where
 the hash is of the cell's resolved config. A cell whose ``metrics.json`` exists and
 whose ``config.yaml`` has that hash is not run again. ``--in-process`` runs the cells
-in this process instead (``engine=simulation`` then imports ``server.simulation``
-lazily: ``fed_asr`` itself never imports Flower). The study writes ``study.json``,
+in this process instead (central cells only: ``fed_asr`` never imports Flower or
+the apps). The study writes ``study.json``,
 ``study.csv``, ``study.md`` and plots into ``<out>`` (``fed_asr.study_report``).
 """
 
@@ -197,19 +197,26 @@ def subprocess_runner(timeout_s: float | None = None) -> Runner:
 
 
 def inprocess_runner(cell: Cell, folder: Path) -> None:
-    """Run a cell in this process (central directly; simulation via a lazy import)."""
+    """Run a central cell in this process (federated cells need ``fed-asr``).
+
+    The library never imports the Flower apps, so a federated cell runs through
+    the subprocess runner (``fed-asr engine=simulation ...``) instead.
+
+    Raises
+    ------
+    ValueError
+        The cell is not ``engine=central``.
+    """
     overrides = [*cell.overrides, f"output_dir={folder}", "progress=false"]
     cfg = compose_config("config", overrides)
-    if cfg.engine.name == "central":
-        from fed_asr.central import run_central
+    if cfg.engine.name != "central":
+        raise ValueError(
+            f"`--in-process` runs only `engine=central` cells, got "
+            f"`engine={cfg.engine.name}` for {cell.name}; drop `--in-process`."
+        )
+    from fed_asr.central import run_central
 
-        run_central(cfg)
-    else:
-        import importlib
-
-        # Lazy: fed_asr must not import Flower at module import time.
-        simulation = importlib.import_module("server.simulation")
-        simulation.run_simulation_engine(cfg, overrides)
+    run_central(cfg)
 
 
 def _log(message: str) -> None:

@@ -26,11 +26,17 @@ from fed_asr.security.signing import (
     verify_arrays,
 )
 
-# (record name, signature key): the records whose content a signature covers
-SIGNED_RECORDS = (
-    (P.ARRAYS_RECORD, P.SIGNATURE_ADAPTER_KEY),
-    (P.SPECTRUM_RECORD, P.SIGNATURE_SPECTRUM_KEY),
-)
+# Signature keys of the adapter and the spectrum; every other ArrayRecord of a
+# server message (a method's memory) is signed under its own record name.
+SIGNATURE_KEYS = {
+    P.ARRAYS_RECORD: P.SIGNATURE_ADAPTER_KEY,
+    P.SPECTRUM_RECORD: P.SIGNATURE_SPECTRUM_KEY,
+}
+
+
+def _signed_records(array_records: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(record name, signature key) of every ArrayRecord of a message."""
+    return [(name, SIGNATURE_KEYS.get(name, name)) for name in sorted(array_records)]
 
 
 def record_arrays(record: Any) -> dict[str, np.ndarray]:
@@ -63,13 +69,12 @@ def content_signatures(
     round_: int,
     message_type: str,
 ) -> dict[str, bytes | int]:
-    """Values of the ``signature`` record for a message's signed records."""
+    """Values of the ``signature`` record: every ArrayRecord of the message."""
     signatures: dict[str, bytes | int] = {P.SIGNATURE_ROUND_KEY: int(round_)}
-    for record_name, kind in SIGNED_RECORDS:
-        if record_name in array_records:
-            arrays = record_arrays(array_records[record_name])
-            ctx = _context(run_id, round_, message_type, kind)
-            signatures[kind] = sign_arrays(key, arrays, ctx)
+    for record_name, kind in _signed_records(array_records):
+        arrays = record_arrays(array_records[record_name])
+        ctx = _context(run_id, round_, message_type, kind)
+        signatures[kind] = sign_arrays(key, arrays, ctx)
     return signatures
 
 
@@ -102,9 +107,7 @@ def verify_content(
             f"Signed round {round_} is older than round {last_round} already accepted "
             "(replayed message). Refusing it."
         )
-    for record_name, kind in SIGNED_RECORDS:
-        if record_name not in array_records:
-            continue
+    for record_name, kind in _signed_records(array_records):
         if kind not in signatures:
             raise SignatureError(f"Record '{record_name}' is not signed. Refusing it.")
         arrays = record_arrays(array_records[record_name])

@@ -87,7 +87,15 @@ def tiny_model_spec(
     return {
         "format": CACHE_FORMAT,
         "architecture": {f: getattr(cfg, f) for f in _ARCH_FIELDS},
-        "pretrain": {f: getattr(cfg, f) for f in _PRETRAIN_FIELDS},
+        "pretrain": {
+            **{f: getattr(cfg, f) for f in _PRETRAIN_FIELDS},
+            # only when set, so the bases prepared before this field keep their hash
+            **(
+                {"pretrain_qk_init": cfg.pretrain_qk_init}
+                if cfg.pretrain_qk_init != 1.0
+                else {}
+            ),
+        },
         "samples": _samples_fingerprint(samples),
         "tokens": tiny_tokens(vocabulary, cfg.prompt_template),
         "seed": seed,

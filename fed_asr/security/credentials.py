@@ -121,35 +121,49 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _ca_certificate(
-    key: ec.EllipticCurvePrivateKey, name: str, days: int
-) -> x509.Certificate:
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public: ec.EllipticCurvePublicKey,
+    days: int,
+) -> x509.CertificateBuilder:
+    """Builder of a certificate valid from 5 minutes ago for ``days`` days."""
     now = dt.datetime.now(dt.timezone.utc)
-    subject = _name(name)
-    public = key.public_key()
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer)
         .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
+    )
+
+
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """Key usage of the CA (signs certificates and CRLs) or of the server (ECDHE)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not ca,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _ca_certificate(
+    key: ec.EllipticCurvePrivateKey, name: str, days: int
+) -> x509.Certificate:
+    subject = _name(name)
+    public = key.public_key()
+    return (
+        _builder(subject, subject, public, days)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(
             x509.SubjectKeyIdentifier.from_public_key(public), critical=False
         )
@@ -164,16 +178,9 @@ def _server_certificate(
     sans: Sequence[str],
     days: int,
 ) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
     public = key.public_key()
     return (
-        x509.CertificateBuilder()
-        .subject_name(_name(sans[0]))
-        .issuer_name(ca_cert.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        _builder(_name(sans[0]), ca_cert.subject, public, days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.SubjectAlternativeName([parse_san(s) for s in sans]), critical=False
@@ -181,20 +188,7 @@ def _server_certificate(
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(
             x509.SubjectKeyIdentifier.from_public_key(public), critical=False
         )

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import shlex
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    RecordDict,
+from flower_helpers import (
+    first_site,
+    message,
+    node_context,
+    set_task_identity,
 )
+from flwr.app import MessageType
 
 from clients.app import make_client_app
 from clients.site import site_from_context
 from fed_asr import protocol as P
 from fed_asr.config import compose_config
 from fed_asr.data import build_stream
-from fed_asr.models import adapter_state
 from fed_asr.spectrum import SkillStats
 from fed_asr.spectrum_strategies import get_spectrum_strategy
 from fed_asr.train import spectrum_statistics
@@ -30,41 +26,13 @@ from fed_asr.wire import record_arrays as record_to_numpy
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    """Flower stamps messages with the process's task identity; set a test one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-
-
-def _run_config(overrides: list[str]) -> dict[str, str]:
-    return {"config-name": "config", "overrides": shlex.join(overrides)}
-
-
-def _context(run_config: dict[str, str], partition: int, partitions: int) -> Context:
-    return Context(
-        run_id=1,
-        node_id=100 + partition,
-        node_config={P.NODE_PARTITION_ID: partition, P.NODE_NUM_PARTITIONS: partitions},
-        state=RecordDict(),
-        run_config=run_config,
-    )
-
-
-def _message(kind: str, arrays: ArrayRecord, config: dict[str, object]) -> Message:
-    content = RecordDict(
-        {P.ARRAYS_RECORD: arrays, P.CONFIG_RECORD: ConfigRecord(config)}
-    )
-    return Message(content=content, dst_node_id=1, message_type=kind)
+    set_task_identity()
 
 
 @pytest.fixture
 def setup(run_overrides):  # type: ignore[no-untyped-def]
     overrides = run_overrides("client")
-    run_config = _run_config(overrides)
-    site = site_from_context(
-        run_config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 2}
-    )
-    arrays = ArrayRecord(torch_state_dict=adapter_state(site.model))
+    run_config, _, arrays = first_site(overrides)
     return overrides, run_config, arrays
 
 
@@ -75,7 +43,10 @@ def test_spectrum_round_sum_equals_statistics_of_union(setup) -> None:  # type: 
     msg_type = f"{MessageType.QUERY}.{P.SPECTRUM_ACTION}"
     # Execute: both clients describe stage 0 under the same global adapter
     replies = [
-        app(_message(msg_type, arrays, {P.STAGE_KEY: 0}), _context(run_config, p, 2))
+        app(
+            message(msg_type, {P.ARRAYS_RECORD: arrays}, {P.STAGE_KEY: 0}),
+            node_context(run_config, p, 2),
+        )
         for p in (0, 1)
     ]
     client_stats = [
@@ -132,7 +103,8 @@ def test_train_client_without_stage_data_replies_zero_examples(setup) -> None:  
     config = {P.STAGE_KEY: 0, P.GLOBAL_ROUND_KEY: 1}
     # Execute
     reply = app(
-        _message(MessageType.TRAIN, arrays, config), _context(run_config, empty, 64)
+        message(MessageType.TRAIN, {P.ARRAYS_RECORD: arrays}, config),
+        node_context(run_config, empty, 64),
     )
     # Assert
     assert not reply.has_error()
@@ -151,14 +123,17 @@ def test_train_then_evaluate_reports_losses_and_counts(setup) -> None:  # type: 
     # Only the stage and round travel; epochs and loss weights are the node's config
     config = {P.STAGE_KEY: 0, P.GLOBAL_ROUND_KEY: 1}
     # Execute
-    reply = app(_message(MessageType.TRAIN, arrays, config), _context(run_config, 0, 2))
+    reply = app(
+        message(MessageType.TRAIN, {P.ARRAYS_RECORD: arrays}, config),
+        node_context(run_config, 0, 2),
+    )
     evaluation = app(
-        _message(
+        message(
             MessageType.EVALUATE,
-            reply.content[P.ARRAYS_RECORD],
+            {P.ARRAYS_RECORD: reply.content[P.ARRAYS_RECORD]},
             {P.NUM_SEEN_STAGES_KEY: 2},
         ),
-        _context(run_config, 0, 2),
+        node_context(run_config, 0, 2),
     )
     # Assert
     metrics = reply.content[P.METRICS_RECORD]

@@ -7,6 +7,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_MODEL_FIELDS
 
 from fed_asr.adapter_aggregation import exact_lora_merge, get_lora_aggregation
 from fed_asr.config import (
@@ -38,16 +39,7 @@ from fed_asr.models.tiny import build_tiny
 from fed_asr.schedule import update_spectrum
 from fed_asr.spectrum import SkillStats
 
-MODEL = ModelConfig(
-    image_size=16,
-    vision_hidden_size=16,
-    vision_layers=1,
-    vision_heads=2,
-    text_hidden_size=32,
-    text_layers=2,
-    text_heads=4,
-    text_intermediate_size=64,
-)
+MODEL = ModelConfig(**TINY_MODEL_FIELDS)  # type: ignore[arg-type]
 REG = RegularizerConfig(l_sel=2)
 
 

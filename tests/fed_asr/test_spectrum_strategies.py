@@ -79,18 +79,40 @@ def test_pooled_merge_of_one_summed_entry_equals_merge_of_clients(clients) -> No
     torch.testing.assert_close(secure.var, direct.var)
 
 
-def test_mean_weighted_merge_weights_clients_by_count(clients) -> None:
-    # Prepare: color weights (0.2, 0.6, 0.2); shape (0.25, 0.75), client 2 ignored
-    cfg = SpectrumConfig(strategy="mean", weighted=True)
-
+@pytest.mark.parametrize(
+    ("cfg", "mean", "var"),
+    [
+        # mean, weighted: color weights (0.2, 0.6, 0.2); shape (0.25, 0.75), client 2
+        # ignored
+        pytest.param(
+            SpectrumConfig(strategy="mean", weighted=True),
+            ([3.0, 3.2], [2.5, 1.5]),
+            ([4.4, 1.6], [7.0, 1.0]),
+            id="mean-weights-clients-by-count",
+        ),
+        # median: color over 3 clients; shape over 2 -> mean of the two middle values
+        pytest.param(
+            SpectrumConfig(strategy="median"),
+            ([3.0, 2.0], [3.0, 1.0]),
+            ([4.0, 1.0], [5.0, 1.0]),
+            id="median-is-coordinatewise",
+        ),
+    ],
+)
+def test_merge_per_skill_mean_var_and_count(
+    clients: list[SkillStats],
+    cfg: SpectrumConfig,
+    mean: tuple[list[float], list[float]],
+    var: tuple[list[float], list[float]],
+) -> None:
     # Execute
-    out = get_spectrum_strategy("mean").merge(clients, cfg, FLOOR)
+    out = get_spectrum_strategy(cfg.strategy).merge(clients, cfg, FLOOR)
 
     # Assert
-    torch.testing.assert_close(out.mean[0], d64([3.0, 3.2]))
-    torch.testing.assert_close(out.var[0], d64([4.4, 1.6]))
-    torch.testing.assert_close(out.mean[1], d64([2.5, 1.5]))
-    torch.testing.assert_close(out.var[1], d64([7.0, 1.0]))
+    torch.testing.assert_close(out.mean[0], d64(mean[0]))
+    torch.testing.assert_close(out.var[0], d64(var[0]))
+    torch.testing.assert_close(out.mean[1], d64(mean[1]))
+    torch.testing.assert_close(out.var[1], d64(var[1]))
     torch.testing.assert_close(out.count, d64([10.0, 4.0]))
 
 
@@ -122,21 +144,6 @@ def test_barycenter_merge_matches_w2_closed_form(clients) -> None:
     torch.testing.assert_close(out.var[0], sigma_color.square())
     torch.testing.assert_close(out.var[1], sigma_shape.square())
     torch.testing.assert_close(out.mean[1], d64([2.5, 1.5]))
-
-
-def test_median_merge_is_coordinatewise_median(clients) -> None:
-    # Prepare: color over 3 clients; shape over 2 -> mean of the two middle values
-    cfg = SpectrumConfig(strategy="median")
-
-    # Execute
-    out = get_spectrum_strategy("median").merge(clients, cfg, FLOOR)
-
-    # Assert
-    torch.testing.assert_close(out.mean[0], d64([3.0, 2.0]))
-    torch.testing.assert_close(out.var[0], d64([4.0, 1.0]))
-    torch.testing.assert_close(out.mean[1], d64([3.0, 1.0]))
-    torch.testing.assert_close(out.var[1], d64([5.0, 1.0]))
-    torch.testing.assert_close(out.count, d64([10.0, 4.0]))
 
 
 def test_trimmed_merge_drops_extremes_of_each_coordinate() -> None:

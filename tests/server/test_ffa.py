@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    RecordDict,
+from flower_helpers import (
+    first_site,
+    make_run_config,
+    message,
+    node_context,
+    set_task_identity,
 )
+from flwr.app import ArrayRecord, MessageType
 
 from clients import site as site_module
 from clients.app import make_client_app
@@ -39,29 +38,7 @@ SPECTRUM_QUERY = f"{MessageType.QUERY}.{P.SPECTRUM_ACTION}"
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    """Flower stamps messages with the process's task identity; set a test one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-
-
-def _run_config(overrides: list[str]) -> dict[str, str]:
-    return {"config-name": "config", "overrides": shlex.join(overrides)}
-
-
-def _context(run_config: dict[str, str], partition: int) -> Context:
-    return Context(
-        run_id=1,
-        node_id=100 + partition,
-        node_config={P.NODE_PARTITION_ID: partition, P.NODE_NUM_PARTITIONS: 2},
-        state=RecordDict(),
-        run_config=run_config,
-    )
-
-
-def _message(kind: str, records: dict, config: dict[str, object]) -> Message:  # type: ignore[type-arg]
-    content = RecordDict({**records, P.CONFIG_RECORD: ConfigRecord(config)})
-    return Message(content=content, dst_node_id=1, message_type=kind)
+    set_task_identity()
 
 
 def _server_model(overrides: list[str]):  # type: ignore[no-untyped-def]
@@ -91,7 +68,7 @@ def test_ffa_clients_send_only_b_and_keep_the_servers_a(
             "regularizer.geo_temperature": 0.1,
         },
     )
-    run_config = _run_config(overrides)
+    run_config = make_run_config(overrides)
     server = _server_model(overrides)
     initial = ArrayRecord(
         torch_state_dict=get_lora_aggregation("ffa").exchanged_state(server)
@@ -100,8 +77,8 @@ def test_ffa_clients_send_only_b_and_keep_the_servers_a(
     # Execute: two clients train twice (the second round reuses the cached model)
     replies = [
         app(
-            _message(MessageType.TRAIN, {P.ARRAYS_RECORD: initial}, TRAIN_CONFIG),
-            _context(run_config, p),
+            message(MessageType.TRAIN, {P.ARRAYS_RECORD: initial}, TRAIN_CONFIG),
+            node_context(run_config, p),
         )
         for p in (0, 1, 0, 1)
     ]
@@ -140,20 +117,16 @@ def test_asr_local_never_receives_a_spectrum_and_keeps_its_own(
 ) -> None:
     # Prepare
     overrides = run_overrides("local", method="asr_local")
-    run_config = _run_config(overrides)
-    site = site_from_context(
-        run_config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 2}
-    )
-    arrays = ArrayRecord(torch_state_dict=adapter_state(site.model))
-    context = _context(run_config, 0)
+    run_config, site, arrays = first_site(overrides)
+    context = node_context(run_config, 0)
     app = make_client_app()
     # Execute: stage-end query of stage 0, then a train message of stage 1 (no spectrum)
     reply = app(
-        _message(SPECTRUM_QUERY, {P.ARRAYS_RECORD: arrays}, {P.STAGE_KEY: 0}), context
+        message(SPECTRUM_QUERY, {P.ARRAYS_RECORD: arrays}, {P.STAGE_KEY: 0}), context
     )
     stored = local_spectrum(context, site.stream.skills)
     trained = app(
-        _message(
+        message(
             MessageType.TRAIN,
             {P.ARRAYS_RECORD: arrays},
             {**TRAIN_CONFIG, P.STAGE_KEY: 1, P.GLOBAL_ROUND_KEY: 2},
@@ -175,15 +148,11 @@ def test_ewc_stage_end_reply_has_fisher_sums_and_count(
 ) -> None:
     # Prepare
     overrides = run_overrides("ewc-client", method="ewc")
-    run_config = _run_config(overrides)
-    site = site_from_context(
-        run_config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 2}
-    )
-    arrays = ArrayRecord(torch_state_dict=adapter_state(site.model))
+    run_config, site, arrays = first_site(overrides)
     # Execute
     reply = make_client_app()(
-        _message(SPECTRUM_QUERY, {P.ARRAYS_RECORD: arrays}, {P.STAGE_KEY: 0}),
-        _context(run_config, 0),
+        message(SPECTRUM_QUERY, {P.ARRAYS_RECORD: arrays}, {P.STAGE_KEY: 0}),
+        node_context(run_config, 0),
     )
     # Assert
     assert not reply.has_error(), reply.error

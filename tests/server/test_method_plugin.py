@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from flower_helpers import set_task_identity
 from flwr.app import Context, RecordDict
 
 from clients.app import make_client_app
@@ -81,10 +82,7 @@ def stage_mean() -> Iterator[type[StageMean]]:
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    """Flower stamps messages with the process's task identity; set a test one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    set_task_identity(7)
 
 
 def _small(run_overrides, name: str) -> list[str]:  # type: ignore[no-untyped-def]

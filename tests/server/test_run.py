@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flower_helpers import set_task_identity
 from flwr.app import Context, Message, RecordDict
 
 from clients.app import make_client_app
@@ -21,10 +22,7 @@ from server.run import FederatedRun
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    """Flower stamps messages with the process's task identity; set a test one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    set_task_identity(7)
 
 
 def _loopback(overrides: list[str], num_nodes: int = 2) -> LoopbackGrid:

@@ -10,16 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flower_helpers import set_task_identity
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.app import make_client_app
+from clients.secure import stage_statistics
 from clients.site import site_from_context
 from clients.testing import LoopbackGrid
 from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import ExperimentConfig, compose_config
 from fed_asr.methods import StageEndPlan
-from fed_asr.models import adapter_state
+from fed_asr.models import adapter_state, load_adapter_state
 from fed_asr.schedule import StageEndInputs, update_spectrum
 from fed_asr.security.checkpoint_integrity import IntegrityError
 from fed_asr.security.dp import calibrate_stats_noise, max_skills_per_sample
@@ -46,10 +48,7 @@ NUM_NODES = 3
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    """Flower stamps messages with the process's task identity; set a test one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    set_task_identity(7)
 
 
 class Federation:
@@ -58,6 +57,7 @@ class Federation:
     def __init__(self, overrides: list[str], node_config: dict | None = None) -> None:
         self.cfg: ExperimentConfig = compose_config("config", overrides)
         run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
+        self.run_config = run_config
         app = make_client_app()
         self.nodes = {1000 + p: p for p in range(NUM_NODES)}
         contexts = {
@@ -80,6 +80,14 @@ class Federation:
         )
         self.skills = site.stream.skills
         self.arrays = ArrayRecord(torch_state_dict=adapter_state(site.model))
+
+    def _local_stats(self, partition: int) -> dict[str, np.ndarray]:
+        site = site_from_context(
+            self.run_config,
+            {P.NODE_PARTITION_ID: partition, P.NODE_NUM_PARTITIONS: NUM_NODES},
+        )
+        load_adapter_state(site.model, self.arrays.to_torch_state_dict())
+        return stage_statistics(site, 0).to_arrays()
 
     def strategy(self, **kwargs) -> FedASR:  # type: ignore[no-untyped-def]
         """FedASR around the configured FedAvg, sampling every node."""
@@ -115,7 +123,13 @@ class Federation:
         )
 
     def clear_stats(self) -> list[dict[str, np.ndarray]]:
-        """Each node's clear-text statistics of stage 0, as sent (node order)."""
+        """Each node's clear-text statistics of stage 0 (node order).
+
+        As sent in a clear stage-end round; nodes configured for secure aggregation
+        never send them in clear, so for them they are computed on the node's site.
+        """
+        if self.cfg.privacy.secure_spectrum:
+            return [self._local_stats(p) for _, p in sorted(self.nodes.items())]
         sent: dict[int, dict[str, np.ndarray]] = {}
 
         def capture(node: int, msg: Message, reply: Message) -> Message:
@@ -471,3 +485,19 @@ def test_global_spectrum_travels_once_per_version_and_is_resent_after_state_loss
     assert fourth == sorted(fed.nodes)
     bytes_down = [r.bytes_down_spectrum for r in strategy.ledger.rounds]
     assert bytes_down[1] == bytes_down[2] == 0 < bytes_down[3] == bytes_down[0]
+
+
+def test_secure_configured_nodes_send_no_statistics_to_a_downgraded_clear_round(
+    federation,
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the nodes are configured for secure aggregation; a hostile server
+    # asks for the statistics with a plain (clear-text) stage-end query instead
+    fed = federation(**{"privacy.secure_spectrum": "true"})
+    ledger = RoundLedger([RoundLog(round=1, stage=0)])
+    # Execute
+    inputs = fed.stage_end(ledger, secure=False)
+    # Assert: no node answered with statistics; every reply is recorded as dropped
+    assert inputs.spectrum_parts == []
+    reasons = [d["reason"] for d in ledger.rounds[-1].dropped]
+    assert len(reasons) == NUM_NODES
+    assert all("missing ArrayRecord 'stats'" in r for r in reasons)

@@ -7,6 +7,7 @@ from unittest.mock import Mock
 import numpy as np
 import pytest
 import torch
+from flower_helpers import set_task_identity
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -36,10 +37,7 @@ SENT = {"m.lora_A.weight": np.zeros((2, 3), np.float32)}
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    """Flower stamps messages with the process's task identity; set a test one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
+    set_task_identity(RUN_ID)
 
 
 def make_grid(nodes: list[int]) -> Mock:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from helpers import TINY_MODEL_FIELDS
 from PIL import Image, ImageDraw
 
-from fed_asr.config import ModelConfig
+from fed_asr.config import LoraConfig, ModelConfig
 from fed_asr.data import VQASample
+from fed_asr.models import VQACollator, attach_lora
+from fed_asr.models.tiny import build_tiny
 
 VOCAB = [
     "what", "color", "is", "the", "shape", "there", "a", "not", "in", "image",
@@ -21,15 +26,7 @@ COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 def small_config(tmp_path: Path, **overrides: object) -> ModelConfig:
     """Tiny LLaVA small enough for unit tests (4x4 grid, 2 text layers)."""
     fields: dict[str, object] = dict(
-        image_size=16,
-        patch_size=4,
-        vision_hidden_size=16,
-        vision_layers=1,
-        vision_heads=2,
-        text_hidden_size=32,
-        text_layers=2,
-        text_heads=4,
-        text_intermediate_size=64,
+        TINY_MODEL_FIELDS,
         pretrain_steps=3,
         pretrain_batch_size=4,
         pretrain_lr=3e-3,
@@ -100,3 +97,19 @@ def caption_set(image_files: dict[str, str]) -> list[VQASample]:
     return [
         VQASample(path, "caption", caption) for caption, path in image_files.items()
     ]
+
+
+@pytest.fixture
+def perturbed_lora(
+    cfg: ModelConfig, vocab: list[str], answers: list[str], vqa_samples: list[VQASample]
+) -> tuple[Any, dict[str, Any], list[tuple[str, str]]]:
+    """Tiny model with LoRA B non-zero (so current and reference differ), the collated
+    ``vqa_samples`` and their ``(image, question)`` keys."""
+    model, processor = build_tiny(cfg, vocab)
+    model = attach_lora(model, LoraConfig())
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    batch = VQACollator(processor, cfg.prompt_template, answers)(vqa_samples)
+    keys = [(s.image, s.question) for s in vqa_samples]
+    return model, batch, keys

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import pytest
 import torch
 
-from fed_asr.config import LoraConfig, ModelConfig, RegularizerConfig
-from fed_asr.data import VQASample
+from fed_asr.config import RegularizerConfig
 from fed_asr.methods import NoOptions, StepContext
 from fed_asr.methods.asr import ASR
-from fed_asr.models import VQACollator, attach_lora, forward_with_attention
-from fed_asr.models.tiny import build_tiny
+from fed_asr.models import forward_with_attention
 from fed_asr.reference_cache import ReferenceCache
 
 
@@ -30,20 +29,10 @@ def _context(model, batch, keys) -> StepContext:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("geometry", ["paper", "token"])
 def test_asr_geo_term_cached_reference_equals_recomputed(
-    cfg: ModelConfig,
-    vocab: list[str],
-    answers: list[str],
-    vqa_samples: list[VQASample],
-    geometry: str,
+    perturbed_lora: tuple[Any, dict[str, Any], list[tuple[str, str]]], geometry: str
 ) -> None:
     # Prepare: LoRA B non-zero so current and reference differ
-    model, processor = build_tiny(cfg, vocab)
-    model = attach_lora(model, LoraConfig())
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
-    batch = VQACollator(processor, cfg.prompt_template, answers)(vqa_samples)
-    keys = [(s.image, s.question) for s in vqa_samples]
+    model, batch, keys = perturbed_lora
     reg = RegularizerConfig(l_sel=2, beta=0.0, geometry=geometry)
     cached = ASR(NoOptions(), reg)
     uncached = ASR(

@@ -34,6 +34,13 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator))
 
 
+@pytest.fixture
+def lora_r4(cfg: ModelConfig, vocab: list[str]) -> torch.nn.Module:
+    """The tiny model with a rank-4 LoRA adapter attached."""
+    base, _ = build_tiny(cfg, vocab)
+    return attach_lora(base, LoraConfig(r=4))
+
+
 def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
@@ -142,12 +149,9 @@ def test_adapter_state_round_trip_restores_outputs(
     torch.testing.assert_close(_logits(model, batch), expected, rtol=0, atol=0)
 
 
-def test_load_adapter_state_missing_key_raises(
-    cfg: ModelConfig, vocab: list[str]
-) -> None:
+def test_load_adapter_state_missing_key_raises(lora_r4: torch.nn.Module) -> None:
     # Prepare
-    base, _ = build_tiny(cfg, vocab)
-    model = attach_lora(base, LoraConfig(r=4))
+    model = lora_r4
     state = adapter_state(model)
     dropped = next(iter(state))
     del state[dropped]
@@ -158,12 +162,9 @@ def test_load_adapter_state_missing_key_raises(
     load_adapter_state(model, state, strict=False)  # partial (FFA-style) is allowed
 
 
-def test_load_adapter_state_unexpected_key_raises(
-    cfg: ModelConfig, vocab: list[str]
-) -> None:
+def test_load_adapter_state_unexpected_key_raises(lora_r4: torch.nn.Module) -> None:
     # Prepare
-    base, _ = build_tiny(cfg, vocab)
-    model = attach_lora(base, LoraConfig(r=4))
+    model = lora_r4
     state = adapter_state(model)
     state["vision.q_proj.lora_A.weight"] = torch.zeros(1)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from fed_asr.config import LoraConfig, ModelConfig
+from fed_asr.config import ModelConfig
 from fed_asr.data import VQASample
 from fed_asr.diagnostics import grad_norm_ratios
 from fed_asr.geometry import (
@@ -12,7 +14,7 @@ from fed_asr.geometry import (
     cached_pooled_reference,
     pooled_embeddings,
 )
-from fed_asr.models import VQACollator, attach_lora, forward_with_attention
+from fed_asr.models import VQACollator, forward_with_attention
 from fed_asr.models.tiny import build_tiny
 from fed_asr.query_tokens import function_word_mask, query_token_weights
 from fed_asr.reference_cache import ReferenceCache
@@ -20,16 +22,10 @@ from fed_asr.spectral import describe
 
 
 def test_paper_geometry_with_cached_reference_equals_recomputed_and_trains_lora(
-    cfg: ModelConfig, vocab: list[str], answers: list[str], vqa_samples: list[VQASample]
+    perturbed_lora: tuple[Any, dict[str, Any], list[tuple[str, str]]],
 ) -> None:
     # Prepare: LoRA B non-zero so current and reference differ
-    model, processor = build_tiny(cfg, vocab)
-    model = attach_lora(model, LoraConfig())
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
-    batch = VQACollator(processor, cfg.prompt_template, answers)(vqa_samples)
-    keys = [(s.image, s.question) for s in vqa_samples]
+    model, batch, keys = perturbed_lora
     capture = forward_with_attention(model, batch, 2, "selective", hidden=True)
     hidden = capture.image_hidden.shape[-1]
     calls = []

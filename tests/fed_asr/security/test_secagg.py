@@ -65,6 +65,24 @@ def run_protocol(
     return server.unmask(responses)
 
 
+def share_round(
+    server: SecAggServer, clients: Mapping[int, SecAggClient]
+) -> dict[int, dict[int, bytes]]:
+    """Rounds 0 and 1: every client advertises, then its key shares are routed."""
+    book = server.collect_advertisements({c: v.advertise() for c, v in clients.items()})
+    return server.route_shares({c: v.share_keys(book) for c, v in clients.items()})
+
+
+def keyed_group(
+    ids: Collection[int] = (1, 2, 3), session: bytes = SESSION
+) -> tuple[SecAggConfig, dict[int, SecAggClient], dict[int, dict[int, bytes]]]:
+    """Config (t = 2), clients ``ids`` of ``session`` and their routed share inbox."""
+    config = SecAggConfig(threshold=2)
+    server = SecAggServer(config, session)
+    clients = {cid: SecAggClient(cid, config, session) for cid in ids}
+    return config, clients, share_round(server, clients)
+
+
 def plain_sum(inputs: Mapping[int, Mapping[str, np.ndarray]], ids: Collection[int]):
     return {k: sum(inputs[c][k] for c in ids) for k in next(iter(inputs.values()))}
 
@@ -92,12 +110,8 @@ def test_secagg_all_clients_survive_sum_matches_plain_sum(inputs) -> None:
 
 def test_secagg_masked_vector_looks_uniform() -> None:
     # Prepare: a very structured input (constant) of 8192 values
-    config = SecAggConfig(threshold=2)
+    config, clients, inbox = keyed_group()
     n = 8192
-    server = SecAggServer(config, SESSION)
-    clients = {cid: SecAggClient(cid, config, SESSION) for cid in (1, 2, 3)}
-    book = server.collect_advertisements({c: v.advertise() for c, v in clients.items()})
-    inbox = server.route_shares({c: v.share_keys(book) for c, v in clients.items()})
     values = np.full(n, 0.5) + np.linspace(0.0, 1.0, n)
     encoded = encode_fixed_point(values, config.scale, config.bits, 1e6)
 
@@ -176,11 +190,7 @@ def test_secagg_fewer_unmask_responses_than_threshold_raises(inputs) -> None:
 
 def test_secagg_tampered_ciphertext_refused(inputs) -> None:
     # Prepare
-    config = SecAggConfig(threshold=2)
-    server = SecAggServer(config, SESSION)
-    clients = {cid: SecAggClient(cid, config, SESSION) for cid in (1, 2, 3)}
-    book = server.collect_advertisements({c: v.advertise() for c, v in clients.items()})
-    inbox = server.route_shares({c: v.share_keys(book) for c, v in clients.items()})
+    _, clients, inbox = keyed_group()
     blob = bytearray(inbox[2][1])
     blob[20] ^= 0x01
     inbox[2][1] = bytes(blob)
@@ -192,11 +202,7 @@ def test_secagg_tampered_ciphertext_refused(inputs) -> None:
 
 def test_secagg_misrouted_ciphertext_refused(inputs) -> None:
     # Prepare: the server hands client 2 the ciphertext client 1 made for client 3
-    config = SecAggConfig(threshold=2)
-    server = SecAggServer(config, SESSION)
-    clients = {cid: SecAggClient(cid, config, SESSION) for cid in (1, 2, 3)}
-    book = server.collect_advertisements({c: v.advertise() for c, v in clients.items()})
-    inbox = server.route_shares({c: v.share_keys(book) for c, v in clients.items()})
+    _, clients, inbox = keyed_group()
     inbox[2][1] = inbox[3][1]
 
     # Execute / Assert
@@ -206,11 +212,7 @@ def test_secagg_misrouted_ciphertext_refused(inputs) -> None:
 
 def test_secagg_client_listed_as_dropped_refuses_to_unmask(inputs) -> None:
     # Prepare
-    config = SecAggConfig(threshold=2)
-    server = SecAggServer(config, SESSION)
-    clients = {cid: SecAggClient(cid, config, SESSION) for cid in (1, 2, 3)}
-    book = server.collect_advertisements({c: v.advertise() for c, v in clients.items()})
-    inbox = server.route_shares({c: v.share_keys(book) for c, v in clients.items()})
+    _, clients, inbox = keyed_group()
     clients[1].mask_input(inputs[17], inbox[1])
 
     # Execute / Assert: revealing 1's key share and seed share would unmask it
@@ -240,11 +242,7 @@ def test_encode_fixed_point_out_of_range_names_array_and_index() -> None:
 
 def test_mask_input_non_finite_value_raises(inputs) -> None:
     # Prepare
-    config = SecAggConfig(threshold=2)
-    server = SecAggServer(config)
-    clients = {cid: SecAggClient(cid, config) for cid in (1, 2)}
-    book = server.collect_advertisements({c: v.advertise() for c, v in clients.items()})
-    inbox = server.route_shares({c: v.share_keys(book) for c, v in clients.items()})
+    _, clients, inbox = keyed_group((1, 2), session=b"")
     bad = dict(inputs[17], count=np.array([1.0, np.nan, 0.0, 2.0]))
 
     # Execute / Assert
@@ -307,8 +305,7 @@ def test_secagg_ciphertext_from_other_session_refused(inputs) -> None:
     config = SecAggConfig(threshold=2)
     server = SecAggServer(config, b"A")
     clients = {1: SecAggClient(1, config, b"A"), 2: SecAggClient(2, config, b"B")}
-    book = server.collect_advertisements({c: v.advertise() for c, v in clients.items()})
-    inbox = server.route_shares({c: v.share_keys(book) for c, v in clients.items()})
+    inbox = share_round(server, clients)
 
     # Execute / Assert
     with pytest.raises(SecAggError, match="failed authentication"):

@@ -1,0 +1,106 @@
+"""Summarise the scenes comparison (docs/findings.md): one JSON and a Markdown table.
+
+Usage: python studies/scenes/summarize.py OUT_DIR
+Reads OUT_DIR/<variant>-s<seed>/metrics.json; writes OUT_DIR/summary.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _drift(m: dict, stage: int, after: int) -> float | None:
+    for row in m.get("drift", []):
+        if row["stage"] == stage and row["after_stage"] == after:
+            return row["drift_mean"]
+    return None
+
+
+def _share(m: dict, stage: int, after: int) -> float | None:
+    for row in m.get("drift", []):
+        if row["stage"] == stage and row["after_stage"] == after:
+            return row["grounding_share"]
+    return None
+
+
+def main(out: Path) -> None:
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(out.glob("*-s*/metrics.json")):
+        variant = path.parent.name.rsplit("-s", 1)[0]
+        runs[variant].append(json.loads(path.read_text()))
+    rows, table = {}, []
+    header = (
+        "| variant | seeds | Last | AF | Last (type) | AF (type) | "
+        "drift stage 0: floor -> after last | grounding stage 0: own -> after last |"
+    )
+    table += [header, "|" + "---|" * 8]
+    for variant, ms in sorted(runs.items()):
+        T = len(ms[0]["stages"])
+        rec = {
+            "seeds": [m["seed"] for m in ms],
+            "Last": [m["Last"] for m in ms],
+            "AF": [m["AF"] for m in ms],
+            "Last_type": [m["metrics_type"]["Last"] for m in ms],
+            "AF_type": [m["metrics_type"]["AF"] for m in ms],
+            "drift_floor_0": [_drift(m, 0, 0) for m in ms],
+            "drift_last_0": [_drift(m, 0, T - 1) for m in ms],
+            "share_own_0": [_share(m, 0, 0) for m in ms],
+            "share_last_0": [_share(m, 0, T - 1) for m in ms],
+            "per_skill_type": {
+                skill: {
+                    "AF": [
+                        m["per_skill"]["type"][skill]["metrics"]["AF"]
+                        for m in ms
+                        if skill in m["per_skill"]["type"]
+                    ],
+                    "Last": [
+                        m["per_skill"]["type"][skill]["metrics"]["Last"]
+                        for m in ms
+                        if skill in m["per_skill"]["type"]
+                    ],
+                    "matrix_seed0": ms[0]["per_skill"]["type"][skill]["accuracy_matrix"],
+                }
+                for skill in ms[0]["per_skill"]["type"]
+            },
+            "accuracy_matrix_seed0": ms[0]["accuracy_matrix"],
+        }
+        rows[variant] = rec
+        table.append(
+            f"| {variant} | {len(ms)} | {_mean_std(rec['Last'])} | "
+            f"{_mean_std(rec['AF'])} | {_mean_std(rec['Last_type'])} | "
+            f"{_mean_std(rec['AF_type'])} | {_mean_std(rec['drift_floor_0'])} -> "
+            f"{_mean_std(rec['drift_last_0'])} | {_mean_std(rec['share_own_0'])} -> "
+            f"{_mean_std(rec['share_last_0'])} |"
+        )
+    skills = sorted({s for r in rows.values() for s in r["per_skill_type"]})
+    table += ["", "Per-skill AF / Last (type protocol):", ""]
+    table += ["| variant | " + " | ".join(skills) + " |", "|" + "---|" * (len(skills) + 1)]
+    for variant, rec in sorted(rows.items()):
+        cells = [
+            f"{_mean_std(rec['per_skill_type'][s]['AF'])} / "
+            f"{_mean_std(rec['per_skill_type'][s]['Last'])}"
+            if s in rec["per_skill_type"]
+            else "-"
+            for s in skills
+        ]
+        table.append(f"| {variant} | " + " | ".join(cells) + " |")
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    (out / "summary.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
