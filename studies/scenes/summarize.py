@@ -71,7 +71,9 @@ def main(out: Path) -> None:
                         for m in ms
                         if skill in m["per_skill"]["type"]
                     ],
-                    "matrix_seed0": ms[0]["per_skill"]["type"][skill]["accuracy_matrix"],
+                    "matrix_seed0": ms[0]["per_skill"]["type"][skill][
+                        "accuracy_matrix"
+                    ],
                 }
                 for skill in ms[0]["per_skill"]["type"]
             },
@@ -87,7 +89,10 @@ def main(out: Path) -> None:
         )
     skills = sorted({s for r in rows.values() for s in r["per_skill_type"]})
     table += ["", "Per-skill AF / Last (type protocol):", ""]
-    table += ["| variant | " + " | ".join(skills) + " |", "|" + "---|" * (len(skills) + 1)]
+    table += [
+        "| variant | " + " | ".join(skills) + " |",
+        "|" + "---|" * (len(skills) + 1),
+    ]
     for variant, rec in sorted(rows.items()):
         cells = [
             f"{_mean_std(rec['per_skill_type'][s]['AF'])} / "
