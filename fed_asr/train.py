@@ -1,12 +1,12 @@
-"""Local work of one site on one stage: training, evaluation, spectrum statistics.
+"""Local work of one site on one stage: training and spectrum statistics.
 
-These functions are shared by the central engine and the Flower ClientApp; they take
-the model (a peft model on the base MLLM), the processor and narrow configs.
+Shared by the central engine and the Flower ClientApp (evaluation lives in
+``fed_asr.evaluation``); they take the model (a peft model on the base MLLM), the
+processor and narrow configs.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +22,9 @@ from fed_asr.methods import ContinualMethod, StepContext
 from fed_asr.models import (
     MODEL_INPUT_KEYS,
     VQACollator,
-    candidate_token_ids,
     forward_with_attention,
     model_device,
     move_batch,
-    score_candidates,
 )
 from fed_asr.progress import Progress
 from fed_asr.regularizer import describe_capture
@@ -193,36 +191,6 @@ def _step_losses(
         outputs=outputs,
     )
     return {"task": task_loss, **method.penalties(ctx)}
-
-
-@torch.no_grad()
-def evaluate_samples(
-    model: torch.nn.Module,
-    collator: VQACollator,
-    samples: Sequence[VQASample],
-    batch_size: int,
-) -> tuple[int, int]:
-    """Closed-set accuracy counts: (correct, total), ranking all candidate answers.
-
-    Samples whose answer is not in the candidate set count as wrong.
-    """
-    if len(samples) == 0:
-        return 0, 0
-    device = model_device(model)
-    candidates = candidate_token_ids(collator.processor, collator.answers)
-    model.eval()
-    correct = 0
-    for indices in _batches(len(samples), batch_size, None):
-        batch = move_batch(collator([samples[i] for i in indices]), device)
-        scores = score_candidates(model, batch, candidates)  # (B, C)
-        predicted = scores.argmax(dim=-1)
-        correct += int((predicted == batch["answer_index"]).sum())
-    return correct, len(samples)
-
-
-def accuracy(correct: int, total: int) -> float:
-    """``correct / total``; NaN when there is nothing to score."""
-    return correct / total if total else math.nan
 
 
 @torch.no_grad()
