@@ -26,6 +26,7 @@ from torch import nn
 
 from fed_asr.config import LoraConfig
 from fed_asr.models import adapter_state, attach_lora, load_adapter_state
+from fed_asr.registry import check_new_name, lookup
 
 LORA_A = ".lora_A."
 LORA_B = ".lora_B."
@@ -172,8 +173,7 @@ LORA_AGGREGATIONS: dict[str, LoraAggregation] = {}
 
 def register_lora_aggregation(aggregation: LoraAggregation) -> None:
     """Register a LoRA aggregation under its unique snake_case name."""
-    if aggregation.name in LORA_AGGREGATIONS:
-        raise KeyError(f"LoRA aggregation {aggregation.name!r} is already registered.")
+    check_new_name(LORA_AGGREGATIONS, aggregation.name, "LoRA aggregation")
     LORA_AGGREGATIONS[aggregation.name] = aggregation
 
 
@@ -185,12 +185,7 @@ def get_lora_aggregation(name: str) -> LoraAggregation:
     KeyError
         Unknown name; the message lists the choices.
     """
-    if name not in LORA_AGGREGATIONS:
-        raise KeyError(
-            f"Unknown `lora.aggregation` {name!r}. "
-            f"Available: {sorted(LORA_AGGREGATIONS)}."
-        )
-    return LORA_AGGREGATIONS[name]
+    return lookup(LORA_AGGREGATIONS, name, "`lora.aggregation`")
 
 
 register_lora_aggregation(LoraAggregation("fedavg"))

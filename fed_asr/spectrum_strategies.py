@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fed_asr.config import SpectrumConfig
+from fed_asr.registry import check_new_name, lookup
 from fed_asr.spectrum import SkillSpectrum, SkillStats, sum_stats
 
 __all__ = [
@@ -190,15 +191,9 @@ def register_spectrum_strategy(name: str, cls: type[SpectrumStrategy]) -> None:
     KeyError
         If ``name`` is already registered.
     """
-    if not name or not name.isidentifier() or name.lower() != name:
-        raise ValueError(f"`name` must be snake_case, got {name!r}.")
+    check_new_name(SPECTRUM_STRATEGIES, name, "spectrum strategy")
     if not (isinstance(cls, type) and issubclass(cls, SpectrumStrategy)):
         raise ValueError(f"`cls` must subclass SpectrumStrategy, got {cls!r}.")
-    if name in SPECTRUM_STRATEGIES:
-        raise KeyError(
-            f"Spectrum strategy {name!r} is already registered "
-            f"({SPECTRUM_STRATEGIES[name].__name__})."
-        )
     SPECTRUM_STRATEGIES[name] = cls
 
 
@@ -210,12 +205,7 @@ def get_spectrum_strategy(name: str) -> SpectrumStrategy:
     KeyError
         If ``name`` is unknown; the message lists the available names.
     """
-    if name not in SPECTRUM_STRATEGIES:
-        raise KeyError(
-            f"Unknown spectrum strategy {name!r}. "
-            f"Available: {sorted(SPECTRUM_STRATEGIES)}."
-        )
-    return SPECTRUM_STRATEGIES[name]()
+    return lookup(SPECTRUM_STRATEGIES, name, "spectrum strategy")()
 
 
 def _check_clients(client_stats: Sequence[SkillStats]) -> None:

@@ -13,7 +13,6 @@ in any module imported before the config is validated)::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,12 +21,11 @@ from fed_asr.data.easyvqa import caption_samples, easyvqa_stream
 from fed_asr.data.manifest import manifest_stream
 from fed_asr.data.samples import ContinualStream, VQASample
 from fed_asr.data.scenes import scenes_preparation, scenes_stream
+from fed_asr.registry import SNAKE_CASE, check_new_name, lookup
 
 StreamBuilder = Callable[[DataConfig, int], ContinualStream]
 # (number of samples, seed, data config) -> base-model preparation samples
 PreparationBuilder = Callable[[int, int, DataConfig], list[VQASample]]
-
-_SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -95,11 +93,9 @@ def register_stream(
         ``name`` is already registered.
     """
     source = name if source is None else source
-    for field, value in (("name", name), ("source", source)):
-        if not _SNAKE_CASE.match(value):
-            raise ValueError(f"Stream `{field}` must be snake_case, got {value!r}.")
-    if name in STREAMS:
-        raise KeyError(f"Stream {name!r} is already registered.")
+    if not SNAKE_CASE.match(source):
+        raise ValueError(f"Stream sources are snake_case, got {source!r}.")
+    check_new_name(STREAMS, name, "stream")
     entry = StreamEntry(name, builder, source, needs_root, preparation)
     STREAMS[name] = entry
     return entry
@@ -113,9 +109,7 @@ def get_stream(name: str) -> StreamEntry:
     KeyError
         Unknown name; the message lists the registered streams.
     """
-    if name not in STREAMS:
-        raise KeyError(f"Unknown stream {name!r}. Available: {sorted(STREAMS)}.")
-    return STREAMS[name]
+    return lookup(STREAMS, name, "stream")
 
 
 def stream_sources() -> list[str]:

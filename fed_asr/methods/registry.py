@@ -9,6 +9,7 @@ from typing import Any
 
 from fed_asr.config import MethodConfig, RegularizerConfig
 from fed_asr.methods.base import ContinualMethod
+from fed_asr.registry import check_new_name, lookup
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,7 @@ def register_method(
     ValueError
         The name is not snake_case, or ``options_class`` is not a dataclass.
     """
-    if not name.replace("_", "").isalnum() or name != name.lower():
-        raise ValueError(f"Method names are snake_case, got {name!r}.")
-    if name in METHODS:
-        raise KeyError(f"Method {name!r} is already registered.")
+    check_new_name(METHODS, name, "method")
     if not dataclasses.is_dataclass(options_class):
         raise ValueError(
             f"Options of method {name!r} must be a dataclass, got {options_class!r}."
@@ -58,9 +56,7 @@ def method_entry(name: str) -> MethodEntry:
     KeyError
         Unknown name; the message lists the choices.
     """
-    if name not in METHODS:
-        raise KeyError(f"Unknown method {name!r}. Available: {sorted(METHODS)}.")
-    return METHODS[name]
+    return lookup(METHODS, name, "method")
 
 
 def method_options(name: str, options: Any) -> Any:

@@ -16,7 +16,6 @@ The built-in families are registered in ``fed_asr.models.families``.
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-_NAME = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+from fed_asr.registry import check_new_name, lookup
 
 
 @dataclass(frozen=True)
@@ -183,12 +182,9 @@ def register_model_family(name: str, cls: type[ModelFamily]) -> None:
     KeyError
         ``name`` is already registered.
     """
-    if not _NAME.match(name):
-        raise ValueError(f"Model family name must be snake_case, got {name!r}.")
+    check_new_name(MODEL_FAMILIES, name, "model family")
     if not (isinstance(cls, type) and issubclass(cls, ModelFamily)):
         raise ValueError(f"Model family {name!r} must be a ModelFamily, got {cls!r}.")
-    if name in MODEL_FAMILIES:
-        raise KeyError(f"Model family {name!r} is already registered.")
     MODEL_FAMILIES[name] = cls
 
 
@@ -205,12 +201,7 @@ def get_model_family(name: str) -> ModelFamily:
     KeyError
         No family is registered as ``name`` (the message lists the choices).
     """
-    cls = MODEL_FAMILIES.get(name)
-    if cls is None:
-        raise KeyError(
-            f"Unknown model family {name!r}. Available: {model_family_names()}."
-        )
-    return cls()
+    return lookup(MODEL_FAMILIES, name, "model family")()
 
 
 def infer_model_family(config: Any) -> str:
