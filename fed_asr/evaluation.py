@@ -40,7 +40,7 @@ from fed_asr.models.scoring import (
 )
 from fed_asr.query_tokens import query_token_weights
 from fed_asr.regularizer import describe_capture
-from fed_asr.spectral import descriptor_dim
+from fed_asr.spectral import SpectralDescriptor, descriptor_dim
 from fed_asr.spectrum import SkillStats
 
 
@@ -172,16 +172,14 @@ class DriftMonitor:
 
     def record(self, stage: int, probe: AttentionProbe) -> None:
         """Prototypes of ``stage`` from its training probe (one-hot skills)."""
-        stats = SkillStats.empty(self.skills, probe.descriptors.shape[1], 1)
-        for j, skill in enumerate(self.skills):
-            rows = [k for k, s in enumerate(probe.skills) if s == skill]
-            if not rows:
-                continue
-            x = probe.descriptors[rows].double()
-            stats.count[j] = len(rows)
-            stats.sum[j] = x.sum(0)
-            stats.sumsq[j] = x.square().sum(0)
-            stats.angular_sum[j] = float(len(rows))  # unused by the distance
+        index = {skill: j for j, skill in enumerate(self.skills)}
+        probs = torch.zeros(len(probe.skills), len(self.skills))  # (N, S) one-hot
+        for k, skill in enumerate(probe.skills):
+            if skill in index:
+                probs[k, index[skill]] = 1.0
+        # the angular part is unused by the distance: one constant bin
+        desc = SpectralDescriptor(probe.descriptors, torch.ones(len(probe.skills), 1))
+        stats = SkillStats.from_batch(desc, probs, self.skills, 0.5)
         self.prototypes[stage] = stats.to_prototypes(self.cov_floor)
 
     def measure(self, after: int, stage: int, probe: AttentionProbe) -> dict[str, Any]:

@@ -77,10 +77,7 @@ def stage_rounds_decision(
         return RoundDecision(done=n >= fed.rounds_per_stage)
     if n < max(fed.rounds_per_stage, fed.plateau_patience + 1):
         return RoundDecision(done=False)
-    before = min(losses[: n - fed.plateau_patience])
-    recent = min(losses[n - fed.plateau_patience :])
-    improving = before > 0 and (before - recent) / before >= fed.plateau_rel_delta
-    if not improving:
+    if not _still_improving(losses, fed):
         return RoundDecision(done=True)
     if n >= fed.max_rounds_per_stage:
         return RoundDecision(done=True, underfit=True)
@@ -95,15 +92,17 @@ def stage_outcome(
     Under either schedule, a stage whose last ``plateau_patience`` rounds still
     improved the loss by ``plateau_rel_delta`` or more is flagged underfit.
     """
-    patience = federation.plateau_patience
-    if len(losses) <= patience:
+    if len(losses) <= federation.plateau_patience:
         return RoundDecision(done=True, underfit=len(losses) > 0)
-    before = min(losses[: len(losses) - patience])
-    recent = min(losses[len(losses) - patience :])
-    improving = (
-        before > 0 and (before - recent) / before >= federation.plateau_rel_delta
-    )
-    return RoundDecision(done=True, underfit=improving)
+    return RoundDecision(done=True, underfit=_still_improving(losses, federation))
+
+
+def _still_improving(losses: Sequence[float], federation: FederationConfig) -> bool:
+    """Whether the best of the last ``plateau_patience`` losses beats the best before
+    them by ``plateau_rel_delta`` or more (relative); needs more losses than that."""
+    cut = len(losses) - federation.plateau_patience
+    before, recent = min(losses[:cut]), min(losses[cut:])
+    return before > 0 and (before - recent) / before >= federation.plateau_rel_delta
 
 
 @dataclass

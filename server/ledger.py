@@ -62,6 +62,14 @@ class RoundLedger:
         """The most recent round's log (stage-end rounds count into it)."""
         return self.rounds[-1] if self.rounds else None
 
+    def of_stage(self, stage: int) -> list[RoundLog]:
+        """The round logs of ``stage``, in order."""
+        return [r for r in self.rounds if r.stage == stage]
+
+    def task_losses(self, stage: int) -> list[float]:
+        """Pooled task loss of each round of ``stage`` that aggregated something."""
+        return [r.losses["task"] for r in self.of_stage(stage) if "task" in r.losses]
+
     def add_bytes(self, **amounts: int) -> None:
         """Add byte counts (``BYTE_FIELDS`` names) to the last round."""
         if self.last is None:

@@ -46,13 +46,6 @@ from server.strategy import FedASR
 _MEMORY_PREFIX = "memory/"
 
 
-def _task_losses(rounds: list[Any]) -> list[float]:
-    """Pooled task loss of each round that aggregated something."""
-    return [
-        r.losses["task"] for r in rounds if "task" in r.losses
-    ]  # checkpointed memory: memory/<name>/<adapter key>
-
-
 class FederatedRun:
     """Runs every stage of an experiment over a Flower ``Grid``.
 
@@ -156,10 +149,10 @@ class FederatedRun:
             for name, tensors in state.memory.items()
         }
         while True:
-            rounds = [r for r in self.ledger.rounds if r.stage == stage]
+            rounds = self.ledger.of_stage(stage)
             if any(r.stage > stage for r in self.ledger.rounds) or len(rounds) >= cap:
                 break
-            if stage_rounds_decision(_task_losses(rounds), fed).done:
+            if stage_rounds_decision(self.ledger.task_losses(stage), fed).done:
                 break
             assert self.arrays is not None
             self.done_rounds += 1
@@ -181,8 +174,8 @@ class FederatedRun:
 
     def _report_stage(self, stage: int) -> None:
         """Log the stage's rounds; warn when it ended still improving (underfit)."""
-        rounds = [r for r in self.ledger.rounds if r.stage == stage]
-        decision = stage_outcome(_task_losses(rounds), self.cfg.federation)
+        rounds = self.ledger.of_stage(stage)
+        decision = stage_outcome(self.ledger.task_losses(stage), self.cfg.federation)
         log(
             WARNING if decision.underfit else INFO,
             "[fed-asr] stage %d/%d (%s) trained for %d rounds%s",

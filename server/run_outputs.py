@@ -60,11 +60,7 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
     T = len(names)
     rounds = run.ledger.rounds
     # The last round of each stage is the row of the accuracy matrices
-    ends = {
-        t: max((r for r in rounds if r.stage == t), key=lambda r: r.round)
-        for t in range(T)
-        if any(r.stage == t for r in rounds)
-    }
+    ends = {t: run.ledger.of_stage(t)[-1] for t in range(T) if run.ledger.of_stage(t)}
     matrix, typed = AccuracyMatrix(T), AccuracyMatrix(T)
     per_skill = {p: SkillAccuracyMatrices(T) for p in EVAL_PROTOCOLS}
     partitions = sorted({int(p) for r in rounds for p in r.per_client})
@@ -91,8 +87,8 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
     }
     stages = []
     for t in range(T):
-        own = [r for r in rounds if r.stage == t]
-        losses = [r.losses["task"] for r in own if "task" in r.losses]
+        own = run.ledger.of_stage(t)
+        losses = run.ledger.task_losses(t)
         outcome = stage_outcome(losses, cfg.federation)
         stages.append(
             {

@@ -84,15 +84,20 @@ def pool_evaluation_counts(records: Sequence[RecordDict]) -> dict[str, int]:
     return pooled
 
 
-def pool_stage_accuracy(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Accuracy per stage pooled over clients: sum of correct / sum of scored."""
-    counts = pool_evaluation_counts(records)
+def stage_accuracy(counts: dict[str, int]) -> dict[str, float]:
+    """Accuracy per stage (``all`` protocol) from pooled counts: correct / scored."""
     accuracy: dict[str, float] = {}
     for key, total in counts.items():
         stage = key[len(P.TOTAL_PREFIX) :]
         if key.startswith(P.TOTAL_PREFIX) and stage.isdigit() and total:
-            accuracy[f"acc-{stage}"] = counts.get(P.correct_key(int(stage)), 0) / total
-    return MetricRecord(dict(sorted(accuracy.items())))
+            accuracy[stage] = counts.get(P.correct_key(int(stage)), 0) / total
+    return dict(sorted(accuracy.items()))
+
+
+def pool_stage_accuracy(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Accuracy per stage pooled over clients (``acc-<stage>``), Flower's signature."""
+    accuracy = stage_accuracy(pool_evaluation_counts(records))
+    return MetricRecord({f"acc-{k}": v for k, v in accuracy.items()})
 
 
 def keep_dtypes(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
@@ -354,13 +359,13 @@ class FedASR(Strategy):
             entry.per_client[str(reply_partition(msg))] = row
         # Pooled here, not by the inner strategy: clients report different keys
         # (a skill missing from a client's test split), which Flower refuses.
-        contents = [m.content for m in valid]
-        pooled = pool_stage_accuracy(contents, P.NUM_EXAMPLES_KEY) if valid else None
-        entry.counts = pool_evaluation_counts(contents)
-        entry.accuracy = {
-            k[len("acc-") :]: float(v)  # type: ignore[arg-type]
-            for k, v in (pooled or {}).items()
-        }
+        entry.counts = pool_evaluation_counts([m.content for m in valid])
+        entry.accuracy = stage_accuracy(entry.counts)
+        pooled = (
+            MetricRecord({f"acc-{k}": v for k, v in entry.accuracy.items()})
+            if valid
+            else None
+        )
         entry.seconds = time.perf_counter() - self._round_start
         return pooled
 
