@@ -15,7 +15,14 @@ times, as medians after warm-up:
   easy-VQA batch of the same size, with selective capture (what the spectrum round
   runs), and the descriptor's share of it.
 
-Usage: ``python -m benchmarks.bench_spectral [--quick] [--out PATH]``.
+Side by side with the paper's encoder (``versus_paper``): ``paper_style_descriptor``
+(``benchmarks/paper_style_encoder.py``) is written from the paper's description.
+Both run on the same tensors (B=16, L=4, H=4, Tq=12, uniform query weights, 1 thread
+by default), in alternating blocks of 5 calls; the script checks that their values
+agree and prints medians in ms and the speed-ups (paper time / ours).
+
+Usage: ``python -m benchmarks.bench_spectral [--quick] [--versus-paper-only]
+[--out PATH]``.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from benchmarks.common import (
     set_threads,
     write_json,
 )
+from benchmarks.paper_style_encoder import paper_style_descriptor
 from fed_asr.config import DataConfig, ModelConfig, RegularizerConfig
 from fed_asr.config_sections import check_positive
 from fed_asr.data import build_stream
@@ -50,6 +58,7 @@ from fed_asr.spectral import describe
 NAME = "bench_spectral"
 PATCH_SIZE = 4
 GRIDS = (8, 16, 24, 32)
+VERSUS_SHAPE = {"batch": 16, "layers": 4, "heads": 4, "queries": 12}
 
 
 def time_call(fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
@@ -128,6 +137,102 @@ def describe_timing(
     }
 
 
+def _interleaved(
+    calls: Sequence[Callable[[], Any]], warmup: int, repeat: int, block: int = 5
+) -> list[list[float]]:
+    """Wall times of ``repeat`` calls of each, in alternating blocks of ``block``.
+
+    Alternating spreads a shared machine's load over all the calls alike; within a
+    block a call finds the caches as the same implementation left them, as in a
+    training loop.
+    """
+    check_positive("repeat", repeat)
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for start_at in range(0, repeat, block):
+        for call, bucket in zip(calls, times, strict=True):
+            for _ in range(min(block, repeat - start_at)):
+                start = time.perf_counter()
+                call()
+                bucket.append(time.perf_counter() - start)
+    return times
+
+
+def versus_paper_row(
+    grid: int, warmup: int = 3, repeat: int = 40, seed: int = 0, **shape: int
+) -> dict[str, Any]:
+    """``describe`` against ``paper_style_descriptor`` at one grid (same tensors).
+
+    Returns
+    -------
+    dict[str, Any]
+        Median ms of both, forward (no grad) and forward + backward, the speed-ups
+        (paper / ours) of the medians and of the fastest calls (``*_min``: on a
+        shared machine the least disturbed), and the largest absolute difference of
+        their values.
+    """
+    dims = {**VERSUS_SHAPE, **shape}
+    attn = random_attention(
+        dims["batch"], dims["layers"], dims["heads"], dims["queries"], grid, seed
+    )
+    leaf = attn.clone().requires_grad_(True)
+
+    def ours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        desc = describe(x, (grid, grid))
+        return desc.descriptor, desc.angular
+
+    def paper(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return paper_style_descriptor(x, (grid, grid))
+
+    def forward(fn: Callable[..., Any]) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():
+                fn(attn)
+
+        return call
+
+    def forward_backward(fn: Callable[..., Any]) -> Callable[[], None]:
+        def call() -> None:
+            descriptor, angular = fn(leaf)
+            (descriptor.sum() + angular.sum()).backward()
+            leaf.grad = None
+
+        return call
+
+    with torch.no_grad():
+        diff = max(
+            (a - b).abs().max().item()
+            for a, b in zip(ours(attn), paper(attn), strict=True)
+        )
+    fwd = _interleaved([forward(ours), forward(paper)], warmup, repeat)
+    both = _interleaved(
+        [forward_backward(ours), forward_backward(paper)], warmup, repeat
+    )
+    ms = [1e3 * median(t) for t in (*fwd, *both)]
+    fastest = [1e3 * min(t) for t in (*fwd, *both)]  # least disturbed by other load
+    return {
+        "grid": f"{grid}x{grid}",
+        "ours_fwd_ms": ms[0],
+        "paper_fwd_ms": ms[1],
+        "speedup_fwd": ms[1] / ms[0],
+        "ours_fwd_bwd_ms": ms[2],
+        "paper_fwd_bwd_ms": ms[3],
+        "speedup_fwd_bwd": ms[3] / ms[2],
+        "speedup_fwd_min": fastest[1] / fastest[0],
+        "speedup_fwd_bwd_min": fastest[3] / fastest[2],
+        "min_ms": dict(
+            zip(
+                ("ours_fwd", "paper_fwd", "ours_fwd_bwd", "paper_fwd_bwd"),
+                fastest,
+                strict=True,
+            )
+        ),
+        "max_abs_diff": diff,
+    }
+
+
 def model_forward_timing(
     grid: int, batch: int, warmup: int, repeat: int, seed: int = 0
 ) -> dict[str, Any]:
@@ -169,17 +274,31 @@ def run_benchmark(
     model_repeat: int = 3,
     threads: int = 1,
     seed: int = 0,
+    versus_repeat: int = 40,
+    model_rows: bool = True,
 ) -> dict[str, Any]:
-    """Descriptor and model-forward timing at every grid.
+    """Descriptor and model-forward timing at every grid, and ours versus the paper's.
+
+    Parameters
+    ----------
+    versus_repeat : int
+        Timed calls of each implementation in ``versus_paper`` (0 skips it).
+    model_rows : bool
+        False skips the model-forward rows (``rows`` is then empty).
 
     Returns
     -------
     dict[str, Any]
-        ``rows`` (one per grid), ``settings`` and ``machine``.
+        ``rows`` (one per grid), ``versus_paper`` (one per grid), ``settings`` and
+        ``machine``.
     """
     set_threads(threads)
+    versus = [
+        versus_paper_row(grid, warmup, versus_repeat, seed)
+        for grid in (grids if versus_repeat > 0 else ())
+    ]
     rows = []
-    for grid in grids:
+    for grid in grids if model_rows else ():
         model = model_forward_timing(grid, batch, 1, model_repeat, seed)
         _, layers, heads, queries, _ = model["attn_shape"]
         desc = describe_timing(grid, batch, layers, heads, queries, warmup, repeat)
@@ -209,8 +328,10 @@ def run_benchmark(
             "threads": threads,
             "seed": seed,
             "model": "untrained tiny LLaVA (build_tiny, default ModelConfig sizes)",
+            "versus_paper": {**VERSUS_SHAPE, "repeat": versus_repeat},
         },
         "rows": rows,
+        "versus_paper": versus,
         "machine": machine_info(),
     }
 
@@ -225,6 +346,18 @@ COLUMNS = (
     "model_fwd_ms",
     "describe_share_of_fwd",
 )
+VERSUS_COLUMNS = (
+    "grid",
+    "ours_fwd_ms",
+    "paper_fwd_ms",
+    "speedup_fwd",
+    "ours_fwd_bwd_ms",
+    "paper_fwd_bwd_ms",
+    "speedup_fwd_bwd",
+    "speedup_fwd_min",
+    "speedup_fwd_bwd_min",
+    "max_abs_diff",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -238,6 +371,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--versus-repeat",
+        type=int,
+        default=40,
+        help="timed calls per implementation against the paper's encoder (0: skip)",
+    )
+    parser.add_argument(
+        "--versus-paper-only",
+        action="store_true",
+        help="only the side-by-side with the paper's encoder (no model forward)",
+    )
     return parser
 
 
@@ -246,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
         args.grids, args.batch_size, args.warmup = [8], 4, 1
-        args.repeat, args.model_repeat = 1, 1
+        args.repeat, args.model_repeat, args.versus_repeat = 1, 1, 1
     result = run_benchmark(
         args.grids,
         args.batch_size,
@@ -255,8 +399,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model_repeat,
         args.threads,
         args.seed,
+        args.versus_repeat,
+        model_rows=not args.versus_paper_only,
     )
-    print(format_table(result["rows"], COLUMNS))
+    if result["rows"]:
+        print(format_table(result["rows"], COLUMNS))
+    if result["versus_paper"]:
+        print(format_table(result["versus_paper"], VERSUS_COLUMNS))
     print(json.dumps({"threads": result["settings"]["threads"]}))
     print(write_json(args.out, result))
     return 0

@@ -32,7 +32,9 @@ the RSS at the reset ("step delta") are reported. The subprocess runs with a fix
 glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the OS and
 RSS follows live memory. On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
 
-Usage: ``python -m benchmarks.bench_step [--quick] [--out PATH]``.
+Usage: ``python -m benchmarks.bench_step [--quick] [--out PATH]``;
+``--family NAME|all`` times the tiny checkpoint of every model family instead
+(``benchmarks/step_families.py``).
 """
 
 from __future__ import annotations
@@ -589,7 +591,42 @@ def _parser() -> argparse.ArgumentParser:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=device)
     parser.add_argument("--child-memory", metavar="VARIANT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--family",
+        metavar="NAME",
+        help="time ASR over plain LoRA on the tiny checkpoints of one model family "
+        "(or 'all'), see benchmarks/step_families.py; writes "
+        "benchmarks/results/bench_step_families.json unless --out is given",
+    )
     return parser
+
+
+def main_families(args: argparse.Namespace) -> int:
+    """``--family``: per-family step-time table and JSON (``step_families``)."""
+    from benchmarks.common import default_out
+    from benchmarks.step_families import COLUMNS as FAMILY_COLUMNS
+    from benchmarks.step_families import family_kinds, run_family_benchmark
+
+    try:
+        family_kinds(args.family)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if args.quick:
+        args = replace_args(args, batch_size=4, warmup=1, repeat=1)
+    out = default_out(f"{NAME}_families") if args.out == default_out(NAME) else args.out
+    result = run_family_benchmark(
+        args.family,
+        args.batch_size,
+        args.warmup,
+        args.repeat,
+        args.threads,
+        args.seed,
+        args.device,
+    )
+    print(format_table(result["rows"], FAMILY_COLUMNS))
+    print(write_json(out, result))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -607,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(json.dumps(result))
         return 0
+    if args.family:
+        return main_families(args)
     if args.quick:
         args = replace_args(
             args, image_sizes=[32], batch_size=4, warmup=1, repeat=1, memory_steps=1

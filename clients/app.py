@@ -24,6 +24,8 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from clients.adapter_privacy import privatize_train_reply
+from clients.drift import drift_reply
 from clients.records import numpy_record
 from clients.secure import handle_secagg, privatized, stage_statistics
 from clients.site import Site, site_from_context
@@ -37,7 +39,8 @@ from fed_asr.security.signing import load_public_key
 from fed_asr.train import train_stage
 from fed_asr.wire import verify_content
 
-_SIGNATURE_STATE = "signature-state"  # ConfigRecord in context.state: last round
+# ConfigRecord in context.state: run id -> [round, sequence] last accepted
+_SIGNATURE_STATE = "signature-state"
 
 
 @functools.cache
@@ -46,30 +49,35 @@ def _verify_key(path: str) -> Ed25519PublicKey:
 
 
 def _check_signature(msg: Message, context: Context, site: Site) -> None:
-    """Verify the server's signature when this node holds its public key.
+    """Verify the whole message when this node holds the server's public key.
 
     The key path comes from the node config (``verify-key``) or
-    ``security.verify_key``. The signed round must not go backwards (replay).
+    ``security.verify_key``. The signature must cover every record of the message
+    for this run, this node and the type it is delivered as, and its (round,
+    sequence) must be newer than the last one accepted in this run. Only then is
+    the replay counter advanced; no other state is touched here, and handlers run
+    only after this returns.
 
     Raises
     ------
     SignatureError
-        Missing, forged or replayed signature: the message is refused.
+        Missing, forged, misaddressed or replayed message: it is refused.
     """
     path = context.node_config.get(P.NODE_VERIFY_KEY) or site.cfg.security.verify_key
     if not path:
         return
-    state = context.state.config_records.get(_SIGNATURE_STATE)
-    last = int(state["round"]) if state is not None else 0  # type: ignore[arg-type]
-    round_ = verify_content(
+    run = str(context.run_id)
+    accepted = context.state.config_records.get(_SIGNATURE_STATE, ConfigRecord())
+    last = accepted.get(run)
+    position = verify_content(
         _verify_key(str(path)),
-        msg.content.array_records,
-        msg.content.config_records.get(P.SIGNATURE_RECORD),
-        msg.metadata.run_id,
-        msg.metadata.message_type,
-        last,
+        msg.content,
+        run_id=context.run_id,
+        message_type=msg.metadata.message_type,
+        node_id=context.node_id,
+        last=(int(last[0]), int(last[1])) if isinstance(last, list) else None,
     )
-    context.state[_SIGNATURE_STATE] = ConfigRecord({"round": round_})
+    context.state[_SIGNATURE_STATE] = ConfigRecord({**accepted, run: list(position)})
 
 
 def _site(msg: Message, context: Context, run_config: Mapping[str, Any] | None) -> Site:
@@ -112,6 +120,8 @@ def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
             # local DP: this release alone is (epsilon, delta)-DP
             arrays = privatized(site, stage, stats.to_arrays())
             content[P.STATS_RECORD] = numpy_record(arrays)
+            # The rows' skills travel with them: the server refuses another order
+            content[P.CONFIG_RECORD] = ConfigRecord({P.SKILLS_KEY: list(stats.skills)})
         else:
             own = update_spectrum(
                 local_spectrum(context, site.stream.skills),
@@ -209,6 +219,7 @@ def make_client_app(
                 P.METRICS_RECORD: MetricRecord(metrics),
             }
         )
+        content = privatize_train_reply(site, msg, content)  # adapter DP, if on
         return Message(content=content, reply_to=msg)
 
     @app.query(P.SPECTRUM_ACTION)
@@ -224,6 +235,12 @@ def make_client_app(
         else:
             site = _site(msg, context, run_config)
         return Message(content=handle_secagg(msg, context, site), reply_to=msg)
+
+    @app.query(P.DRIFT_ACTION)
+    def drift(msg: Message, context: Context) -> Message:
+        site = _prepare(msg, context, run_config)
+        stage = int(msg.content[P.CONFIG_RECORD][P.STAGE_KEY])
+        return Message(content=drift_reply(site, context, stage), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -29,15 +29,22 @@ from fed_asr.models.scoring import EVAL_PROTOCOLS, skill_answer_sets
 from fed_asr.outputs import seed_everything, write_run_outputs
 from fed_asr.progress import Progress
 from fed_asr.schedule import ContinualState, StageEndInputs, StageSchedule
+from fed_asr.tracking import NullTracker, Tracker, open_tracker, stage_scalars
 from fed_asr.train import spectrum_statistics, train_stage
 
 
 class CentralEngine:
     """One site: trains on its whole stream, evaluates after each stage."""
 
-    def __init__(self, cfg: ExperimentConfig, stream: ContinualStream) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        stream: ContinualStream,
+        tracker: Tracker | None = None,
+    ) -> None:
         self.cfg = cfg
         self.stream = stream
+        self.tracker: Tracker = tracker or NullTracker()  # scalars after each stage
         device = resolve_device(cfg.model.device)
         base, processor = load_run_base_model(
             cfg.model, cfg.data, stream.vocabulary(), device
@@ -93,6 +100,17 @@ class CentralEngine:
             }
         )
         self._evaluate(stage)
+        self.tracker.log_scalars(
+            stage_scalars(
+                stage,
+                self.names,
+                self.matrices["all"].to_list()[stage],
+                result.losses,
+                self.per_skill["all"],
+                self.drift.rows,
+            ),
+            step=stage + 1,
+        )
 
     def collect_stage_end(
         self, stage: int, state: ContinualState, query_clients: bool
@@ -197,7 +215,8 @@ def run_central(cfg: ExperimentConfig) -> Path:
     start = time.perf_counter()
     seed_everything(cfg.seed)
     stream = build_stream(cfg.data, cfg.seed)
-    engine = CentralEngine(cfg, stream)
+    tracker = open_tracker(cfg)  # flushes after every stage
+    engine = CentralEngine(cfg, stream, tracker)
     schedule = StageSchedule(
         engine.method, len(stream.stages), cfg.spectrum, cfg.regularizer.cov_floor
     )
@@ -212,7 +231,7 @@ def run_central(cfg: ExperimentConfig) -> Path:
         **engine.report(),
         "wall_time_s": time.perf_counter() - start,
     }
-    return write_run_outputs(
+    path = write_run_outputs(
         cfg.output_dir,
         cfg,
         engine.names,
@@ -223,3 +242,5 @@ def run_central(cfg: ExperimentConfig) -> Path:
         curves=engine.curves,
         curve_xlabel="after training stage",
     )
+    tracker.close()
+    return path

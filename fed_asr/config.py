@@ -7,7 +7,6 @@ Library code below this module takes the narrowest dataclass it needs and never 
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from fed_asr.config_sections import (
     check_choice,
     check_positive,
 )
+from fed_asr.tracking import TrackingConfig
 
 __all__ = [
     "DataConfig",
@@ -36,6 +36,7 @@ __all__ = [
     "RegularizerConfig",
     "SecurityConfig",
     "SpectrumConfig",
+    "TrackingConfig",
     "TrainConfig",
     "compose_config",
     "load_config",
@@ -104,6 +105,8 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     attn_capture: str = "selective"
+    # load the base weights in 4 bits (NF4, bitsandbytes; CUDA only)
+    load_in_4bit: bool = False
     prompt_template: str = "{image} {question} answer :"
     # base-model preparation (tiny model only; `fed_asr.models.pretrain`):
     # "easyvqa" captions, "stream" = the stream's own caption/QA set (e.g. scenes),
@@ -251,6 +254,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     output_dir: str = "outputs/${engine.name}-${method.name}-${data.stream}-s${seed}"
     resume: bool = False
@@ -313,21 +317,24 @@ def to_experiment_config(cfg: Any) -> ExperimentConfig:
 
 
 def load_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
-    """Build the config from a Flower run config (``config-name`` and ``overrides``).
+    """Build the config from a Flower run config (``config-name``, keys, ``overrides``).
 
     Parameters
     ----------
     run_config : Mapping[str, Any]
-        Flower's ``context.run_config``; ``overrides`` is one shell-quoted string.
+        Flower's ``context.run_config``: the common settings as run-config keys
+        (``fed_asr.run_config.RUN_CONFIG_KEYS``) and ``overrides``, one shell-quoted
+        string of Hydra overrides.
 
     Returns
     -------
     ExperimentConfig
         The validated configuration.
     """
+    from fed_asr.run_config import run_config_overrides
+
     name = str(run_config.get("config-name", "config"))
-    overrides = shlex.split(str(run_config.get("overrides", "")))
-    return compose_config(name, overrides)
+    return compose_config(name, run_config_overrides(run_config))
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

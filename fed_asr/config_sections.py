@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fed_asr.config_checks import check_privacy, check_security
+
 
 def check_positive(name: str, value: float) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` > 0."""
@@ -155,7 +157,7 @@ class FederationConfig:
     # last `plateau_patience` rounds; a stage stopped by the cap is flagged underfit.
     schedule: str = "plateau"
     rounds_per_stage: int = 2
-    max_rounds_per_stage: int = 8
+    max_rounds_per_stage: int = 12
     plateau_rel_delta: float = 0.03
     plateau_patience: int = 1
     # Flower strategy aggregating the adapters (server.adapter_strategies) and its
@@ -213,6 +215,16 @@ class PrivacyConfig:
     # Seed of the DP noise (reproducible experiments); None draws it from the OS,
     # as a deployment must: anyone who knows the seed can subtract the noise.
     dp_seed: int | None = None
+    # DP of the adapters (with `dp`): each client clips its update (the change from
+    # the global adapter it received) to L2 norm `adapter_clip` and adds Gaussian
+    # noise calibrated to (`adapter_epsilon`, `dp_delta`) per round; the reported
+    # `num-examples` is rounded down to a multiple of `num_examples_granularity`.
+    adapter_clip: float = 1.0
+    adapter_epsilon: float = 8.0
+    num_examples_granularity: int = 16
+
+    def __post_init__(self) -> None:
+        check_privacy(self)
 
 
 @dataclass
@@ -225,3 +237,50 @@ class SecurityConfig:
     hash_checkpoints: bool = True  # SHA-256 manifest per checkpoint, checked on resume
     max_update_norm: float = 1e3
     max_num_examples: int = 10_000_000
+    # Poisoning (docs/security.md): caps where the server cannot know a site's data,
+    # clipping relative to the round, DP noise bound, evaluation outliers
+    max_num_examples_per_site: int | None = None  # deployment; None: max_num_examples
+    max_example_share: float | None = None  # weight share cap per reply; None: off
+    norm_bound_factor: float | None = 5.0  # x the round's median update norm
+    stats_noise_sigmas: float = 10.0  # DP noise bound of clear statistics
+    eval_outlier_z: float | None = 4.0  # robust z flagging a client's accuracy
+    # Secure aggregation with site identities (docs/security.md section 1): this
+    # site's Ed25519 identity key and the pinned list of every site's public key;
+    # a node's `identity-key` / `site-keys` config wins. The server uses only
+    # `site_keys`, to drop unsigned advertisements early.
+    identity_key: str | None = None
+    site_keys: str | None = None
+
+    def __post_init__(self) -> None:
+        check_security(self)
+        _check_poisoning_bounds(self)
+        _check_site_identity(self)
+
+
+def _check_site_identity(cfg: SecurityConfig) -> None:
+    """Raise ``ValueError`` naming a bad site-identity field of ``security``."""
+    for name in ("identity_key", "site_keys"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(
+                f"`security.{name}` must be a path or null, got {value!r}."
+            )
+    if cfg.identity_key is not None and cfg.site_keys is None:
+        raise ValueError(
+            f"`security.identity_key` is set ({cfg.identity_key!r}) but "
+            "`security.site_keys` is not: a site identity needs the pinned site list."
+        )
+
+
+def _check_poisoning_bounds(cfg: SecurityConfig) -> None:
+    """Raise ``ValueError`` naming the first bad poisoning bound of ``security``."""
+    for name in ("max_num_examples_per_site", "norm_bound_factor", "eval_outlier_z"):
+        value = getattr(cfg, name)
+        if value is not None:
+            check_positive(f"security.{name}", value)
+    check_positive("security.stats_noise_sigmas", cfg.stats_noise_sigmas)
+    share = cfg.max_example_share
+    if share is not None and not 0.0 < share <= 1.0:
+        raise ValueError(
+            f"`security.max_example_share` must be in (0, 1], got {share}."
+        )

@@ -18,16 +18,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fed_asr.config import RegularizerConfig
 from fed_asr.data import VQASample
 from fed_asr.data.regions import region_masks
-from fed_asr.diagnostics import attention_grounding_share, spectral_drift
+from fed_asr.diagnostics import attention_grounding_share, spectrum_prototypes
+from fed_asr.drift import DriftSums, drift_row, drift_sums
 from fed_asr.models import (
     VQACollator,
-    candidate_token_ids,
     forward_with_attention,
     model_device,
     move_batch,
@@ -41,7 +42,7 @@ from fed_asr.models.scoring import (
 from fed_asr.query_tokens import query_token_weights
 from fed_asr.regularizer import describe_capture
 from fed_asr.spectral import SpectralDescriptor, descriptor_dim
-from fed_asr.spectrum import SkillStats
+from fed_asr.spectrum import SkillSpectrum, SkillStats
 
 
 @dataclass
@@ -84,7 +85,7 @@ def score_stage(
     if len(samples) == 0:
         return scores
     device = model_device(model)
-    candidates = candidate_token_ids(collator.processor, collator.answers)
+    candidates = collator.candidate_token_ids()
     model.eval()
     for rows in _batches(len(samples), batch_size):
         chunk = [samples[i] for i in rows]
@@ -160,14 +161,16 @@ class DriftMonitor:
     """Old-skill spectral drift and grounding after each stage (any engine).
 
     After stage ``t``: ``record(t, train_probe)`` keeps prototypes of stage ``t``'s
-    own training data; ``measure(t, i, test_probe)`` gives stage ``i``'s test
-    descriptors' distance to stage ``i``'s prototypes (``i == t`` is the floor).
+    own training data; ``sums(i, test_probe)`` gives the poolable sums of stage
+    ``i``'s test descriptors against stage ``i``'s prototypes and ``measure`` the
+    row (``fed_asr.drift``; ``i == t`` is the floor). A federated client keeps its
+    prototypes between messages with ``to_arrays`` / ``load_arrays``.
     """
 
     def __init__(self, skills: Sequence[str], cov_floor: float) -> None:
         self.skills = tuple(skills)
         self.cov_floor = cov_floor
-        self.prototypes: dict[int, Any] = {}
+        self.prototypes: dict[int, SkillSpectrum] = {}
         self.rows: list[dict[str, Any]] = []
 
     def record(self, stage: int, probe: AttentionProbe) -> None:
@@ -182,20 +185,36 @@ class DriftMonitor:
         stats = SkillStats.from_batch(desc, probs, self.skills, 0.5)
         self.prototypes[stage] = stats.to_prototypes(self.cov_floor)
 
+    def sums(self, stage: int, probe: AttentionProbe) -> DriftSums:
+        """Poolable drift sums of ``stage``'s probe against its own prototypes."""
+        return drift_sums(
+            probe.descriptors,
+            probe.skills,
+            spectrum_prototypes(self.prototypes[stage]),
+            probe.grounding,
+            probe.uniform,
+        )
+
     def measure(self, after: int, stage: int, probe: AttentionProbe) -> dict[str, Any]:
         """Drift of ``stage``'s test data after training ``after`` (one JSON row)."""
-        drift = spectral_drift(probe.descriptors, probe.skills, self.prototypes[stage])
-        row = {
-            "after_stage": after,
-            "stage": stage,
-            "drift": drift,
-            "drift_mean": sum(drift.values()) / len(drift) if drift else None,
-            "grounding_share": float(probe.grounding.mean())
-            if probe.grounding.numel()
-            else None,
-            "object_share": float(probe.uniform.mean())
-            if probe.uniform.numel()
-            else None,
-        }
+        row = drift_row(after, stage, self.sums(stage, probe))
         self.rows.append(row)
         return row
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The recorded prototypes as named arrays (``<stage>/<array>``)."""
+        return {
+            f"{stage}/{name}": array
+            for stage, spectrum in self.prototypes.items()
+            for name, array in spectrum.to_arrays().items()
+        }
+
+    def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore prototypes written by ``to_arrays``."""
+        stages = sorted({int(key.split("/", 1)[0]) for key in arrays})
+        for stage in stages:
+            prefix = f"{stage}/"
+            own = {
+                k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)
+            }
+            self.prototypes[stage] = SkillSpectrum.from_arrays(own, self.skills)

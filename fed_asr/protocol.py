@@ -9,6 +9,7 @@ from __future__ import annotations
 # Message actions (message_type = "<category>.<action>")
 SPECTRUM_ACTION = "spectrum"  # query.spectrum: stage-end per-skill statistics
 SECAGG_ACTION = "secagg"  # query.secagg: one step of the secure spectrum round
+DRIFT_ACTION = "drift"  # query.drift: a client's drift sums at a stage end
 
 # Records inside a message's RecordDict
 ARRAYS_RECORD = "arrays"  # ArrayRecord: LoRA adapter state (peft keys)
@@ -18,7 +19,7 @@ SPECTRUM_RECORD = "spectrum"  # ArrayRecord: global skill spectrum (server -> cl
 STATS_RECORD = (
     "stats"  # ArrayRecord: per-skill sufficient statistics (client -> server)
 )
-SIGNATURE_RECORD = "signature"  # ConfigRecord: Ed25519 signatures of global state
+SIGNATURE_RECORD = "signature"  # ConfigRecord: Ed25519 signature of the whole message
 SECAGG_RECORD = "secagg"  # ConfigRecord: keys, shares, survivor lists (both ways)
 SECAGG_MASKED_RECORD = "secagg-masked"  # ArrayRecord: a client's masked uint64 vector
 
@@ -28,26 +29,28 @@ GLOBAL_ROUND_KEY = "global-round"
 STAGE_KEY = "stage"
 NUM_SEEN_STAGES_KEY = "num-seen-stages"
 SPECTRUM_VERSION_KEY = "spectrum-version"  # digest of the current global spectrum
-SECAGG_STEP_KEY = "secagg-step"  # advertise | share | mask | unmask
+SECAGG_STEP_KEY = "secagg-step"  # advertise | share | mask | confirm | unmask
 SECAGG_SESSION_KEY = "secagg-session"  # "<run-id>/<stage>": binds keys to one round
 SECAGG_THRESHOLD_KEY = "secagg-threshold"
 SECAGG_BITS_KEY = "secagg-bits"
 SECAGG_SCALE_KEY = "secagg-scale"
-SIGNATURE_ADAPTER_KEY = "adapter"  # in SIGNATURE_RECORD: signature of ARRAYS_RECORD
-SIGNATURE_SPECTRUM_KEY = "spectrum"  # in SIGNATURE_RECORD: of SPECTRUM_RECORD
 SIGNATURE_ROUND_KEY = (
     "signed-round"  # in SIGNATURE_RECORD: round bound in the signature
 )
+SIGNATURE_SEQUENCE_KEY = "signed-sequence"  # in SIGNATURE_RECORD: message's sequence
+SIGNATURE_VALUE_KEY = "ed25519"  # in SIGNATURE_RECORD: signature of the whole message
 
 # Steps of the secure spectrum round, in order
 SECAGG_ADVERTISE = "advertise"
 SECAGG_SHARE = "share"
 SECAGG_MASK = "mask"
+SECAGG_CONFIRM = "confirm"  # consistency check: survivors sign the survivor set
 SECAGG_UNMASK = "unmask"
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES_KEY = "num-examples"
 PARTITION_ID_KEY = "partition-id"
+SKILLS_KEY = "skills"  # CONFIG_RECORD of a stats reply: the skill of each row
 TRAIN_SECONDS_KEY = "train-seconds"
 LOSS_PREFIX = "loss-"  # loss-task, loss-spec, loss-geo, loss-total
 CORRECT_PREFIX = "correct-"  # correct-<stage>
@@ -58,6 +61,8 @@ NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DATA_ROOT = "data-root"
 NODE_VERIFY_KEY = "verify-key"  # path of the server's signing.pub on this node
+NODE_IDENTITY_KEY = "identity-key"  # path of this site's Ed25519 identity key
+NODE_SITE_KEYS = "site-keys"  # path of the pinned site list (site-keys.json)
 
 
 def correct_key(stage: int, protocol: str = "all", skill: str | None = None) -> str:

@@ -40,6 +40,12 @@ unless rounding puts a tied frequency ahead.
 Under both, the radial DC share is 1 / (P * ||m||^2), the inverse participation ratio
 of the map (1 for a uniform map, 1 / P for a one-hot map), and the power spectrum is
 invariant under circular shifts of the map.
+
+Implementation of ``"paper"`` (``fed_asr.half_spectrum``): the power of a real map is
+conjugate-symmetric, so the features are read off the ``rfft2`` half spectrum with bin
+masks cached per grid, and ``describe`` is one autograd node with a hand-written
+backward. The values are those of the definition above up to float rounding (a
+k / -k tie of the peak, equal in power and rho*, picks the stored half).
 """
 
 from __future__ import annotations
@@ -48,10 +54,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fed_asr.config_sections import check_choice, check_positive
+from fed_asr.half_spectrum import paper_descriptor, paper_features
 
 __all__ = [
     "DESCRIPTOR_CONVENTIONS",
@@ -187,6 +193,21 @@ def attention_maps(
         If a shape does not match.
     """
     check_choice("convention", convention, DESCRIPTOR_CONVENTIONS)
+    rows, weights = _query_rows(attn, grid, token_weights)  # (B,J,Tq,P), (B,Tq)
+    maps = _query_mean(rows, weights).clamp_min(0.0)  # (B, J, P)
+    maps = maps.reshape(*maps.shape[:2], *grid)  # (B, J, Gh, Gw)
+    if convention == "paper":
+        return maps / maps.sum(dim=(-2, -1), keepdim=True).clamp_min(_EPS)
+    # The eps is added uniformly, so it is shift-invariant and turns an all-zero map
+    # into the uniform map instead of 0 / 0.
+    maps = maps + _EPS
+    return maps / maps.sum(dim=(-2, -1), keepdim=True)
+
+
+def _query_rows(
+    attn: Tensor, grid: tuple[int, int], token_weights: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Check the shapes; (B, J, Tq, P) float32 rows and (B, Tq) query weights."""
     if attn.ndim != 5:
         raise ValueError(
             f"`attn` must have shape (B, L, H, Tq, P), got {tuple(attn.shape)}."
@@ -197,29 +218,54 @@ def attention_maps(
         raise ValueError(
             f"`grid` {tuple(grid)} does not match the {p} image tokens of `attn`."
         )
-    attn = attn.float()
+    weights = _query_weights(token_weights, b, tq, attn.device)  # (B, Tq)
+    return attn.float().reshape(b, n_layers * n_heads, tq, p), weights
+
+
+class _QueryMean(torch.autograd.Function):
+    """Weighted mean over query tokens; backward is one broadcast product."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, rows: Tensor, weights: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(weights)
+        return torch.matmul(weights[:, None, None, :], rows).squeeze(2)  # (B, J, P)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor, None]:
+        (weights,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad[:, :, None, :] * weights[:, None, :, None], None  # (B,J,Tq,P)
+
+
+def _query_mean(rows: Tensor, weights: Tensor) -> Tensor:
+    """(B, J, P) = sum_q weights[b, q] rows[b, j, q]; ``weights`` get no gradient.
+
+    A batched (1, Tq) @ (Tq, P) product (``einsum`` picked a far slower
+    contraction); autograd's backward of it is a batch of outer products, several
+    times slower than the broadcast product of ``_QueryMean``.
+    """
+    if rows.requires_grad and torch.is_grad_enabled():
+        return _QueryMean.apply(rows, weights.detach())
+    return torch.matmul(weights[:, None, None, :], rows).squeeze(2)  # (B, J, P)
+
+
+def _query_weights(
+    token_weights: Tensor | None, b: int, tq: int, device: torch.device
+) -> Tensor:
+    """(B, Tq) float32 query weights summing to 1 (uniform for None or a zero row)."""
     if token_weights is None:
-        weights = attn.new_ones(b, tq)
-    else:
-        if tuple(token_weights.shape) != (b, tq):
-            raise ValueError(
-                f"`token_weights` must have shape {(b, tq)}, "
-                f"got {tuple(token_weights.shape)}."
-            )
-        weights = token_weights.to(device=attn.device, dtype=torch.float32)
-        weights = weights.clamp_min(0.0)
-        empty = weights.sum(dim=1, keepdim=True) <= 0  # (B, 1)
-        weights = torch.where(empty, torch.ones_like(weights), weights)
-    weights = weights / weights.sum(dim=1, keepdim=True)  # (B, Tq)
-    maps = torch.einsum("blhqp,bq->blhp", attn, weights)  # (B, L, H, P)
-    maps = maps.reshape(b, n_layers * n_heads, gh, gw)  # (B, J, Gh, Gw)
-    maps = maps.clamp_min(0.0)
-    if convention == "paper":
-        return maps / maps.sum(dim=(-2, -1), keepdim=True).clamp_min(_EPS)
-    # The eps is added uniformly, so it is shift-invariant and turns an all-zero map
-    # into the uniform map instead of 0 / 0.
-    maps = maps + _EPS
-    return maps / maps.sum(dim=(-2, -1), keepdim=True)
+        return torch.full((b, tq), 1.0 / tq, device=device)
+    if tuple(token_weights.shape) != (b, tq):
+        raise ValueError(
+            f"`token_weights` must have shape {(b, tq)}, "
+            f"got {tuple(token_weights.shape)}."
+        )
+    weights = token_weights.to(device=device, dtype=torch.float32).clamp_min(0.0)
+    total = weights.sum(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(total > 0, weights / total, 1.0 / tq)  # (B, Tq)
 
 
 def layer_head_features(
@@ -248,7 +294,7 @@ def layer_head_features(
     _check_bins(n_radial, n_angular)
     check_choice("convention", convention, DESCRIPTOR_CONVENTIONS)
     if convention == "paper":
-        return _paper_features(maps, n_radial, n_angular)
+        return paper_features(maps, n_radial, n_angular)
     b, j, gh, gw = maps.shape
     maps = maps.float()
     spectrum = torch.fft.fft2(maps, norm="ortho")  # (B, J, Gh, Gw) complex
@@ -290,29 +336,6 @@ def layer_head_features(
     )
 
 
-def _paper_features(maps: Tensor, n_radial: int, n_angular: int) -> Tensor:
-    """``layer_head_features`` under the paper's conventions (module docstring)."""
-    b, j, gh, gw = maps.shape
-    maps = maps.float()
-    spectrum = torch.fft.fft2(maps, norm="ortho")  # (B, J, Gh, Gw) complex
-    power = spectrum.real.square() + spectrum.imag.square()  # (B, J, Gh, Gw)
-    power = power / power.sum(dim=(-2, -1), keepdim=True).clamp_min(_EPS)
-    flat = power.reshape(b, j, gh * gw)  # (B, J, P)
-
-    rho, theta = frequency_coordinates(gh, gw, device=maps.device)  # (Gh, Gw) each
-    rho_flat, theta_flat = rho.reshape(-1), theta.reshape(-1)  # (P,) each
-    radial_bin = _bucket(rho_flat, 0.0, 1.0, n_radial)  # (P,)
-    radial = flat @ F.one_hot(radial_bin, n_radial).float()  # (B, J, K)
-    radial = radial / radial.sum(-1, keepdim=True).clamp_min(_EPS)
-    angular_bin = _bucket(theta_flat, -math.pi, math.pi, n_angular)  # (P,), DC too
-    angular = flat @ F.one_hot(angular_bin, n_angular).float()  # (B, J, M)
-    angular = angular / angular.sum(-1, keepdim=True).clamp_min(_EPS)
-    anisotropy = angular / angular.mean(-1, keepdim=True).clamp_min(_EPS)  # (B,J,M)
-
-    peak = flat.argmax(dim=-1, keepdim=True)  # (B, J, 1), DC included
-    return _with_peak(radial, angular, anisotropy, flat, peak, rho_flat, theta_flat)
-
-
 def _with_peak(
     radial: Tensor,
     angular: Tensor,
@@ -334,12 +357,6 @@ def _with_peak(
     return torch.cat(
         [radial, angular, anisotropy, peak_rho, peak_theta, peak_power], dim=-1
     )
-
-
-def _bucket(values: Tensor, low: float, high: float, n_bins: int) -> Tensor:
-    """Index of each value among ``n_bins`` even bins of [low, high] (ties: lower)."""
-    edges = torch.linspace(low, high, n_bins + 1, device=values.device)  # (n + 1,)
-    return torch.bucketize(values, edges[1:-1].contiguous())  # right=False
 
 
 def describe(
@@ -382,11 +399,18 @@ def describe(
         unknown.
     """
     _check_bins(n_radial, n_angular)
-    maps = attention_maps(attn, grid, token_weights, convention)  # (B, J, Gh, Gw)
-    feats = layer_head_features(maps, n_radial, n_angular, convention)  # (B, J, F)
+    check_choice("convention", convention, DESCRIPTOR_CONVENTIONS)
+    if convention == "paper":  # maps, features, mean and variance in one node
+        rows, weights = _query_rows(attn, grid, token_weights)
+        descriptor = paper_descriptor(rows, weights, grid, n_radial, n_angular)
+        angular = descriptor[:, n_radial : n_radial + n_angular]  # (B, M) of mean
+        return SpectralDescriptor(descriptor, angular)
+    maps = attention_maps(attn, grid, token_weights, convention)
+    feats = layer_head_features(maps, n_radial, n_angular, convention)
     mean = feats.mean(dim=1)  # (B, F)
-    var = feats.var(dim=1, unbiased=False)  # (B, F); 0 when J = 1
-    angular = feats[..., n_radial : n_radial + n_angular].mean(dim=1)  # (B, M)
+    # Population variance, two-pass; several times faster than `var` over dim 1.
+    var = (feats - mean[:, None]).square().mean(dim=1)  # (B, F); 0 when J = 1
+    angular = mean[:, n_radial : n_radial + n_angular]  # (B, M)
     return SpectralDescriptor(torch.cat([mean, var], dim=-1), angular)
 
 

@@ -19,7 +19,9 @@ the hash is of the cell's resolved config. A cell whose ``metrics.json`` exists 
 whose ``config.yaml`` has that hash is not run again. ``--in-process`` runs the cells
 in this process instead (central cells only: ``fed_asr`` never imports Flower or
 the apps). The study writes ``study.json``,
-``study.csv``, ``study.md`` and plots into ``<out>`` (``fed_asr.study_report``).
+``study.csv``, ``study.md`` and plots into ``<out>`` (``fed_asr.study_report``), and
+every cell's tracking run into ``<out>/tracking/<cell>`` (``tensorboard --logdir
+<out>/tracking`` shows them side by side).
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ from typing import Any
 from fed_asr.config import ExperimentConfig, compose_config, to_yaml
 from fed_asr.progress import format_seconds
 from fed_asr.study_report import NO_STRATEGY, CellResult, write_report
+from fed_asr.tracking import TrackingConfig
 
 RUNS_DIR = "runs"
 CELL_LOG = "study_run.log"
+TRACKING_DIR = "tracking"  # <out>/tracking/<cell>: every cell's tracking run
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,9 @@ Runner = Callable[[Cell, Path], None]
 
 def config_hash(cfg: ExperimentConfig) -> str:
     """12 hex digits of the resolved config (not of where or how verbosely it runs)."""
-    neutral = dataclasses.replace(cfg, output_dir="", progress=False, resume=False)
+    neutral = dataclasses.replace(
+        cfg, output_dir="", progress=False, resume=False, tracking=TrackingConfig()
+    )
     return hashlib.sha256(to_yaml(neutral).encode()).hexdigest()[:12]
 
 
@@ -176,7 +182,7 @@ def subprocess_runner(timeout_s: float | None = None) -> Runner:
         command = (
             [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
         )
-        command += [*cell.overrides, f"output_dir={folder}", "progress=false"]
+        command += [*cell.overrides, *_placement(folder)]
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / CELL_LOG).open("w") as log:
             log.write("$ " + shlex.join(command) + "\n")
@@ -207,7 +213,7 @@ def inprocess_runner(cell: Cell, folder: Path) -> None:
     ValueError
         The cell is not ``engine=central``.
     """
-    overrides = [*cell.overrides, f"output_dir={folder}", "progress=false"]
+    overrides = [*cell.overrides, *_placement(folder)]
     cfg = compose_config("config", overrides)
     if cfg.engine.name != "central":
         raise ValueError(
@@ -217,6 +223,17 @@ def inprocess_runner(cell: Cell, folder: Path) -> None:
     from fed_asr.central import run_central
 
     run_central(cfg)
+
+
+def _placement(folder: Path) -> list[str]:
+    """Where a cell writes: its folder, and its tracking run in the study's one
+    tracking folder (``<out>/tracking/<cell>``: one TensorBoard log dir for all)."""
+    return [
+        f"output_dir={folder}",
+        "progress=false",
+        f"tracking.dir={folder.parent.parent / TRACKING_DIR}",
+        f"tracking.run_name={folder.name}",
+    ]
 
 
 def _log(message: str) -> None:

@@ -20,10 +20,10 @@ from fed_asr.data import VQASample, skill_probabilities
 from fed_asr.diagnostics import grad_norm_ratios
 from fed_asr.methods import ContinualMethod, StepContext
 from fed_asr.models import (
-    MODEL_INPUT_KEYS,
     VQACollator,
     forward_with_attention,
     model_device,
+    model_inputs,
     move_batch,
 )
 from fed_asr.progress import Progress
@@ -179,7 +179,7 @@ def _step_losses(
         task_loss = capture.loss
     else:
         capture = None
-        outputs = model(**{k: batch[k] for k in MODEL_INPUT_KEYS})
+        outputs = model(**model_inputs(model, batch))
         task_loss = outputs.loss
     ctx = StepContext(
         model=model,

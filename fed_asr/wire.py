@@ -2,9 +2,10 @@
 
 Record contents are read through the small duck-typed surface of Flower's records
 (``ArrayRecord.items()`` of arrays with ``.numpy()`` and ``.data``), so the server and
-the clients use one definition and never import each other. Message signatures cover
-the canonical bytes defined in ``fed_asr.security.signing``; this module says which
-records they cover.
+the clients use one definition and never import each other. A server message's
+signature covers its whole content (every record but the signature record itself, see
+``content_records``) and a header of run id, round, sequence, message type and
+destination node, in the canonical bytes of ``fed_asr.security.signing``.
 """
 
 from __future__ import annotations
@@ -20,23 +21,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from fed_asr import protocol as P
 from fed_asr.security.signing import (
+    MessageHeader,
+    RecordContent,
     SignatureError,
-    SigningContext,
-    sign_arrays,
-    verify_arrays,
+    check_fresh,
+    sign_message,
+    verify_message,
 )
 
-# Signature keys of the adapter and the spectrum; every other ArrayRecord of a
-# server message (a method's memory) is signed under its own record name.
-SIGNATURE_KEYS = {
-    P.ARRAYS_RECORD: P.SIGNATURE_ADAPTER_KEY,
-    P.SPECTRUM_RECORD: P.SIGNATURE_SPECTRUM_KEY,
-}
-
-
-def _signed_records(array_records: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(record name, signature key) of every ArrayRecord of a message."""
-    return [(name, SIGNATURE_KEYS.get(name, name)) for name in sorted(array_records)]
+# Keys of the signature record; everything else a message holds is signed.
+SIGNATURE_FIELDS = frozenset(
+    {P.SIGNATURE_ROUND_KEY, P.SIGNATURE_SEQUENCE_KEY, P.SIGNATURE_VALUE_KEY}
+)
 
 
 def record_arrays(record: Any) -> dict[str, np.ndarray]:
@@ -58,59 +54,122 @@ def reply_partition(msg: Any) -> int:
     return int(msg.content[P.METRICS_RECORD].get(P.PARTITION_ID_KEY, -1))
 
 
-def _context(run_id: int, round_: int, message_type: str, kind: str) -> SigningContext:
-    return SigningContext(str(run_id), int(round_), f"{kind}@{message_type}")
+def content_records(content: Any) -> dict[str, RecordContent]:
+    """Every record of a message's content, signature record excepted, as signed.
 
-
-def content_signatures(
-    key: Ed25519PrivateKey,
-    array_records: Mapping[str, Any],
-    run_id: int,
-    round_: int,
-    message_type: str,
-) -> dict[str, bytes | int]:
-    """Values of the ``signature`` record: every ArrayRecord of the message."""
-    signatures: dict[str, bytes | int] = {P.SIGNATURE_ROUND_KEY: int(round_)}
-    for record_name, kind in _signed_records(array_records):
-        arrays = record_arrays(array_records[record_name])
-        ctx = _context(run_id, round_, message_type, kind)
-        signatures[kind] = sign_arrays(key, arrays, ctx)
-    return signatures
-
-
-def verify_content(
-    key: Ed25519PublicKey,
-    array_records: Mapping[str, Any],
-    signatures: Mapping[str, Any] | None,
-    run_id: int,
-    message_type: str,
-    last_round: int,
-) -> int:
-    """Check a received message's signatures; returns the signed round.
+    Parameters
+    ----------
+    content : RecordDict
+        Read through ``array_records``, ``config_records`` and ``metric_records``.
 
     Raises
     ------
     SignatureError
-        The signature record is missing, a signed record has no signature, a
-        signature does not verify, or the round is older than ``last_round``
-        (a replayed message).
+        A record is of none of these kinds (it could not be signed).
     """
-    if signatures is None:
+    records: dict[str, RecordContent] = {}
+    for name, record in content.array_records.items():
+        records[name] = RecordContent("arrays", record_arrays(record))
+    for name, record in content.config_records.items():
+        if name != P.SIGNATURE_RECORD:
+            records[name] = RecordContent("config", dict(record))
+    for name, record in content.metric_records.items():
+        records[name] = RecordContent("metrics", dict(record))
+    unknown = set(content) - set(records) - {P.SIGNATURE_RECORD}
+    if unknown:
+        raise SignatureError(
+            f"Records {sorted(unknown)} are not ArrayRecord, ConfigRecord or "
+            "MetricRecord; they cannot be signed. Refusing the message."
+        )
+    return records
+
+
+def content_signature(
+    key: Ed25519PrivateKey, content: Any, header: MessageHeader
+) -> dict[str, bytes | int]:
+    """Values of the ``signature`` record of one outgoing message.
+
+    The signature covers ``header`` and every other record of ``content``; add it
+    last, once the content is final.
+    """
+    return {
+        P.SIGNATURE_ROUND_KEY: header.round,
+        P.SIGNATURE_SEQUENCE_KEY: header.sequence,
+        P.SIGNATURE_VALUE_KEY: sign_message(key, header, content_records(content)),
+    }
+
+
+def _signed_int(signature: Mapping[str, Any], key: str) -> int:
+    value = signature.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SignatureError(
+            f"Signature record field `{key}` must be an integer, got {value!r}. "
+            "Refusing the message."
+        )
+    return value
+
+
+def verify_content(
+    key: Ed25519PublicKey,
+    content: Any,
+    *,
+    run_id: int,
+    message_type: str,
+    node_id: int,
+    last: tuple[int, int] | None,
+) -> tuple[int, int]:
+    """Check a received message against this node's own view; nothing is changed.
+
+    Parameters
+    ----------
+    key : Ed25519PublicKey
+        The server's public key.
+    content : RecordDict
+        The received content, signature record included.
+    run_id, message_type, node_id : int, str, int
+        This node's run, the type the message is delivered as, this node's id.
+    last : tuple[int, int] | None
+        ``(round, sequence)`` last accepted in this run (None before the first).
+
+    Returns
+    -------
+    tuple[int, int]
+        The message's ``(round, sequence)``; the caller stores it as the new
+        ``last`` once this returns.
+
+    Raises
+    ------
+    SignatureError
+        No or a malformed signature record, a signature that does not cover this
+        exact content for this run, type and node, or a message not newer than
+        ``last`` (replayed).
+    """
+    signature = content.config_records.get(P.SIGNATURE_RECORD)
+    if signature is None:
         raise SignatureError(
             f"Message {message_type!r} of run {run_id} carries no "
             f"'{P.SIGNATURE_RECORD}' record, but this node requires the server's "
             "signature (verify key configured). Refusing it."
         )
-    round_ = int(signatures[P.SIGNATURE_ROUND_KEY])
-    if round_ < last_round:
+    extra = sorted(set(signature) - SIGNATURE_FIELDS)
+    if extra:
         raise SignatureError(
-            f"Signed round {round_} is older than round {last_round} already accepted "
-            "(replayed message). Refusing it."
+            f"Signature record has unexpected fields {extra} (allowed: "
+            f"{sorted(SIGNATURE_FIELDS)}). Refusing the message."
         )
-    for record_name, kind in _signed_records(array_records):
-        if kind not in signatures:
-            raise SignatureError(f"Record '{record_name}' is not signed. Refusing it.")
-        arrays = record_arrays(array_records[record_name])
-        ctx = _context(run_id, round_, message_type, kind)
-        verify_arrays(key, arrays, ctx, bytes(signatures[kind]))
-    return round_
+    value = signature.get(P.SIGNATURE_VALUE_KEY)
+    if not isinstance(value, bytes) or len(value) != 64:
+        raise SignatureError(
+            f"Signature record field `{P.SIGNATURE_VALUE_KEY}` must be 64 bytes, got "
+            f"{type(value).__name__}. Refusing the message."
+        )
+    header = MessageHeader(
+        run_id=int(run_id),
+        round=_signed_int(signature, P.SIGNATURE_ROUND_KEY),
+        sequence=_signed_int(signature, P.SIGNATURE_SEQUENCE_KEY),
+        message_type=str(message_type),
+        dst_node=int(node_id),
+    )
+    verify_message(key, header, content_records(content), value)
+    check_fresh(header, last)
+    return header.position

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Loopback deployment of fed-asr on Flower's Deployment Engine, on 127.0.0.1:
 # credentials -> SuperLink (TLS + SuperNode authentication) -> node registration ->
-# N SuperNodes -> a short FedASR run (secure spectrum aggregation, signed global state)
+# N SuperNodes, each with its site identity key and the pinned site list -> a short
+# FedASR run (authenticated secure spectrum aggregation, signed global state)
 # -> everything stopped, also on failure or Ctrl-C.
 #
 # Usage: scripts/deploy_local.sh [OUT_DIR]          (default: ./deploy-local)
@@ -9,6 +10,8 @@
 #   FED_ASR_NODES=2          number of SuperNodes (each holds one Dirichlet share)
 #   FED_ASR_OVERRIDES="..."  extra Hydra overrides for the run (e.g. a smaller slice)
 #   FED_ASR_TIMEOUT=1800     seconds allowed for the run
+#   FED_ASR_FLWR_HOME=DIR    Flower home (config.toml, installed app copies); default:
+#                            a fresh folder under ${TMPDIR:-/tmp}, removed on exit
 # Prints the path of the run's metrics.json as its last line; exit code 0 on success.
 set -euo pipefail
 
@@ -20,7 +23,16 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 CONNECTION=deploy-local
 CERTS="$OUT/certs"
 
-export FLWR_HOME="$OUT/flwr-home"
+# The Flower home holds installed copies of the app (server/, clients/): outside the
+# checkout, so they can never shadow its packages (README, "Deployment").
+OWN_HOME=
+if [ -n "${FED_ASR_FLWR_HOME:-}" ]; then
+    FLWR_HOME=$FED_ASR_FLWR_HOME
+else
+    FLWR_HOME=$(mktemp -d "${TMPDIR:-/tmp}/fed-asr-deploy-XXXXXX")
+    OWN_HOME=$FLWR_HOME
+fi
+export FLWR_HOME
 # Use this environment for the apps instead of installing their dependencies per run.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
@@ -35,7 +47,8 @@ cleanup() {
         [ -n "$pid" ] && kill -KILL -- "-$pid" 2>/dev/null || true
     done
 }
-trap cleanup EXIT
+remove_home() { if [ -n "$OWN_HOME" ]; then rm -rf -- "$OWN_HOME"; fi; }
+trap 'cleanup; remove_home' EXIT
 trap 'exit 130' INT TERM
 
 step() { echo "[deploy_local] $*"; }
@@ -55,7 +68,7 @@ start() {
 mkdir -p "$OUT" "$FLWR_HOME"
 cd "$REPO"
 
-step "1/6 credentials in $CERTS (CA, SuperLink TLS for localhost/127.0.0.1, $NODES node keys, signing key)"
+step "1/6 credentials in $CERTS (CA, SuperLink TLS for localhost/127.0.0.1, $NODES node and site identity keys, signing key)"
 fed-asr-credentials --out "$CERTS" --nodes "$NODES" --san localhost --san 127.0.0.1 --force >"$OUT/credentials.log"
 
 PORT=$(free_port)
@@ -85,12 +98,12 @@ for i in $(seq 0 $((NODES - 1))); do
         || fail "registering node-$i failed; see $OUT/register.log"
 done
 
-step "4/6 starting $NODES SuperNodes (TLS, authenticated, server signatures verified)"
+step "4/6 starting $NODES SuperNodes (TLS, authenticated, server signatures verified, site identities)"
 for i in $(seq 0 $((NODES - 1))); do
     start "$OUT/supernode-$i.log" flower-supernode \
         --root-certificates "$CERTS/ca.crt" --auth-supernode-private-key "$CERTS/node-$i" \
         --superlink "127.0.0.1:$PORT" --port "$(free_port)" \
-        --node-config "partition-id=$i num-partitions=$NODES verify-key='$CERTS/signing.pub'"
+        --node-config "partition-id=$i num-partitions=$NODES verify-key='$CERTS/signing.pub' identity-key='$CERTS/site-$i.key' site-keys='$CERTS/site-keys.json'"
 done
 online=0
 for _ in $(seq 120); do
@@ -102,7 +115,8 @@ done
 
 step "5/6 FedASR run through the deployment (output: $OUT/run)"
 OVERRIDES="federation.num_clients=$NODES output_dir=$OUT/run privacy.secure_spectrum=true"
-OVERRIDES="$OVERRIDES security.sign=true security.signing_key=$CERTS/signing.key $EXTRA"
+OVERRIDES="$OVERRIDES security.sign=true security.signing_key=$CERTS/signing.key"
+OVERRIDES="$OVERRIDES security.site_keys=$CERTS/site-keys.json $EXTRA"
 rm -f "$OUT/run/metrics.json"
 timeout "$TIMEOUT" flwr run "$REPO" "$CONNECTION" --stream \
     --run-config "overrides='$OVERRIDES'" 2>&1 | tee "$OUT/run.log" || true

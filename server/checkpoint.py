@@ -1,29 +1,45 @@
-"""Atomic per-round checkpoints of a federated run, and resume.
+"""Atomic, durable per-round checkpoints of a federated run, and resume.
 
 Layout under ``<output_dir>/checkpoint``: one folder per saved round
-(``round-000007``) holding ``adapter.safetensors``, ``spectrum.safetensors`` (if any)
-and ``state.json``; the file ``LATEST`` names the newest complete folder. A folder is
-written under a temporary name and renamed when complete, and ``LATEST`` is replaced
-atomically, so a run killed at any moment leaves the previous checkpoint usable.
+(``round-000007``) holding ``adapter.safetensors``, ``spectrum.safetensors`` (if any),
+``state.json`` and ``config.json`` (the resolved config, flattened; ``state.json``
+holds its digest); the file ``LATEST`` names the newest complete folder. A folder is
+written under a temporary name, every file and the folder are fsynced, and it is
+renamed when complete; ``LATEST`` is replaced the same way. A run killed (or a
+machine that loses power) at any moment leaves the previous checkpoint usable.
+
 With ``hash_files`` each folder also holds ``MANIFEST.sha256.json`` (SHA-256 and size
-of every file, signed with the server's key when it has one); resume refuses a
-folder whose files do not match it.
+of every file, signed with the server's key when it has one). Resume takes the newest
+folder that is complete and matches its manifest; when that is not the one ``LATEST``
+names, a WARNING names both. Resume refuses a checkpoint written with another
+configuration and names the differing keys (``fed_asr.config_fingerprint``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.common import log
 from safetensors.torch import load_file, save_file
 
-from fed_asr.outputs import atomic_write_text
+from fed_asr.config import ExperimentConfig
+from fed_asr.config_fingerprint import (
+    RESUME_MAY_DIFFER,
+    config_differences,
+    config_digest,
+    describe_differences,
+    flatten_config,
+)
 from fed_asr.security.checkpoint_integrity import (
     MANIFEST_NAME,
     IntegrityError,
@@ -36,6 +52,13 @@ LATEST = "LATEST"
 ADAPTER = "adapter.safetensors"
 SPECTRUM = "spectrum.safetensors"
 STATE = "state.json"
+CONFIG = "config.json"
+CONFIG_DIGEST_KEY = "config_sha256"
+_ROUND_NAME = re.compile(r"round-\d{6}(-spectrum)?")
+
+
+class ResumeMismatchError(ValueError):
+    """Raised when a checkpoint was written with a different configuration."""
 
 
 @dataclass
@@ -46,6 +69,26 @@ class Checkpoint:
     adapter: dict[str, torch.Tensor]
     spectrum: SkillSpectrum | None
     state: dict[str, Any]
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or folder to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically, fsyncing the file and its folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
 
 
 class Checkpointer:
@@ -61,6 +104,11 @@ class Checkpointer:
         Write a SHA-256 manifest per checkpoint and verify it before loading.
     signing_key : Ed25519PrivateKey | None
         Also sign the manifest; loading then requires a valid signature.
+    config : Mapping[str, Any] | None
+        The run's flattened config (``flatten_config``): recorded in every checkpoint
+        and compared on load. ``None`` records and checks nothing.
+    may_differ : Iterable[str]
+        Config keys (or prefixes) allowed to differ on resume.
     """
 
     def __init__(
@@ -69,14 +117,18 @@ class Checkpointer:
         keep: int = 2,
         hash_files: bool = True,
         signing_key: Ed25519PrivateKey | None = None,
+        config: Mapping[str, Any] | None = None,
+        may_differ: Iterable[str] = RESUME_MAY_DIFFER,
     ) -> None:
         self.folder = Path(folder)
         self.keep = keep
         self.hash_files = hash_files
         self.signing_key = signing_key
+        self.config = dict(config) if config is not None else None
+        self.may_differ = tuple(may_differ)
 
     def save(self, checkpoint: Checkpoint) -> Path:
-        """Write ``checkpoint`` atomically and point ``LATEST`` at it."""
+        """Write ``checkpoint`` durably and atomically and point ``LATEST`` at it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"round-{checkpoint.global_round:06d}"
         if checkpoint.state.get("spectrum_done"):
@@ -91,21 +143,24 @@ class Checkpointer:
         if checkpoint.spectrum is not None:
             checkpoint.spectrum.save(tmp / SPECTRUM)
         state = {**checkpoint.state, "global_round": checkpoint.global_round}
+        if self.config is not None:
+            (tmp / CONFIG).write_text(json.dumps(self.config, indent=1, sort_keys=True))
+            state[CONFIG_DIGEST_KEY] = config_digest(self.config, self.may_differ)
         (tmp / STATE).write_text(json.dumps(state, indent=1, allow_nan=True))
-        self._seal(tmp)
+        if self.hash_files:
+            write_manifest(tmp, self.signing_key)
+        for path in tmp.iterdir():
+            _fsync_path(path)
+        _fsync_path(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        atomic_write_text(self.folder / LATEST, name)
+        _fsync_path(self.folder)
+        _durable_write_text(self.folder / LATEST, name)
         self._prune(keep_name=name)
         return final
 
-    def _seal(self, folder: Path) -> None:
-        """Write the integrity manifest (and its signature) of a new checkpoint."""
-        if self.hash_files:
-            write_manifest(folder, self.signing_key)
-
     def _verify(self, folder: Path) -> None:
-        """Refuse a checkpoint whose files do not match its manifest.
+        """Refuse a checkpoint that is incomplete or does not match its manifest.
 
         Raises
         ------
@@ -114,6 +169,11 @@ class Checkpointer:
         SignatureError
             The manifest's signature is missing or invalid (signing key set).
         """
+        for required in (STATE, ADAPTER):
+            if not (folder / required).is_file():
+                raise IntegrityError(
+                    f"Checkpoint {folder} is incomplete: `{required}` is missing."
+                )
         if not self.hash_files:
             return
         if not (folder / MANIFEST_NAME).exists():
@@ -125,28 +185,90 @@ class Checkpointer:
         public = self.signing_key.public_key() if self.signing_key else None
         verify_manifest(folder, public)
 
+    def _check_config(self, folder: Path, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint written with another configuration, naming the keys."""
+        if self.config is None:
+            return
+        digest = config_digest(self.config, self.may_differ)
+        if state.get(CONFIG_DIGEST_KEY) == digest:
+            return
+        path = folder / CONFIG
+        if not path.is_file():
+            raise ResumeMismatchError(
+                f"Refusing to resume from {folder}: it records no configuration, so "
+                "it cannot be shown to belong to this run. Start a new `output_dir`."
+            )
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        differences = config_differences(recorded, self.config, self.may_differ)
+        if not differences:  # digest of another allow-list; the values agree
+            return
+        raise ResumeMismatchError(
+            f"Refusing to resume from {folder}: it was written with a different "
+            f"configuration: {describe_differences(differences)}. Resume with the "
+            "recorded settings or start a new `output_dir`."
+        )
+
     def _prune(self, keep_name: str) -> None:
         folders = sorted(p for p in self.folder.glob("round-*") if p.is_dir())
         for old in folders[: max(0, len(folders) - self.keep)]:
             if old.name != keep_name:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _candidates(self) -> list[Path]:
+        """Folders to try, newest first: ``LATEST``'s, then every other round."""
+        pointer = self.folder / LATEST
+        name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+        # `LATEST` only ever names a sibling round folder
+        named = [self.folder / name] if _ROUND_NAME.fullmatch(name) else []
+        others = sorted(
+            (p for p in self.folder.glob("round-*") if p.is_dir()), reverse=True
+        )
+        return named + [p for p in others if p not in named]
+
     def load_latest(self) -> Checkpoint | None:
-        """The newest complete checkpoint, or None when there is none.
+        """The newest intact checkpoint, or None when there is none.
+
+        A newest checkpoint that is incomplete or fails its manifest is skipped with
+        a WARNING naming it and the older one used instead.
 
         Raises
         ------
-        ValueError
-            If ``LATEST`` names a folder that is missing or incomplete.
+        IntegrityError, SignatureError
+            The error of the newest checkpoint, when none is intact.
+        ResumeMismatchError
+            The intact checkpoint was written with another configuration.
         """
-        pointer = self.folder / LATEST
-        if not pointer.exists():
+        candidates = self._candidates()
+        if not candidates:
             return None
-        folder = self.folder / pointer.read_text().strip()
-        if not (folder / STATE).exists() or not (folder / ADAPTER).exists():
-            raise ValueError(f"Checkpoint {folder} named in {pointer} is incomplete.")
-        self._verify(folder)
-        state = json.loads((folder / STATE).read_text())
+        failures: list[tuple[Path, Exception]] = []
+        for folder in candidates:
+            try:
+                self._verify(folder)
+                state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+                checkpoint = self._read(folder, state)
+            except Exception as err:  # any unreadable checkpoint: try the previous
+                failures.append((folder, err))
+                continue
+            self._warn_skipped(failures, folder)
+            self._check_config(folder, state)
+            return checkpoint
+        raise failures[0][1]
+
+    @staticmethod
+    def _warn_skipped(failures: list[tuple[Path, Exception]], used: Path) -> None:
+        for folder, err in failures:
+            log(
+                WARNING,
+                "Checkpoint %s is unusable (%s); resuming from the previous intact "
+                "checkpoint %s instead.",
+                folder,
+                err,
+                used,
+            )
+
+    @staticmethod
+    def _read(folder: Path, state: dict[str, Any]) -> Checkpoint:
         spectrum = (
             SkillSpectrum.load(folder / SPECTRUM)
             if (folder / SPECTRUM).exists()
@@ -158,3 +280,16 @@ class Checkpointer:
             spectrum=spectrum,
             state=state,
         )
+
+
+def run_checkpointer(
+    cfg: ExperimentConfig, signing_key: Ed25519PrivateKey | None
+) -> Checkpointer:
+    """The checkpointer of a federated run: ``<output_dir>/checkpoint``, its config."""
+    return Checkpointer(
+        Path(cfg.output_dir).expanduser().resolve() / "checkpoint",
+        keep=cfg.federation.keep_checkpoints,
+        hash_files=cfg.security.hash_checkpoints,
+        signing_key=signing_key,
+        config=flatten_config(cfg),
+    )

@@ -43,6 +43,10 @@ class RoundLog:
     # Pooled evaluation counts: correct-<stage>, correct-type-<stage>, per skill
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # Poisoning bounds that bit: (node, partition, kind, value, bound) per reply
+    clipped: list[dict[str, Any]] = field(default_factory=list)
+    # Clients whose accuracy was an outlier: (node, partition, stage, accuracy, z)
+    flagged: list[dict[str, Any]] = field(default_factory=list)
 
 
 class RoundLedger:

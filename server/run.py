@@ -35,10 +35,12 @@ from fed_asr.schedule import (
     stage_rounds_decision,
 )
 from server.adapter_strategies import build_adapter_strategy
-from server.checkpoint import Checkpoint, Checkpointer
+from server.checkpoint import Checkpoint, run_checkpointer
+from server.drift_round import DriftRound
 from server.ledger import RoundLedger
-from server.reply_validation import make_train_reply_check
+from server.reply_validation import ReplyGuard, make_train_reply_check
 from server.run_outputs import write_federated_outputs
+from server.run_tracking import RunTracking
 from server.signing_key import server_signing_key
 from server.stage_end import StageEndRound
 from server.strategy import FedASR
@@ -65,12 +67,8 @@ class FederatedRun:
         self.engine = engine
         self.out = Path(cfg.output_dir).expanduser().resolve()
         self.signing_key = server_signing_key(cfg.security)
-        self.checkpointer = Checkpointer(
-            self.out / "checkpoint",
-            keep=cfg.federation.keep_checkpoints,
-            hash_files=cfg.security.hash_checkpoints,
-            signing_key=self.signing_key,
-        )
+        # records the config in every checkpoint; resume refuses another config
+        self.checkpointer = run_checkpointer(cfg, self.signing_key)
         self.started = time.perf_counter()
         self.elapsed_before = 0.0
         self.ledger = RoundLedger()
@@ -78,12 +76,17 @@ class FederatedRun:
         self.lora = get_lora_aggregation(cfg.lora.aggregation)
         self.stream = build_stream(cfg.data, cfg.seed)
         self.stage_names = [s.name for s in self.stream.stages]
+        # Simulation: the server knows each partition's data (docs/security.md)
+        guard = ReplyGuard.for_run(
+            cfg, self.stream, self.method, simulated=engine == "simulation"
+        )
         self.strategy = FedASR(
             build_adapter_strategy(cfg.federation, self.lora),
             ledger=self.ledger,
             seed=cfg.seed,
             reply_check=make_train_reply_check(cfg.security),
             signing_key=self.signing_key,
+            guard=guard,
         )
         self.timeout = cfg.federation.round_timeout_s or 3600.0
         self.stage_end_round = StageEndRound(
@@ -94,10 +97,19 @@ class FederatedRun:
             self.ledger,
             self._sign,
             self.timeout,
+            guard=guard,
+        )
+        # diagnostics only; the sums are not privatised (server/drift_round.py)
+        private = cfg.privacy.dp or cfg.privacy.secure_spectrum
+        self.drift_round = (
+            DriftRound(grid, self.stream.skills, self._sign, self.timeout)
+            if cfg.train.diagnostics and not private
+            else None
         )
         self.arrays: ArrayRecord | None = None
         self.done_rounds = 0
         self.rounds_at_start = 0
+        self.tracking = RunTracking(cfg, self.stage_names, len(self.stream.skills))
 
     def run(self) -> Path:
         """Run (or resume) the experiment and return the ``metrics.json`` path."""
@@ -126,6 +138,7 @@ class FederatedRun:
         state = schedule.run(self, state)
         self.lora.load(self.model, self.arrays.to_torch_state_dict())
         path = write_federated_outputs(self, state)
+        self.tracking.close()
         log(INFO, "[fed-asr] metrics written to %s", path)
         return path
 
@@ -170,7 +183,24 @@ class FederatedRun:
                 self.arrays = result.arrays
             self._save(state)
             self._log_round()
+            self.tracking.round_done(
+                self.ledger.last, self.stage_end_round.releases, self.done_rounds
+            )
         self._report_stage(stage)
+        self._measure_drift(stage)
+
+    def _measure_drift(self, stage: int) -> None:
+        """Pooled drift and grounding of every seen stage (``train.diagnostics``)."""
+        if self.drift_round is None or self.arrays is None:
+            return
+        rows = self.drift_round.run(self.arrays, stage)
+        self.tracking.drift_measured(rows, stage, step=self.done_rounds)
+        shown = ", ".join(
+            f"{self.stage_names[r['stage']]} {r['drift_mean']:.3f}"
+            for r in rows
+            if r["drift_mean"] is not None
+        )
+        log(INFO, "[fed-asr] drift d2/D after stage %d: %s", stage + 1, shown or "-")
 
     def _report_stage(self, stage: int) -> None:
         """Log the stage's rounds; warn when it ended still improving (underfit)."""
@@ -206,12 +236,15 @@ class FederatedRun:
         return self.arrays.to_torch_state_dict()
 
     def stage_end_done(self, stage: int, state: ContinualState) -> None:
-        """Checkpoint the state after the stage end."""
+        """Checkpoint the state after the stage end; track what it added."""
         self._save(state)
+        self.tracking.stage_end_done(
+            self.ledger.last, self.stage_end_round.releases, self.done_rounds
+        )
 
     # -- helpers -------------------------------------------------------------------
-    def _sign(self, content: Any, message_type: str) -> None:
-        self.strategy.sign_content(content, self.grid, message_type)
+    def _sign(self, content: Any, message_type: str, dst_node: int) -> None:
+        self.strategy.sign_content(content, self.grid, message_type, dst_node)
 
     def _check_spectrum_privacy(self) -> None:
         from fed_asr.spectrum_strategies import get_spectrum_strategy

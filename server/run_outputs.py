@@ -13,45 +13,27 @@ from fed_asr.metrics import AccuracyMatrix, SkillAccuracyMatrices
 from fed_asr.models.scoring import EVAL_PROTOCOLS
 from fed_asr.outputs import write_run_outputs
 from fed_asr.schedule import ContinualState, stage_outcome
-from fed_asr.security.dp import (
-    PrivacyAccountant,
-    calibrate_stats_noise,
-    max_skills_per_sample,
-)
+from fed_asr.security.dp import max_skills_per_sample
+from fed_asr.security.dp_budget import privacy_budget_report
 
 if TYPE_CHECKING:
     from server.run import FederatedRun
 
 
 def privacy_report(
-    cfg: ExperimentConfig, releases: list[int], num_skills: int
+    cfg: ExperimentConfig,
+    releases: list[int],
+    num_skills: int,
+    adapter_releases: int = 0,
 ) -> dict[str, Any]:
-    """DP summary for ``metrics.json``: epsilon spent over the stage-end releases.
+    """DP summary for ``metrics.json``: one epsilon over every release of a client.
 
-    ``epsilon_spent`` composes every release as if on the same data (the
-    conservative figure); each stage's data being disjoint, a sample is in one
-    release and ``epsilon_per_release`` bounds it alone.
+    ``epsilon_spent`` composes the stage-end statistics releases (``releases``: their
+    stages) and the ``adapter_releases`` noisy adapter updates as if on the same data
+    (``fed_asr.security.dp_budget``).
     """
-    if not cfg.privacy.dp:
-        return {"dp": False}
     m = max_skills_per_sample(cfg.regularizer.tau_skill, num_skills)
-    noise = calibrate_stats_noise(cfg.privacy, m)
-    accountant = PrivacyAccountant(cfg.privacy.dp_delta)
-    for stage in releases:
-        accountant.record(noise.noise_multiplier, f"stage {stage}")
-    return {
-        "dp": True,
-        "mode": "distributed (secure aggregation)"
-        if cfg.privacy.secure_spectrum
-        else "local (each client's release)",
-        "releases": len(releases),
-        "epsilon_per_release": cfg.privacy.dp_epsilon,
-        "delta": cfg.privacy.dp_delta,
-        "epsilon_spent": accountant.epsilon() if releases else 0.0,
-        "noise_multiplier": noise.noise_multiplier,
-        "clip": cfg.privacy.dp_clip,
-        "skills_per_sample": m,
-    }
+    return privacy_budget_report(cfg.privacy, m, releases, adapter_releases)
 
 
 def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
@@ -115,6 +97,8 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
             for p, m in per_skill.items()
             if m.skills
         },
+        # clients' drift sums pooled (server/drift_round.py); [] when off or private
+        "drift": run.drift_round.rows if run.drift_round is not None else [],
         "adapter_strategy": cfg.federation.strategy,
         "spectrum_strategy": cfg.spectrum.strategy,
         "lora_aggregation": cfg.lora.aggregation,
@@ -124,13 +108,22 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
         "dropped_replies": sum(len(r["dropped"]) for r in logs),
         "failed_replies": sum(r["failures"] for r in logs),
         "dropped": [{"round": r["round"], **d} for r in logs for d in r["dropped"]],
+        "clipped_replies": [
+            {"round": r["round"], **c} for r in logs for c in r["clipped"]
+        ],
+        "flagged_clients": [
+            {"round": r["round"], **f} for r in logs for f in r["flagged"]
+        ],
         "security": {
             "secure_spectrum": cfg.privacy.secure_spectrum,
             "signed": run.signing_key is not None,
             "hashed_checkpoints": cfg.security.hash_checkpoints,
         },
         "privacy": privacy_report(
-            cfg, run.stage_end_round.releases, len(run.stream.skills)
+            cfg,
+            run.stage_end_round.releases,
+            len(run.stream.skills),
+            adapter_releases=run.done_rounds,
         ),
         "wall_time_s": run.elapsed(),
     }

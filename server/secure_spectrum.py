@@ -1,10 +1,13 @@
 """Server side of the secure spectrum round (``privacy.secure_spectrum=true``).
 
-Four ``query.secagg`` exchanges through the Flower ``Grid`` (advertise keys, route
-encrypted shares, collect masked vectors, collect unmasking shares); the protocol
-itself is ``fed_asr.security.secagg``. The server ends up with the sum of the
-surviving clients' statistics and nothing else. A client that fails or times out in
-any step is a dropout; the round succeeds while at least ``threshold`` clients stay.
+Five ``query.secagg`` exchanges through the Flower ``Grid`` (advertise signed keys,
+route encrypted shares, collect masked vectors, collect the survivors' signatures of
+the survivor set, collect unmasking shares); the protocol itself is
+``fed_asr.security.secagg``. The server ends up with the sum of the surviving
+clients' statistics and nothing else. A client that fails or times out in any step,
+or advertises an unusable key, is a dropout; the round succeeds while at least
+``threshold`` clients stay (and, with site identities, a majority of the pinned
+sites confirms the survivor set).
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from fed_asr.security.secagg import (
     SecAggConfig,
     SecAggError,
     SecAggServer,
+    UnmaskRequest,
     UnmaskResponse,
 )
+from fed_asr.security.site_identity import load_site_keys
 from fed_asr.wire import record_arrays, record_nbytes
 
-# Adds records (e.g. signatures) to an outgoing message's content
-Decorate = Callable[[RecordDict, str], None]
+# Adds records (the signature) to an outgoing content: (content, message type, node)
+Decorate = Callable[[RecordDict, str, int], None]
 
 
 @dataclass
@@ -88,7 +93,12 @@ class SecureSpectrumRound:
     timeout : float
         Seconds to wait for each step's replies.
     decorate : Decorate | None
-        Called on every outgoing content with its message type (signatures).
+        Called on every final outgoing content with its message type and
+        destination node (the signature).
+    site_keys : str | None
+        Pinned site list (``security.site_keys``): with it, advertisements and
+        survivor-set signatures that no pinned site made are dropped here, before
+        they could make the clients abort.
     """
 
     def __init__(
@@ -98,12 +108,14 @@ class SecureSpectrumRound:
         session: str,
         timeout: float,
         decorate: Decorate | None = None,
+        site_keys: str | None = None,
     ) -> None:
         self.grid = grid
         self.privacy = privacy
         self.session = session
         self.timeout = timeout
         self.decorate = decorate
+        self.site_keys = site_keys
         self.result = SecureRoundResult()
         self.params: SecAggConfig | None = None
 
@@ -129,7 +141,7 @@ class SecureSpectrumRound:
                 }
             )
             if self.decorate is not None:
-                self.decorate(content, message_type)
+                self.decorate(content, message_type, node)
             self.result.bytes_down += sum(
                 record_nbytes(r) for r in content.array_records.values()
             ) + sum(config_bytes(r) for r in content.config_records.values())
@@ -165,17 +177,20 @@ class SecureSpectrumRound:
     def run(
         self, arrays: ArrayRecord, stage: int, max_num_examples: int
     ) -> SecureRoundResult:
-        """Run the four steps under the global adapter ``arrays``."""
+        """Run the five steps under the global adapter ``arrays``."""
         nodes = sorted(self.grid.get_node_ids())
         try:
             self.params = SecAggConfig.from_privacy_config(self.privacy, len(nodes))
-            server = SecAggServer(self.params, self.session.encode())
+            sites = load_site_keys(self.site_keys) if self.site_keys else None
+            server = SecAggServer(self.params, self.session.encode(), sites)
             adverts, examples = self._advertise(nodes, arrays, stage, max_num_examples)
             book = server.collect_advertisements(adverts)
+            self._refused(server, P.SECAGG_ADVERTISE)
             inboxes = server.route_shares(self._share(book))
             request = server.collect_masked_inputs(self._mask(inboxes))
-            responses = self._unmask(request.survivors, request.dropped)
-            summed = server.unmask(responses)
+            signatures = server.collect_confirmations(self._confirm(request))
+            self._refused(server, P.SECAGG_CONFIRM)
+            summed = server.unmask(self._unmask(request, signatures))
         except (SecAggError, ValueError) as err:
             log(WARNING, "Secure spectrum round, stage %d failed: %s", stage, err)
             self.result.dropped.append(
@@ -193,6 +208,12 @@ class SecureSpectrumRound:
             self.params.threshold,
         )
         return self.result
+
+    def _refused(self, server: SecAggServer, step: str) -> None:
+        """Record the clients the protocol server dropped (e.g. a low-order key)."""
+        for node, reason in sorted(server.refused.items()):
+            if not any(d["node"] == node for d in self.result.dropped):
+                self._drop(node, step, f"refused: {reason}")
 
     def _advertise(
         self, nodes: Sequence[int], arrays: ArrayRecord, stage: int, max_examples: int
@@ -213,6 +234,8 @@ class SecureSpectrumRound:
             try:
                 mask_pk = bytes(keys["mask-pk"])  # type: ignore[index,arg-type]
                 enc_pk = bytes(keys["enc-pk"])  # type: ignore[index,arg-type]
+                site = str(keys["site"])  # type: ignore[index]
+                signature = bytes(keys["signature"])  # type: ignore[index,arg-type]
                 n = metrics[P.NUM_EXAMPLES_KEY]  # type: ignore[index]
             except (KeyError, TypeError):
                 self._drop(node, P.SECAGG_ADVERTISE, "missing keys or num-examples")
@@ -224,7 +247,7 @@ class SecureSpectrumRound:
             ):
                 self._drop(node, P.SECAGG_ADVERTISE, f"implausible num-examples {n}")
                 continue
-            adverts[node] = AdvertiseKeys(node, mask_pk, enc_pk)
+            adverts[node] = AdvertiseKeys(node, mask_pk, enc_pk, site, signature)
             examples[node] = int(n)
         return adverts, examples
 
@@ -235,6 +258,8 @@ class SecureSpectrumRound:
                 "ids": [str(i) for i in ids],
                 "mask-pks": [book[i].mask_public_key for i in ids],
                 "enc-pks": [book[i].encryption_public_key for i in ids],
+                "sites": [book[i].site for i in ids],
+                "signatures": [book[i].signature for i in ids],
             }
         )
         payloads = {node: RecordDict({P.SECAGG_RECORD: payload}) for node in ids}
@@ -277,16 +302,38 @@ class SecureSpectrumRound:
             masked[node] = MaskedInput(node, vector, layout)
         return masked
 
-    def _unmask(
-        self, survivors: Sequence[int], dropped: Sequence[int]
-    ) -> dict[int, UnmaskResponse]:
+    def _confirm(self, request: UnmaskRequest) -> dict[int, bytes]:
         payload = ConfigRecord(
             {
-                "survivors": [str(s) for s in survivors],
-                "dropped": [str(d) for d in dropped],
+                "survivors": [str(s) for s in request.survivors],
+                "dropped": [str(d) for d in request.dropped],
             }
         )
-        payloads = {node: RecordDict({P.SECAGG_RECORD: payload}) for node in survivors}
+        payloads = {
+            n: RecordDict({P.SECAGG_RECORD: payload}) for n in request.survivors
+        }
+        signatures = {}
+        for node, reply in self._exchange(P.SECAGG_CONFIRM, payloads).items():
+            record = reply.content.config_records.get(P.SECAGG_RECORD)
+            try:
+                signatures[node] = bytes(record["signature"])  # type: ignore[index,arg-type]
+            except (KeyError, TypeError):
+                self._drop(node, P.SECAGG_CONFIRM, "malformed confirmation")
+        return signatures
+
+    def _unmask(
+        self, request: UnmaskRequest, signatures: dict[int, bytes]
+    ) -> dict[int, UnmaskResponse]:
+        signers = sorted(signatures)
+        payload = ConfigRecord(
+            {
+                "survivors": [str(s) for s in request.survivors],
+                "dropped": [str(d) for d in request.dropped],
+                "signers": [str(s) for s in signers],
+                "signatures": [signatures[s] for s in signers],
+            }
+        )
+        payloads = {node: RecordDict({P.SECAGG_RECORD: payload}) for node in signers}
         responses = {}
         for node, reply in self._exchange(P.SECAGG_UNMASK, payloads).items():
             record = reply.content.config_records.get(P.SECAGG_RECORD)

@@ -2,8 +2,10 @@
 
 Spectrum statistics arrive in clear (validated per reply) or, with
 ``privacy.secure_spectrum``, only as their secure sum (``server.secure_spectrum``);
-a method's own statistics (e.g. EWC's Fisher) arrive in clear. Nothing is merged
-here: :class:`~fed_asr.schedule.StageSchedule` merges what this returns.
+a method's own statistics (e.g. EWC's Fisher) arrive in clear. Every part is checked
+against the run's skills and the bounds of the descriptor (``ReplyGuard``) here,
+before anything is merged or checkpointed: :class:`~fed_asr.schedule.StageSchedule`
+merges what this returns.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from fed_asr.security.dp import clamp_noisy_stats, suppress_small_counts
 from fed_asr.spectrum import SkillStats
 from fed_asr.wire import record_arrays, record_nbytes, reply_partition
 from server.ledger import RoundLedger
-from server.reply_validation import check_stats_reply
+from server.reply_validation import ReplyGuard
 from server.secure_spectrum import SecureSpectrumRound
 
-Sign = Callable[[RecordDict, str], None]
+Sign = Callable[[RecordDict, str, int], None]  # (content, message type, node)
 
 
 class StageEndRound:
@@ -45,9 +47,12 @@ class StageEndRound:
     ledger : RoundLedger
         Bytes and drops are counted into its last round.
     sign : Sign
-        Signs an outgoing content (a no-op without a signing key).
+        Signs an outgoing content for its node (a no-op without a signing key).
     timeout : float
         Seconds to wait for replies.
+    guard : ReplyGuard | None
+        The run's bounds on statistics (data sizes, descriptor range, DP noise);
+        None: bounds derived from the statistics' shapes and the per-site cap.
     """
 
     def __init__(
@@ -59,11 +64,14 @@ class StageEndRound:
         ledger: RoundLedger,
         sign: Sign,
         timeout: float,
+        *,
+        guard: ReplyGuard | None = None,
     ) -> None:
         self.grid = grid
         self.skills = tuple(skills)
         self.privacy = privacy
         self.security = security
+        self.guard = guard or ReplyGuard(security, privacy, skills)
         self.ledger = ledger
         self.sign = sign
         self.timeout = timeout
@@ -90,18 +98,19 @@ class StageEndRound:
         self, arrays: ArrayRecord, stage: int, spectrum: bool, plan: StageEndPlan
     ) -> StageEndInputs:
         node_ids = list(self.grid.get_node_ids())
-        content = RecordDict(
-            {
-                P.ARRAYS_RECORD: arrays,
-                P.CONFIG_RECORD: ConfigRecord({P.STAGE_KEY: stage}),
-            }
-        )
         message_type = f"{MessageType.QUERY}.{P.SPECTRUM_ACTION}"
-        self.sign(content, message_type)
-        messages = [
-            Message(content=content, dst_node_id=node, message_type=message_type)
-            for node in node_ids
-        ]
+        messages = []
+        for node in node_ids:  # one content per node: its signature names the node
+            content = RecordDict(
+                {
+                    P.ARRAYS_RECORD: arrays,
+                    P.CONFIG_RECORD: ConfigRecord({P.STAGE_KEY: stage}),
+                }
+            )
+            self.sign(content, message_type, node)
+            messages.append(
+                Message(content=content, dst_node_id=node, message_type=message_type)
+            )
         replies = sorted(
             self.grid.send_and_receive(messages, timeout=self.timeout),
             key=reply_partition,
@@ -113,7 +122,7 @@ class StageEndRound:
                 self._drop(msg, f"client error: {msg.error.reason}", stage)
                 continue
             if spectrum:
-                parsed = self._parse_stats(msg)
+                parsed = self._parse_stats(msg, stage, len(node_ids))
                 if isinstance(parsed, str):
                     self._drop(msg, f"stage-end statistics: {parsed}", stage)
                 else:
@@ -137,16 +146,17 @@ class StageEndRound:
             log(WARNING, "Stage %d end: no statistics. Keeping the spectrum.", stage)
         return inputs
 
-    def _parse_stats(self, msg: Message) -> SkillStats | str:
+    def _parse_stats(
+        self, msg: Message, stage: int, num_nodes: int
+    ) -> SkillStats | str:
         if P.STATS_RECORD not in msg.content.array_records:
             return f"missing ArrayRecord '{P.STATS_RECORD}'"
         metrics = msg.content.metric_records.get(P.METRICS_RECORD)
         if metrics is None or P.NUM_EXAMPLES_KEY not in metrics:
             return f"missing metric '{P.NUM_EXAMPLES_KEY}'"
         arrays = record_arrays(msg.content.array_records[P.STATS_RECORD])
-        reason = check_stats_reply(
-            arrays, dict(metrics), self.security, noisy=self.privacy.dp
-        )
+        config = msg.content.config_records.get(P.CONFIG_RECORD)
+        reason = self.guard.stats_reason(arrays, metrics, config, stage, num_nodes)
         if reason is not None:
             return reason
         if self.privacy.dp:
@@ -189,10 +199,18 @@ class StageEndRound:
         """Secure aggregation: only the sum of the statistics is ever seen."""
         session = f"{self.grid.run.run_id}/{stage}/{round_}"
         secure = SecureSpectrumRound(
-            self.grid, self.privacy, session, self.timeout, self.sign
+            self.grid,
+            self.privacy,
+            session,
+            self.timeout,
+            self.sign,
+            site_keys=self.security.site_keys,
         )
-        result = secure.run(arrays, stage, self.security.max_num_examples)
-        adapter = record_nbytes(arrays) * len(list(self.grid.get_node_ids()))
+        num_nodes = len(list(self.grid.get_node_ids()))
+        result = secure.run(
+            arrays, stage, self.guard.caps.any_site("stage_end", stage, num_nodes)
+        )
+        adapter = record_nbytes(arrays) * num_nodes
         self.ledger.add_bytes(
             bytes_down_adapter=adapter,
             bytes_down_spectrum=max(result.bytes_down - adapter, 0),
@@ -208,17 +226,16 @@ class StageEndRound:
             return inputs
         summed = result.arrays
         if self.privacy.dp:
-            summed = suppress_small_counts(clamp_noisy_stats(summed))
-        else:
-            count = np.asarray(summed["count"])
-            if count.size and float(count.max()) > result.num_examples + 0.5:
-                reason = (
-                    f"summed `count` max {float(count.max()):.1f} exceeds the "
-                    f"contributors' num-examples {result.num_examples}"
-                )
-                log(WARNING, "Stage %d end: secure sum refused: %s", stage, reason)
-                self.ledger.record_drop(-1, -1, reason)
-                return inputs
+            summed = clamp_noisy_stats(summed)
+        reason = self.guard.secure_sum_reason(
+            summed, result.num_examples, len(result.contributors), num_nodes
+        )
+        if reason is not None:
+            log(WARNING, "Stage %d end: secure sum refused: %s", stage, reason)
+            self.ledger.record_drop(-1, -1, f"secure sum: {reason}")
+            return inputs
+        if self.privacy.dp:
+            summed = suppress_small_counts(summed)
         try:
             total = SkillStats.from_arrays(summed, self.skills)
         except (KeyError, ValueError) as err:

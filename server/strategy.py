@@ -3,9 +3,13 @@
 The adapters are aggregated by the inner strategy the user picks (FedAvg, FedAdam,
 FedMedian, Krum, ...; ``server.adapter_strategies``). FedASR adds, the way Flower's
 DP wrappers add clipping: the stage and round keys and the global spectrum on the way
-out, reply validation on the way in, and per-stage pooled evaluation. Bookkeeping goes
-to the run's :class:`~server.ledger.RoundLedger`; the stage-end round is
-``server.stage_end``.
+out, reply validation on the way in, and per-stage pooled evaluation. With a
+:class:`~server.reply_validation.ReplyGuard` no single reply can dominate a merge:
+``num-examples`` is capped by what the client can hold, each share of the weight
+optionally capped, each update clipped to ``security.norm_bound_factor`` times the
+round's median norm, and evaluation counts validated and outliers flagged
+(``docs/security.md``, "Poisoning"). Bookkeeping goes to the run's
+:class:`~server.ledger.RoundLedger`; the stage-end round is ``server.stage_end``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -31,10 +34,33 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fed_asr import protocol as P
+from fed_asr.security.signing import MessageHeader
+from fed_asr.security.validation import check_float32_range
 from fed_asr.spectrum import SkillSpectrum
-from fed_asr.wire import content_signatures, record_nbytes, reply_partition
+from fed_asr.wire import content_signature, record_nbytes, reply_partition
+from server.evaluation_pool import (
+    accepted_evaluations,
+    client_results,
+    flag_outliers,
+    pool_evaluation_counts,
+    pool_stage_accuracy,
+    stage_accuracy,
+)
 from server.ledger import RoundLedger
+from server.merge_bounds import bounded_replies, num_examples
 from server.records import numpy_record
+from server.reply_validation import ReplyGuard
+
+__all__ = [
+    "FedASR",
+    "aggregate_losses",
+    "keep_dtypes",
+    "pool_evaluation_counts",
+    "pool_stage_accuracy",
+    "spectrum_version",
+    "spectrum_wire_record",
+    "stage_accuracy",
+]
 
 ReplyCheck = Callable[[Message, ArrayRecord | None], str | None]
 
@@ -44,10 +70,19 @@ def spectrum_wire_record(spectrum: SkillSpectrum) -> ArrayRecord:
 
     Prototypes only steer a regularizer; float32 halves the bytes of float64 at a
     relative precision of 6e-8. (Client statistics stay float64: they are summed.)
+
+    Raises
+    ------
+    ValueError
+        If a value would overflow float32 (the cast would send inf).
     """
-    return numpy_record(
-        {k: v.astype(np.float32) for k, v in spectrum.to_arrays().items()}
-    )
+    arrays = spectrum.to_arrays()
+    result = check_float32_range(arrays)
+    if not result:
+        raise ValueError(
+            f"The global spectrum cannot travel in float32: {result.reason}"
+        )
+    return numpy_record({k: v.astype(np.float32) for k, v in arrays.items()})
 
 
 def spectrum_version(record: ArrayRecord) -> str:
@@ -72,32 +107,6 @@ def aggregate_losses(records: list[RecordDict], weight_key: str) -> MetricRecord
             elif key == P.TRAIN_SECONDS_KEY:
                 out[key] = out.get(key, 0.0) + float(value)
     return MetricRecord(out)
-
-
-def pool_evaluation_counts(records: Sequence[RecordDict]) -> dict[str, int]:
-    """Sum over clients of every count (``correct-*``, ``total-*``) they report."""
-    pooled: dict[str, int] = {}
-    for record in records:
-        for key, value in record[P.METRICS_RECORD].items():  # type: ignore[union-attr]
-            if key.startswith((P.CORRECT_PREFIX, P.TOTAL_PREFIX)):
-                pooled[key] = pooled.get(key, 0) + int(value)  # type: ignore[arg-type]
-    return pooled
-
-
-def stage_accuracy(counts: dict[str, int]) -> dict[str, float]:
-    """Accuracy per stage (``all`` protocol) from pooled counts: correct / scored."""
-    accuracy: dict[str, float] = {}
-    for key, total in counts.items():
-        stage = key[len(P.TOTAL_PREFIX) :]
-        if key.startswith(P.TOTAL_PREFIX) and stage.isdigit() and total:
-            accuracy[stage] = counts.get(P.correct_key(int(stage)), 0) / total
-    return dict(sorted(accuracy.items()))
-
-
-def pool_stage_accuracy(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Accuracy per stage pooled over clients (``acc-<stage>``), Flower's signature."""
-    accuracy = stage_accuracy(pool_evaluation_counts(records))
-    return MetricRecord({f"acc-{k}": v for k, v in accuracy.items()})
 
 
 def keep_dtypes(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
@@ -140,7 +149,11 @@ class FedASR(Strategy):
     reply_check : ReplyCheck | None
         Extra validation of each train reply; returns a reason to drop it, or None.
     signing_key : Ed25519PrivateKey | None
-        Signs the adapter and spectrum of every outgoing message (``security.sign``).
+        Signs every outgoing message whole (``security.sign``).
+    guard : ReplyGuard | None
+        The run's bounds on replies (caps of ``num-examples`` and test totals,
+        update-norm clipping, weight shares, evaluation outliers); None: only
+        ``reply_check``.
     """
 
     def __init__(
@@ -151,12 +164,16 @@ class FedASR(Strategy):
         seed: int = 0,
         reply_check: ReplyCheck | None = None,
         signing_key: Ed25519PrivateKey | None = None,
+        guard: ReplyGuard | None = None,
     ) -> None:
         self.strategy = strategy
         self.ledger = ledger
         self.seed = seed
         self.reply_check = reply_check
         self.signing_key = signing_key
+        self.guard = guard
+        self._num_nodes = 0  # nodes of the grid, as of the last configure call
+        self._signed_sequence = 0  # sequence of the last signed message
         self.stage = 0
         self.global_round = 0
         self._spectrum: ArrayRecord | None = None
@@ -215,6 +232,7 @@ class FedASR(Strategy):
         last one they received in their own state.
         """
         self._round_start = time.perf_counter()
+        self._num_nodes = len(list(grid.get_node_ids()))
         random.seed(self.seed * 100_003 + self.global_round)
         config[P.GLOBAL_ROUND_KEY] = self.global_round
         config[P.STAGE_KEY] = self.stage
@@ -286,7 +304,7 @@ class FedASR(Strategy):
             for m in replies
             if not m.has_error()
         )
-        with_data = [m for m in kept if _num_examples(m) > 0]
+        with_data = [m for m in kept if num_examples(m) > 0]
         if not with_data:
             log(
                 WARNING,
@@ -298,7 +316,8 @@ class FedASR(Strategy):
         # `spec` before a client has a prototype); the inner strategy sees only the
         # adapter and `num-examples`, so no client's extra metric can stop it.
         metrics = aggregate_losses([m.content for m in with_data], P.NUM_EXAMPLES_KEY)
-        uniform = [_adapter_only(msg) for msg in with_data]
+        security = self.guard.security if self.guard is not None else None
+        uniform = bounded_replies(with_data, self._sent_arrays, security, entry)
         arrays, _ = self.strategy.aggregate_train(self._round(server_round), uniform)
         if arrays is not None and self._sent_arrays is not None:
             arrays = keep_dtypes(arrays, self._sent_arrays)
@@ -320,7 +339,11 @@ class FedASR(Strategy):
         if P.NUM_EXAMPLES_KEY not in content.metric_records[P.METRICS_RECORD]:
             return f"missing metric '{P.NUM_EXAMPLES_KEY}'"
         if self.reply_check is not None:
-            return self.reply_check(msg, self._sent_arrays)
+            reason = self.reply_check(msg, self._sent_arrays)
+            if reason is not None:
+                return reason
+        if self.guard is not None:
+            return self.guard.train_reason(msg, self.stage, self._num_nodes)
         return None
 
     # -- evaluation ----------------------------------------------------------------
@@ -330,6 +353,7 @@ class FedASR(Strategy):
         """The inner strategy's evaluate messages with the number of stages seen."""
         config[P.NUM_SEEN_STAGES_KEY] = self.stage + 1
         config[P.GLOBAL_ROUND_KEY] = self.global_round
+        self._num_nodes = len(list(grid.get_node_ids()))
         messages = list(
             self.strategy.configure_evaluate(
                 self._round(server_round), arrays, config, grid
@@ -341,22 +365,22 @@ class FedASR(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Pooled accuracy and counts per stage; per-client rows to the log."""
-        replies = [m for m in replies if not m.has_error()]
+        """Pooled accuracy and counts per stage; per-client rows to the log.
+
+        With a guard, a reply with counts no honest client can report is dropped
+        (recorded with its reason), and a client whose accuracy is an outlier among
+        the others' is flagged (``flagged`` of the round; it stays in the pool).
+        """
         entry = self.ledger.entry(self.global_round, self.stage)
-        valid = [
-            m
-            for m in sorted(replies, key=reply_partition)
-            if P.METRICS_RECORD in m.content.metric_records
-        ]
-        for msg in valid:
-            metrics = msg.content.metric_records[P.METRICS_RECORD]
-            row = {}
-            for i in range(self.stage + 1):
-                n = int(metrics.get(P.total_key(i), 0))
-                if n:
-                    row[str(i)] = int(metrics.get(P.correct_key(i), 0)) / n
-            entry.per_client[str(reply_partition(msg))] = row
+        seen = self.stage + 1
+        valid = accepted_evaluations(
+            list(replies), self.guard, seen, self._num_nodes, self.ledger
+        )
+        results = client_results(valid, seen)
+        for client, rows in results.items():
+            entry.per_client[client] = {str(i): c / n for i, (c, n) in rows.items()}
+        if self.guard is not None:
+            flag_outliers(self.guard, results, valid, entry)
         # Pooled here, not by the inner strategy: clients report different keys
         # (a skill missing from a client's test split), which Flower refuses.
         entry.counts = pool_evaluation_counts([m.content for m in valid])
@@ -371,24 +395,43 @@ class FedASR(Strategy):
 
     # -- signatures ------------------------------------------------------------------
     def sign(self, messages: Sequence[Message], grid: Grid) -> None:
-        """Sign each message's adapter and spectrum (no-op without a signing key)."""
+        """Sign each whole message for its node (no-op without a signing key).
+
+        The inner strategies give all messages one shared content; a signature names
+        its destination, so each message gets its own content (same records) first.
+        """
         if self.signing_key is None:
             return
         for message in messages:
-            self.sign_content(message.content, grid, message.metadata.message_type)
+            message.content = RecordDict(dict(message.content))
+            self.sign_content(
+                message.content,
+                grid,
+                message.metadata.message_type,
+                message.metadata.dst_node_id,
+            )
 
-    def sign_content(self, content: RecordDict, grid: Grid, message_type: str) -> None:
-        """Add the signature record to one content (no-op without a signing key)."""
+    def sign_content(
+        self, content: RecordDict, grid: Grid, message_type: str, dst_node: int
+    ) -> None:
+        """Sign one final content for ``dst_node`` (no-op without a signing key).
+
+        The signature covers every record of ``content`` and binds the run, the
+        global round, the next sequence number, ``message_type`` and ``dst_node``.
+        Call it once per message, after the content is final, in sending order.
+        """
         if self.signing_key is None:
             return
+        self._signed_sequence += 1
+        header = MessageHeader(
+            run_id=int(grid.run.run_id),
+            round=self.global_round,
+            sequence=self._signed_sequence,
+            message_type=message_type,
+            dst_node=int(dst_node),
+        )
         content[P.SIGNATURE_RECORD] = ConfigRecord(
-            content_signatures(
-                self.signing_key,
-                content.array_records,
-                grid.run.run_id,
-                self.global_round,
-                message_type,
-            )
+            content_signature(self.signing_key, content, header)
         )
 
     def summary(self) -> None:
@@ -401,22 +444,3 @@ class FedASR(Strategy):
             self.global_round,
         )
         self.strategy.summary()
-
-
-def _adapter_only(msg: Message) -> Message:
-    """A reply's adapter and ``num-examples`` alone (what the inner strategy sees)."""
-    content = RecordDict(
-        {
-            P.ARRAYS_RECORD: msg.content[P.ARRAYS_RECORD],
-            P.METRICS_RECORD: MetricRecord({P.NUM_EXAMPLES_KEY: _num_examples(msg)}),
-        }
-    )
-    return Message(
-        content=content,
-        dst_node_id=msg.metadata.src_node_id,
-        message_type=MessageType.TRAIN,
-    )
-
-
-def _num_examples(msg: Message) -> int:
-    return int(msg.content[P.METRICS_RECORD][P.NUM_EXAMPLES_KEY])

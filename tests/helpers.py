@@ -14,3 +14,31 @@ TINY_MODEL_FIELDS: dict[str, int] = {
     "text_heads": 4,
     "text_intermediate_size": 64,
 }
+
+
+def small_run_overrides(cache_dir: str, output_dir: str, **extra: object) -> list[str]:
+    """Hydra overrides of a run small enough for tests (tiny slice, small model)."""
+    overrides = {
+        "model.image_size": 16,
+        "model.vision_hidden_size": 16,
+        "model.vision_layers": 1,
+        "model.text_hidden_size": 32,
+        "model.text_layers": 2,
+        "model.text_intermediate_size": 64,
+        "model.pretrain_steps": 3,
+        "model.pretrain_batch_size": 4,
+        "model.cache_dir": cache_dir,
+        "data.max_train_per_stage": 24,
+        "data.max_test_per_stage": 12,
+        "data.stage_order": "[shape,color]",
+        "train.batch_size": 8,
+        "train.eval_batch_size": 32,
+        "federation.num_clients": 2,
+        "federation.rounds_per_stage": 1,
+        "federation.schedule": "fixed",
+        "regularizer.l_sel": 2,
+        "progress": "false",
+        "output_dir": output_dir,
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in overrides.items()]

@@ -32,6 +32,10 @@ GROUP_OPTIONS = sorted(
 REQUIRED_VALUES = {
     ("data", "manifest"): {"root": "/tmp/manifest"},
     ("model", "pretrained"): {"path": "/tmp/llava"},
+    ("model", "paligemma"): {"path": "/tmp/paligemma"},
+    ("model", "qwen2_vl"): {"path": "/tmp/qwen2-vl"},
+    ("model", "idefics3"): {"path": "/tmp/idefics3"},
+    ("model", "llava_onevision"): {"path": "/tmp/llava-onevision"},
 }
 # Groups whose option file is named after the registered choice it selects.
 NAMED_BY_STEM = ("engine", "method")

@@ -8,8 +8,12 @@ Layout of the folder::
     stages.json          (optional) JSON list of stage names, one per stage
 
 One row per line: ``{"image": path relative to the folder, "question": str,
-"answer": str, "skill": str (optional)}``. Blank lines are skipped. Every problem is
-reported with the file and line it comes from, before any training starts.
+"answer": str, "skill": str (optional)}``. Blank lines are skipped. Files are UTF-8;
+image paths must stay inside the folder; every image is decoded once at load; every
+stage needs at least one train and one test row; a stage index may appear only once
+(``stage_0`` and ``stage_00`` together are refused). Every problem is reported with
+the file and line it comes from, before any training starts
+(``fed_asr.data.manifest_checks``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fed_asr.data.easyvqa import resolve_stage_order
+from fed_asr.data.manifest_checks import (
+    check_image,
+    confined_image_path,
+    numbered_lines,
+)
 from fed_asr.data.partition import make_rng, stratified_subsample
 from fed_asr.data.samples import ContinualStream, Stage, VQASample, tokenize
 from fed_asr.data.skills import EASYVQA_SKILLS, parse_question
@@ -50,8 +59,9 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> list[VQAS
     FileNotFoundError
         The manifest, or the image of a row (message ``"<file>:<line>: ..."``).
     ValueError
-        A line that is not a JSON object, a missing field or a field of the wrong type
-        (message ``"<file>:<line>: ..."``).
+        A line that is not UTF-8 or not a JSON object, a missing field or a field of
+        the wrong type, an image path outside the folder or an image that does not
+        decode (message ``"<file>:<line>: ..."``).
     """
     return [sample for _, sample in _read_lines(Path(path), root)]
 
@@ -63,42 +73,34 @@ def _read_lines(path: Path, root: str | Path | None) -> list[tuple[int, VQASampl
         raise FileNotFoundError(f"Manifest file not found: {str(path)!r}.")
     samples: list[tuple[int, VQASample]] = []
     unknown: set[str] = set()
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg}).") from err
-            if not isinstance(row, dict):
-                raise ValueError(
-                    f"{where}: a row must be a JSON object, got {type(row).__name__}."
-                )
-            for key in _REQUIRED:
-                if key not in row:
-                    raise ValueError(f"{where}: missing field `{key}`.")
-            for key in _REQUIRED + _OPTIONAL:
-                value = row.get(key)
-                if key in _OPTIONAL and value is None:
-                    continue
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(
-                        f"{where}: field `{key}` must be a non-empty string, got "
-                        f"{value!r}."
-                    )
-            unknown.update(set(row) - set(_REQUIRED + _OPTIONAL))
-            image = base / row["image"]
-            if not image.is_file():
-                raise FileNotFoundError(
-                    f"{where}: image {row['image']!r} not found (looked for "
-                    f"{str(image)!r})."
-                )
-            sample = VQASample(
-                str(image), row["question"], row["answer"], row.get("skill")
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON ({err.msg}).") from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{where}: a row must be a JSON object, got {type(row).__name__}."
             )
-            samples.append((number, sample))
+        for key in _REQUIRED:
+            if key not in row:
+                raise ValueError(f"{where}: missing field `{key}`.")
+        for key in _REQUIRED + _OPTIONAL:
+            value = row.get(key)
+            if key in _OPTIONAL and value is None:
+                continue
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(
+                    f"{where}: field `{key}` must be a non-empty string, got {value!r}."
+                )
+        unknown.update(set(row) - set(_REQUIRED + _OPTIONAL))
+        image = confined_image_path(base, row["image"], where)
+        check_image(image, where)
+        sample = VQASample(str(image), row["question"], row["answer"], row.get("skill"))
+        samples.append((number, sample))
     if unknown:
         warnings.warn(
             f"{path}: fields {sorted(unknown)} specified but will be ignored; rows "
@@ -113,10 +115,17 @@ def _stage_files(root: Path) -> list[tuple[Path, Path]]:
     if not root.is_dir():
         raise FileNotFoundError(f"Manifest folder not found: {str(root)!r}.")
     found: dict[int, dict[str, Path]] = {}
-    for entry in root.iterdir():
+    for entry in sorted(root.iterdir()):
         match = _STAGE_FILE.match(entry.name)
         if match:
-            found.setdefault(int(match.group(1)), {})[match.group(2)] = entry
+            index, split = int(match.group(1)), match.group(2)
+            other = found.setdefault(index, {}).get(split)
+            if other is not None:
+                raise ValueError(
+                    f"{root}: {other.name!r} and {entry.name!r} are both the {split} "
+                    f"manifest of stage {index}; keep one."
+                )
+            found[index][split] = entry
     if not found:
         raise FileNotFoundError(
             f"No stage manifests in {str(root)!r}: expected stage_0_train.jsonl and "
@@ -220,14 +229,20 @@ def manifest_stream(
     FileNotFoundError
         Missing folder, stage file or image.
     ValueError
-        A malformed row, ``stages.json`` or ``stage_order``, or a row whose skill is not
-        in the skill set.
+        A malformed row, ``stages.json`` or ``stage_order``, a row whose skill is not
+        in the skill set, an empty stage file or two files of one stage.
     """
     root = Path(root).expanduser()
     files = _stage_files(root)
     names = _stage_names(root, len(files))
     # every file is checked, even those of stages left out by `stage_order`
     rows = {path: _read_lines(path, root) for pair in files for path in pair}
+    for path, numbered in rows.items():
+        if not numbered:
+            raise ValueError(
+                f"{path}:1: the file has no rows; every stage needs at least one "
+                "train and one test row."
+            )
     everything = [s for numbered in rows.values() for _, s in numbered]
     if skills is not None:
         skill_list = list(skills)

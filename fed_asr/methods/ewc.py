@@ -20,10 +20,9 @@ from fed_asr.methods.base import (
     trainable_parameters,
 )
 from fed_asr.methods.registry import register_method
-from fed_asr.models import model_device
+from fed_asr.models import model_device, model_inputs
 
 FISHER = "fisher"  # stage-end statistics: diagonal Fisher of the adapter
-_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels")
 
 
 @dataclass
@@ -78,7 +77,9 @@ def fisher_sums(
         for start in range(0, len(samples), batch_size):
             chunk = list(samples[start : start + batch_size])
             batch = collator(chunk)
-            inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
+            inputs = {
+                k: v.to(device) for k, v in model_inputs(model, batch).items()
+            }
             loss = model(**inputs).loss
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for key, grad in zip(params, grads, strict=True):

@@ -21,11 +21,10 @@ from fed_asr.methods.base import (
     preserve_requires_grad,
 )
 from fed_asr.methods.registry import register_method
-from fed_asr.models import IGNORE_INDEX
+from fed_asr.models import IGNORE_INDEX, model_inputs
 from fed_asr.models.lora import ADAPTER_NAME
 
 TEACHER_ADAPTER = "teacher"  # peft adapter name of the LwF teacher
-_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values")
 
 
 @dataclass
@@ -139,7 +138,8 @@ class LwF(ContinualMethod):
         """``lwf``: weight * T^2 * KL(teacher || student) (none in stage 0)."""
         if not self.has_teacher or self.options.weight == 0:
             return {}
-        inputs = {k: ctx.batch[k] for k in _INPUT_KEYS}
+        inputs = model_inputs(ctx.model, ctx.batch)
+        inputs.pop("labels", None)
         with torch.no_grad(), active_adapter(ctx.model, TEACHER_ADAPTER):
             teacher = ctx.model(**inputs).logits
         mask = answer_mask(ctx.batch["labels"])

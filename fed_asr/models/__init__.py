@@ -1,10 +1,11 @@
-"""Base MLLM (tiny LLaVA or a local checkpoint), LoRA, batching, capture, scoring."""
+"""Base MLLM (tiny LLaVA or a local family checkpoint), LoRA, batching, capture."""
 
 from fed_asr.models.batching import IGNORE_INDEX, MODEL_INPUT_KEYS, VQACollator
 from fed_asr.models.capture import (
     CaptureResult,
     forward_with_attention,
     install_attention_capture,
+    model_inputs,
 )
 from fed_asr.models.device import (
     model_device,
@@ -13,9 +14,10 @@ from fed_asr.models.device import (
     resolve_device,
     resolve_dtype,
 )
-from fed_asr.models.families import LlavaFamily
+from fed_asr.models.families import LlavaFamily, PaliGemmaFamily, Qwen2VLFamily
 from fed_asr.models.family import (
     MODEL_FAMILIES,
+    EncodedImage,
     ImageSpan,
     ModelFamily,
     get_model_family,
@@ -48,10 +50,13 @@ __all__ = [
     "MODEL_FAMILIES",
     "MODEL_INPUT_KEYS",
     "CaptureResult",
+    "EncodedImage",
     "ImageSpan",
     "LlavaFamily",
     "ModelFamily",
+    "PaliGemmaFamily",
     "PretrainResult",
+    "Qwen2VLFamily",
     "VQACollator",
     "adapter_state",
     "attach_lora",
@@ -72,6 +77,7 @@ __all__ = [
     "model_dtype",
     "model_family",
     "model_family_names",
+    "model_inputs",
     "move_batch",
     "predict",
     "pretrain_base_model",

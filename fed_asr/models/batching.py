@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
-from fed_asr.models.family import ModelFamily, get_model_family
+from fed_asr.models.family import EncodedImage, ModelFamily, get_model_family
 from fed_asr.query_tokens import function_word_mask
 
 if TYPE_CHECKING:
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 # Model inputs of a collated LLaVA batch (the rest describe positions); other families
-# take `VQACollator.model_input_keys`.
+# take `VQACollator.model_input_keys` (or `fed_asr.models.model_inputs`).
 MODEL_INPUT_KEYS: tuple[str, ...] = (
     "input_ids",
     "attention_mask",
@@ -26,8 +25,8 @@ MODEL_INPUT_KEYS: tuple[str, ...] = (
 )
 # Family of a collator built without one: that of the built-in tiny model.
 DEFAULT_FAMILY = "llava"
-# Processor outputs that the collator produces.
-_COLLATED_INPUTS = frozenset({"input_ids", "attention_mask", "pixel_values"})
+# Text inputs that every collated batch holds.
+_TEXT_INPUTS = frozenset({"input_ids", "attention_mask"})
 
 
 def _strip_eos(ids: list[int], eos_id: int | None) -> list[int]:
@@ -36,9 +35,13 @@ def _strip_eos(ids: list[int], eos_id: int | None) -> list[int]:
 
 
 def continuation_ids(
-    tokenizer: Any, prefixes: Sequence[str], texts: Sequence[str]
+    tokenizer: Any,
+    prefixes: Sequence[str],
+    texts: Sequence[str],
+    separator: str = " ",
+    add_special_tokens: bool = True,
 ) -> list[list[int]]:
-    """Token ids of ``" " + text`` as it is tokenized right after ``prefix``.
+    """Token ids of ``separator + text`` as it is tokenized right after ``prefix``.
 
     Parameters
     ----------
@@ -48,6 +51,11 @@ def continuation_ids(
         Text before each continuation (e.g. the prompt).
     texts : Sequence[str]
         Continuations (e.g. answers), one per prefix.
+    separator : str
+        Text between prefix and continuation. With ``""`` the continuation is
+        tokenized on its own, as PaliGemma's processor tokenizes its suffix.
+    add_special_tokens : bool
+        Whether the prefix is tokenized with the tokenizer's special tokens.
 
     Returns
     -------
@@ -57,13 +65,17 @@ def continuation_ids(
     Raises
     ------
     ValueError
-        The tokenization of ``prefix + " " + text`` does not start with that of
-        ``prefix`` (the tokenizer merges across the boundary).
+        The tokenization of ``prefix + separator + text`` does not start with that
+        of ``prefix`` (the tokenizer merges across the boundary).
     """
     eos_id = tokenizer.eos_token_id
-    prefix_ids = tokenizer(list(prefixes), add_special_tokens=True)["input_ids"]
-    full = [f"{p} {t}" for p, t in zip(prefixes, texts, strict=True)]
-    full_ids = tokenizer(full, add_special_tokens=True)["input_ids"]
+    if separator == "":
+        alone = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [_strip_eos(list(ids), eos_id) for ids in alone]
+    encode = {"add_special_tokens": add_special_tokens}
+    prefix_ids = tokenizer(list(prefixes), **encode)["input_ids"]
+    full = [f"{p}{separator}{t}" for p, t in zip(prefixes, texts, strict=True)]
+    full_ids = tokenizer(full, **encode)["input_ids"]
     result = []
     for prefix, text, head, ids in zip(
         prefixes, texts, prefix_ids, full_ids, strict=True
@@ -78,56 +90,51 @@ def continuation_ids(
     return result
 
 
-class _PixelCache:
-    """LRU cache of preprocessed pixel tensors per image path, bounded in bytes."""
+class _ImageCache:
+    """LRU cache of encoded images (tokens + processor outputs) per path, in bytes."""
 
-    def __init__(self, image_processor: Any, max_bytes: int) -> None:
-        self.image_processor = image_processor
+    def __init__(self, family: ModelFamily, processor: Any, max_bytes: int) -> None:
+        self.family = family
+        self.processor = processor
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, Tensor] = OrderedDict()
+        self._items: OrderedDict[str, EncodedImage] = OrderedDict()
         self._bytes = 0
 
-    def get(self, paths: Sequence[str]) -> Tensor:
-        """Pixel values (N, 3, H, W) for ``paths``, preprocessing the missing ones."""
+    def get(self, paths: Sequence[str]) -> list[EncodedImage]:
+        """Return the encoded images of ``paths``, encoding the missing ones."""
         from fed_asr.data import load_image
 
-        missing = list(dict.fromkeys(p for p in paths if p not in self._items))
-        found: dict[str, Tensor] = {}
-        if missing:
-            images = [load_image(p) for p in missing]
-            pixels = self.image_processor(images=images, return_tensors="pt")[
-                "pixel_values"
-            ]  # (M, 3, H, W)
-            found = dict(zip(missing, pixels, strict=True))
-        out = []
-        for path in paths:
-            value = found.get(path)
-            if value is None:
-                value = self._items[path]
+        found: dict[str, EncodedImage] = {}
+        for path in dict.fromkeys(paths):
+            if path in self._items:
                 self._items.move_to_end(path)
-            out.append(value)
-        for path, value in found.items():
-            self._put(path, value)
-        return torch.stack(out)  # (N, 3, H, W)
+                found[path] = self._items[path]
+            else:
+                found[path] = self.family.encode_image(self.processor, load_image(path))
+                self._put(path, found[path])
+        return [found[p] for p in paths]
 
-    def _put(self, path: str, value: Tensor) -> None:
-        size = value.numel() * value.element_size()
+    def _put(self, path: str, value: EncodedImage) -> None:
+        size = value.nbytes()
         if size > self.max_bytes:
             return
         self._items[path] = value
         self._bytes += size
         while self._bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
+            self._bytes -= old.nbytes()
 
 
 class VQACollator:
     """Turn ``VQASample`` lists into MLLM training / scoring batches.
 
-    The prompt is ``prompt_template.format(image=<image token>, question=q)`` and the
-    full text is ``prompt + " " + answer`` followed by EOS. Rows are right-padded, so
-    the image block starts at the same position in every row (the text before
-    ``{image}`` is fixed).
+    The prompt is the family's ``prompt_text`` (by default
+    ``prompt_template.format(image=<image token>, question=q)``; chat families apply
+    the processor's chat template) and the full text is the prompt, the family's
+    ``answer_separator``, the answer and EOS. The image placeholder is replaced by the
+    tokens of its image (``ModelFamily.encode_image``: as many as its resolution,
+    crops or tiles give). Rows are right-padded, so the image block starts at the
+    same position in every row (the text before ``{image}`` is fixed).
 
     Parameters
     ----------
@@ -138,10 +145,12 @@ class VQACollator:
     answers : Sequence[str]
         Candidate answers; ``answer_index`` indexes this list.
     pixel_cache_mb : int
-        Memory bound of the per-image pixel cache.
+        Memory bound of the per-image cache of encoded images.
     family : ModelFamily | None
-        Model family (image token, tokens per image, forward inputs); LLaVA when None.
+        Model family (prompt format, image tokens, forward inputs); LLaVA when None.
         Pass ``model_family(model)`` for a loaded model.
+    function_words : Sequence[str] | None
+        Words masked out of the query weights (``function_mask``).
 
     Raises
     ------
@@ -152,13 +161,15 @@ class VQACollator:
 
     Notes
     -----
-    A batch holds ``input_ids (B, S)``, ``attention_mask (B, S)``, ``pixel_values
-    (B, 3, H, W)``, ``labels (B, S)`` (-100 except answer tokens and EOS),
+    A batch holds ``input_ids (B, S)``, ``attention_mask (B, S)``, the family's image
+    inputs (e.g. ``pixel_values (B, 3, H, W)``; Qwen2-VL: flat patches and
+    ``image_grid_thw``) and token inputs (PaliGemma: ``token_type_ids``; Qwen2-VL:
+    ``mm_token_type_ids``), ``labels (B, S)`` (-100 except answer tokens and EOS),
     ``answer_index (B,)`` (-1 when the answer is not a candidate), ``prompt_length
     (B,)``, ``query_mask (B, Tq)`` with ``Tq = S - image_end`` (True on the prompt
     tokens after the image block), ``function_mask (B, Tq)`` (its function words,
     ``function_words`` or ``fed_asr.query_tokens.FUNCTION_WORDS``), and the ints
-    ``image_start``, ``image_end``.
+    ``image_start``, ``image_end`` (the block of the image's tokens).
     """
 
     def __init__(
@@ -176,12 +187,15 @@ class VQACollator:
                 f"got {prompt_template!r}."
             )
         self.family = get_model_family(DEFAULT_FAMILY) if family is None else family
-        missing = set(self.family.forward_inputs) - _COLLATED_INPUTS
+        produced = _TEXT_INPUTS | set(self.family.image_inputs)
+        missing = (
+            set(self.family.forward_inputs) - produced - set(self.family.token_inputs)
+        )
         if missing:
             raise NotImplementedError(
                 f"The model family {type(self.family).__name__} needs the processor "
                 f"outputs {sorted(missing)}; VQACollator produces only "
-                f"{sorted(_COLLATED_INPUTS)}."
+                f"{sorted(produced | set(self.family.token_inputs))}."
             )
         # Model inputs of a collated batch: the family's processor outputs + labels.
         self.model_input_keys: tuple[str, ...] = (*self.family.forward_inputs, "labels")
@@ -198,35 +212,52 @@ class VQACollator:
         self.eos_id: int = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.pad_id: int = self.eos_id if pad is None else pad
-        self._pixels = _PixelCache(processor.image_processor, pixel_cache_mb * 2**20)
-        self._num_image_tokens: int | None = None
+        self._pixels = _ImageCache(self.family, processor, pixel_cache_mb * 2**20)
 
     def num_image_tokens(self, image_path: str) -> int:
-        """Return how many tokens one image token expands into (cached)."""
-        if self._num_image_tokens is None:
-            from fed_asr.data import load_image
-
-            self._num_image_tokens = self.family.num_image_tokens(
-                self.processor, load_image(image_path)
-            )
-        return self._num_image_tokens
+        """Return how many image tokens the image's placeholder expands into."""
+        encoded = self._pixels.get([image_path])[0]
+        return encoded.token_ids.count(self.image_token_id)
 
     def prompt(self, question: str) -> str:
-        """Return the prompt text of one question (one image token)."""
-        return self.prompt_template.format(image=self.image_token, question=question)
+        """Return the prompt text of one question (one image placeholder)."""
+        return self.family.prompt_text(self.processor, self.prompt_template, question)
+
+    def candidate_token_ids(self, eos: bool = True) -> list[list[int]]:
+        """Token ids of every candidate answer as the labels hold them (+ EOS)."""
+        answer_ids = continuation_ids(
+            self.tokenizer,
+            [self.prompt("")] * len(self.answers),
+            self.answers,
+            self.family.answer_separator,
+            self.family.add_special_tokens,
+        )
+        for answer, tokens in zip(self.answers, answer_ids, strict=True):
+            if not tokens:
+                raise ValueError(f"Candidate answer {answer!r} tokenizes to no token.")
+        return [ids + ([self.eos_id] if eos else []) for ids in answer_ids]
 
     def __call__(self, samples: Sequence[VQASample]) -> dict[str, Any]:
         """Collate ``samples`` (see the class notes for the keys)."""
         if len(samples) == 0:
             raise ValueError("`samples` must not be empty.")
+        family = self.family
         prompts = [self.prompt(s.question) for s in samples]
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        prompt_ids = self.tokenizer(
+            prompts, add_special_tokens=family.add_special_tokens
+        )["input_ids"]
         answer_ids = continuation_ids(
-            self.tokenizer, prompts, [s.answer for s in samples]
+            self.tokenizer,
+            prompts,
+            [s.answer for s in samples],
+            family.answer_separator,
+            family.add_special_tokens,
         )
-        n_image = self.num_image_tokens(samples[0].image)
-        rows, prompt_lengths, image_starts = [], [], []
-        for prompt, head, answer in zip(prompts, prompt_ids, answer_ids, strict=True):
+        images = self._pixels.get([s.image for s in samples])
+        rows, prompt_lengths, blocks = [], [], []
+        for prompt, head, answer, image in zip(
+            prompts, prompt_ids, answer_ids, images, strict=True
+        ):
             head = _strip_eos(head, self.eos_id)
             if head.count(self.image_token_id) != 1:
                 raise ValueError(
@@ -234,19 +265,26 @@ class VQACollator:
                     f"{self.image_token!r} (the question must not contain it)."
                 )
             at = head.index(self.image_token_id)
-            head = head[:at] + [self.image_token_id] * n_image + head[at + 1 :]
+            head = head[:at] + image.token_ids + head[at + 1 :]
             rows.append(head + answer + [self.eos_id])
             prompt_lengths.append(len(head))
-            image_starts.append(at)
-        if len(set(image_starts)) != 1:
+            blocks.append((at, at + len(image.token_ids)))
+        if len({start for start, _ in blocks}) != 1:
             raise ValueError(
                 "The image block starts at different positions "
-                f"{sorted(set(image_starts))}; "
+                f"{sorted({start for start, _ in blocks})}; "
                 "the text before `{image}` in `prompt_template` must tokenize the same "
                 "for every question."
             )
-        image_start = image_starts[0]
-        image_end = image_start + n_image
+        if len(set(blocks)) != 1:
+            raise ValueError(
+                "The images of the batch expand to different numbers of tokens "
+                f"{sorted({end - start for start, end in blocks})} (their resolution "
+                "or tile count differs); resize them to one size, or bound the "
+                "checkpoint's image processor (e.g. Qwen2-VL `min_pixels` = "
+                "`max_pixels`), so that one batch shares one image layout."
+            )
+        image_start, image_end = blocks[0]
         seq_len = max(len(r) for r in rows)
         batch_size = len(rows)
         input_ids = torch.full((batch_size, seq_len), self.pad_id, dtype=torch.long)
@@ -266,8 +304,17 @@ class VQACollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
         }
-        if "pixel_values" in self.family.forward_inputs:
-            batch["pixel_values"] = self._pixels.get([s.image for s in samples])
+        wanted = set(family.forward_inputs)
+        batch.update(
+            (k, v) for k, v in family.collate_images(images).items() if k in wanted
+        )
+        batch.update(
+            (k, v)
+            for k, v in family.token_inputs_of(
+                input_ids, prompt_length, self.image_token_id
+            ).items()
+            if k in wanted
+        )
         return {
             **batch,
             "labels": labels,

@@ -1,7 +1,10 @@
 """Load the base MLLM: the cached tiny LLaVA or a local pre-trained checkpoint.
 
 The model's family (``model.family``, or inferred from the checkpoint's config) is
-bound to the loaded model; ``fed_asr.models.modules`` locates its parts through it.
+bound to the loaded model; ``fed_asr.models.modules`` locates its parts through it,
+and it picks the language model's attention implementation (SDPA, or eager for
+Gemma 2's soft-capped logits). The processor is loaded by
+``fed_asr.models.processors.load_processor`` (also without torchvision).
 
 The tiny model is built, caption-pretrained and saved once per configuration under
 ``<cache_dir>/tiny-<hash>``; the hash covers the architecture, the pre-training
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -34,6 +38,7 @@ from fed_asr.models.device import resolve_device, resolve_dtype
 from fed_asr.models.family import resolve_model_family
 from fed_asr.models.modules import bind_model_family
 from fed_asr.models.pretrain import preparation_samples, pretrain_base_model
+from fed_asr.models.processors import load_processor
 from fed_asr.models.tiny import build_tiny, tiny_tokens
 
 if TYPE_CHECKING:
@@ -184,6 +189,31 @@ def ensure_tiny_model(
     return final
 
 
+def four_bit_config(dtype: torch.dtype, device: torch.device) -> Any:
+    """``BitsAndBytesConfig`` of a 4-bit (NF4) base model computing in ``dtype``.
+
+    Raises
+    ------
+    ValueError
+        ``device`` is not CUDA, or bitsandbytes is not installed.
+    """
+    if device.type != "cuda":
+        raise ValueError(
+            f"`model.load_in_4bit=true` needs a CUDA device, got {str(device)!r}; "
+            "set `model.load_in_4bit=false` to load the full-precision weights."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            "`model.load_in_4bit=true` needs the bitsandbytes package (pip install "
+            "bitsandbytes); it is not installed."
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+    )
+
+
 def _model_path(cfg: ModelConfig) -> Path:
     """Return the checked local directory of a pre-trained checkpoint."""
     path = Path(str(cfg.path)).expanduser()
@@ -227,9 +257,11 @@ def load_base_model(
     Returns
     -------
     tuple[nn.Module, Any]
-        The model (eval mode, every weight frozen, dtype from ``cfg.dtype``; the
-        language model uses the capturing SDPA attention; its family, ``cfg.family``
-        or inferred from its config, is bound to it) and the processor.
+        The model (eval mode, every weight frozen, dtype from ``cfg.dtype``, 4-bit
+        with ``cfg.load_in_4bit``; the language model uses the capturing attention
+        around its family's implementation, ``sdpa`` or ``eager``; its family,
+        ``cfg.family`` or inferred from its config, is bound to it) and the
+        processor.
 
     Raises
     ------
@@ -237,25 +269,33 @@ def load_base_model(
         ``pretrained`` with a ``cfg.path`` that is not a local model directory.
     ValueError
         ``cfg.family`` is None and no registered family (or several) matches the
-        checkpoint's config.
+        checkpoint's config, or ``cfg.load_in_4bit`` without CUDA or bitsandbytes.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     target = resolve_device(cfg.device if device is None else device)
     dtype = resolve_dtype(cfg.dtype, target)
+    quantization = four_bit_config(dtype, target) if cfg.load_in_4bit else None
     if cfg.name == "tiny":
         path = ensure_tiny_model(cfg, vocabulary, seed, samples, progress)
     else:
         path = _model_path(cfg)
     # Resolve the family before loading the weights, so a mismatch fails fast.
-    family = resolve_model_family(
-        cfg.family, AutoConfig.from_pretrained(str(path), local_files_only=True)
-    )
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    family = resolve_model_family(cfg.family, config)
+    placement: dict[str, Any] = {}
+    if quantization is not None:
+        placement = {"quantization_config": quantization, "device_map": {"": target}}
     model = AutoModelForImageTextToText.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        str(path),
+        dtype=dtype,
+        local_files_only=True,
+        attn_implementation=family.attention_implementation(config),
+        **placement,
     )
-    processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-    model.to(target)
+    processor = load_processor(path, config.model_type)
+    if quantization is None:
+        model.to(target)
     model.requires_grad_(False)
     model.eval()
     bind_model_family(model, family)

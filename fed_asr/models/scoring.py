@@ -4,9 +4,13 @@ Two exact methods:
 
 - ``packed`` (fast): one forward pass per batch. Each row holds its prompt followed by
   every candidate's tokens but the last, in separate branches: a 4-D attention mask lets
-  a branch see the prompt and its own earlier tokens only, and position ids restart at
-  the prompt length in each branch. When every candidate is a single token (no EOS),
-  this is a forward pass over the prompts only, read at the answer position.
+  a branch see the prompt and its own earlier tokens only (the prompt attends to
+  itself as the family does: causally, or bidirectionally for prefix-LM families such
+  as PaliGemma), and each branch's position ids continue from the prompt's last
+  position (the family's positions: PaliGemma's start at 1, Qwen2-VL's are M-RoPE
+  triples in which the image keeps its spatial positions). When every candidate is a
+  single token (no EOS), this is a forward pass over the prompts only, read at the
+  answer position.
 - ``teacher_forcing`` (general reference): one row per (sample, candidate).
 
 Two evaluation protocols read the same scores (``EVAL_PROTOCOLS``): ``all`` ranks
@@ -25,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from fed_asr.models.batching import continuation_ids
-from fed_asr.models.capture import SELECTIVE_ATTENTION
+from fed_asr.models.capture import SELECTIVE_ATTENTION, SELECTIVE_EAGER_ATTENTION
 from fed_asr.models.device import model_dtype
-from fed_asr.models.modules import text_config, unwrap
+from fed_asr.models.modules import model_family, text_config, unwrap
 
 if TYPE_CHECKING:
     from fed_asr.data import VQASample
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
 SCORING_METHODS = ("auto", "packed", "teacher_forcing")
 EVAL_PROTOCOLS = ("all", "type")
 # Attention implementations that accept an arbitrary additive 4-D mask.
-_MASKABLE = ("sdpa", "eager", SELECTIVE_ATTENTION)
+_MASKABLE = ("sdpa", "eager", SELECTIVE_ATTENTION, SELECTIVE_EAGER_ATTENTION)
 
 
 def candidate_token_ids(
@@ -121,10 +125,17 @@ def _packed_layout(
     return fed_tokens, fed_positions, block, read, targets, owner
 
 
+def _image_token_id(model: nn.Module) -> int:
+    """Image token id of the model's config (-1 when it has none)."""
+    token = getattr(unwrap(model).config, "image_token_id", None)
+    return -1 if token is None else int(token)
+
+
 def _score_packed(
     model: nn.Module, batch: Mapping[str, Any], candidate_ids: Sequence[Sequence[int]]
 ) -> Tensor:
     """All candidates of a batch in one forward pass (see the module docstring)."""
+    family = model_family(model)
     input_ids = batch["input_ids"]
     device = input_ids.device
     n = batch["prompt_length"].cpu()  # (B,)
@@ -132,28 +143,35 @@ def _score_packed(
     fed, fed_pos, block, read, targets, owner = _packed_layout(n, candidate_ids)
     n_fed = fed.numel()
     total = int(n.max()) + n_fed
+    prompt_positions = family.position_ids(model, batch).cpu()  # (..., B, S)
+    lead = tuple(prompt_positions.shape[:-2])  # () or (3,) for M-RoPE
     ids = torch.full((batch_size, total), _pad_id(model), dtype=torch.long)
-    positions = torch.zeros((batch_size, total), dtype=torch.long)
+    positions = torch.zeros((*lead, batch_size, total), dtype=torch.long)
     allowed = torch.eye(total, dtype=torch.bool).repeat(batch_size, 1, 1)  # (B, T, T)
     source = input_ids.cpu()
     for i, length in enumerate(n.tolist()):
         ids[i, :length] = source[i, :length]
         ids[i, length : length + n_fed] = fed
-        positions[i, :length] = torch.arange(length)
-        positions[i, length : length + n_fed] = length + fed_pos
-        allowed[i, :length, :length] = torch.ones(length, length).tril().bool()
+        positions[..., i, :length] = prompt_positions[..., i, :length]
+        last = prompt_positions[..., i, length - 1 : length]  # (..., 1)
+        positions[..., i, length : length + n_fed] = last + 1 + fed_pos
+        prompt = torch.ones(length, length, dtype=torch.bool)
+        allowed[i, :length, :length] = prompt if family.prefix_lm else prompt.tril()
         allowed[i, length : length + n_fed, :length] = True
         allowed[i, length : length + n_fed, length : length + n_fed] = block
     dtype = getattr(unwrap(model), "dtype", None) or model_dtype(model)
     mask = torch.zeros((batch_size, 1, total, total), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)  # (B, 1, T, T)
+    extra = family.token_inputs_of(ids, n, _image_token_id(model))
+    rows = torch.arange(batch_size)
     out = model(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
-        pixel_values=batch["pixel_values"],
         logits_to_keep=read.to(device),
         use_cache=False,
+        **family.select_images(batch, rows),
+        **{k: v.to(device) for k, v in extra.items()},
     )
     index = targets.to(device)[None, :, None].expand(batch_size, -1, 1)  # (B, K, 1)
     picked = _log_prob(out.logits, index)  # (B, K)
@@ -168,6 +186,7 @@ def _score_teacher_forcing(
     chunk_size: int,
 ) -> Tensor:
     """One right-padded row per (sample, candidate), processed in chunks of rows."""
+    family = model_family(model)
     input_ids = batch["input_ids"]
     device = input_ids.device
     n = batch["prompt_length"].cpu().tolist()
@@ -193,15 +212,16 @@ def _score_teacher_forcing(
             read[r, :m] = torch.arange(n[i] - 1, n[i] - 1 + m)
             targets[r, :m] = torch.tensor(candidate_ids[j])
             weight[r, :m] = 1.0
-        pixels = batch["pixel_values"][
-            torch.tensor([i for i, _ in chunk], device=device)
-        ]
+        owners = torch.tensor([i for i, _ in chunk])
+        lengths = torch.tensor([n[i] for i, _ in chunk])
+        extra = family.token_inputs_of(ids, lengths, _image_token_id(model))
         out = model(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
-            pixel_values=pixels,
             logits_to_keep=read.to(device),
             use_cache=False,
+            **family.select_images(batch, owners),
+            **{k: v.to(device) for k, v in extra.items()},
         )
         picked = _log_prob(out.logits, targets.to(device)[..., None])  # (R, M)
         scores[start : start + len(chunk)] = (picked * weight.to(device)).sum(-1)
@@ -220,7 +240,7 @@ def score_candidates(
     Parameters
     ----------
     model : nn.Module
-        A LLaVA-family model (optionally a peft model), in eval mode.
+        An MLLM of a registered family (optionally a peft model), in eval mode.
     batch : Mapping[str, Any]
         Output of ``VQACollator`` on the model's device (its answers are ignored; only
         ``prompt_length`` tokens of each row are used).
@@ -228,7 +248,8 @@ def score_candidates(
         From ``candidate_token_ids``.
     method : str
         ``"auto"`` (``packed`` unless the language model's attention cannot take a
-        4-D mask, e.g. flash attention), ``"packed"`` or ``"teacher_forcing"``.
+        4-D mask, e.g. flash attention, or a sliding window is shorter than the
+        packed rows), ``"packed"`` or ``"teacher_forcing"``.
     chunk_size : int
         Rows per forward pass of ``teacher_forcing``.
 
@@ -249,8 +270,13 @@ def score_candidates(
     if not candidate_ids or any(len(c) == 0 for c in candidate_ids):
         raise ValueError("`candidate_ids` must hold at least one non-empty candidate.")
     if method == "auto":
-        maskable = text_config(model)._attn_implementation in _MASKABLE
-        method = "packed" if maskable else "teacher_forcing"
+        config = text_config(model)
+        maskable = config._attn_implementation in _MASKABLE
+        # a 4-D mask replaces the model's own masks, sliding windows included
+        window = getattr(config, "sliding_window", None)
+        longest = int(batch["prompt_length"].max()) + sum(len(c) for c in candidate_ids)
+        fits = window is None or longest <= int(window)
+        method = "packed" if maskable and fits else "teacher_forcing"
     with torch.no_grad():
         if method == "packed":
             return _score_packed(model, batch, candidate_ids)

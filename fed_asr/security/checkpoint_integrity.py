@@ -151,14 +151,14 @@ def verify_manifest(
         size = path.stat().st_size
         if size != entry["size"]:
             raise IntegrityError(
-                f"Checkpoint file `{name}` has {size} bytes, the manifest says "
-                f"{entry['size']}: it was modified."
+                f"Checkpoint file `{name}` has {size} bytes, the manifest of "
+                f"`{root}` says {entry['size']}: it was modified."
             )
         digest = file_sha256(path)
         if digest != entry["sha256"]:
             raise IntegrityError(
-                f"Checkpoint file `{name}` has SHA-256 {digest}, the manifest says "
-                f"{entry['sha256']}: it was modified."
+                f"Checkpoint file `{name}` has SHA-256 {digest}, the manifest of "
+                f"`{root}` says {entry['sha256']}: it was modified."
             )
     if not allow_extra:
         extra = sorted(set(_checkpoint_files(directory)) - set(files))

@@ -7,6 +7,9 @@ Writes into one folder::
                                 with the given subject alternative names
     node-<i>, node-<i>.pub      SuperNode authentication keys: EC P-384, private key
                                 in OpenSSH format, public ``ecdsa-sha2-nistp384 ...``
+    site-<i>.key                site identity keys (Ed25519, PEM): sign the site's
+                                secure-aggregation keys and survivor sets
+    site-keys.json              the pinned list: site name ``site-<i>`` -> public key
     signing.key, signing.pub    the server's Ed25519 key pair for signed global state
 
 Usage::
@@ -17,7 +20,9 @@ Usage::
         --enable-supernode-auth
     flwr supernode register certificates/node-0.pub <connection>
     flower-supernode --root-certificates certificates/ca.crt \\
-        --auth-supernode-private-key certificates/node-0 ...
+        --auth-supernode-private-key certificates/node-0 \\
+        --node-config "identity-key='certificates/site-0.key' \\
+                       site-keys='certificates/site-keys.json' ..."
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fed_asr.security.site_identity import site_keys_fingerprint, site_keys_text
+
 DEFAULT_SANS = ("localhost", "127.0.0.1")
 _CURVE = ec.SECP384R1
 
@@ -50,18 +57,22 @@ class CredentialPaths:
     server_key: Path
     server_cert: Path
     node_keys: tuple[tuple[Path, Path], ...]  # (private OpenSSH, public OpenSSH)
+    identity_keys: tuple[Path, ...]  # site-<i>.key, Ed25519 PEM
+    site_keys: Path | None  # pinned list of the sites' public keys (None: no nodes)
     signing_key: Path
     signing_public_key: Path
 
     def all(self) -> list[Path]:
         """Every path, in writing order."""
         nodes = [p for pair in self.node_keys for p in pair]
+        sites = [*self.identity_keys, *([self.site_keys] if self.site_keys else [])]
         return [
             self.ca_key,
             self.ca_cert,
             self.server_key,
             self.server_cert,
             *nodes,
+            *sites,
             self.signing_key,
             self.signing_public_key,
         ]
@@ -78,6 +89,8 @@ def credential_paths(out_dir: str | Path, num_nodes: int) -> CredentialPaths:
         node_keys=tuple(
             (out / f"node-{i}", out / f"node-{i}.pub") for i in range(num_nodes)
         ),
+        identity_keys=tuple(out / f"site-{i}.key" for i in range(num_nodes)),
+        site_keys=out / "site-keys.json" if num_nodes else None,
         signing_key=out / "signing.key",
         signing_public_key=out / "signing.pub",
     )
@@ -208,7 +221,7 @@ def create_credentials(
     force: bool = False,
     ca_name: str = "fed-asr CA",
 ) -> CredentialPaths:
-    """Create the CA, SuperLink TLS, SuperNode and signing credentials.
+    """Create the CA, SuperLink TLS, SuperNode, site identity and signing credentials.
 
     Parameters
     ----------
@@ -279,6 +292,14 @@ def create_credentials(
         _write(private_path, private, private=True)
         _write(public_path, public + f" fed-asr-node-{i}\n".encode(), private=False)
 
+    site_public = {}
+    for i, identity_path in enumerate(paths.identity_keys):
+        identity = Ed25519PrivateKey.generate()
+        _write(identity_path, _pem_private(identity), private=True)
+        site_public[f"site-{i}"] = identity.public_key()
+    if paths.site_keys is not None:
+        _write(paths.site_keys, site_keys_text(site_public).encode(), private=False)
+
     signing_key = Ed25519PrivateKey.generate()
     _write(paths.signing_key, _pem_private(signing_key), private=True)
     signing_public = signing_key.public_key().public_bytes(
@@ -293,15 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fed-asr-credentials",
         description=(
-            "Create a CA, the SuperLink TLS certificate, SuperNode authentication keys "
-            "and the server's Ed25519 signing key for a fed-asr deployment."
+            "Create a CA, the SuperLink TLS certificate, SuperNode authentication "
+            "keys, site identity keys with their pinned list, and the server's "
+            "Ed25519 signing key for a fed-asr deployment."
         ),
     )
     parser.add_argument(
         "--out", default="certificates", help="Output folder (default: certificates)."
     )
     parser.add_argument(
-        "--nodes", type=int, default=2, help="SuperNode key pairs (default: 2)."
+        "--nodes",
+        type=int,
+        default=2,
+        help="SuperNodes (sites): node and identity keys for each (default: 2).",
     )
     parser.add_argument(
         "--san",
@@ -336,11 +361,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"--ssl-certfile {paths.server_cert} --ssl-keyfile {paths.server_key} "
         "--enable-supernode-auth"
     )
-    for private_path, public_path in paths.node_keys:
+    nodes = zip(paths.node_keys, paths.identity_keys, strict=True)
+    for (private_path, public_path), identity_path in nodes:
         print(f"  flwr supernode register {public_path} <connection>")
         print(
             f"  flower-supernode --root-certificates {paths.ca_cert} "
-            f"--auth-supernode-private-key {private_path} ..."
+            f"--auth-supernode-private-key {private_path} --node-config "
+            f"\"identity-key='{identity_path}' site-keys='{paths.site_keys}' ...\""
+        )
+    if paths.site_keys is not None:
+        print(
+            f"  pinned site list: {paths.site_keys} (give it to every site; "
+            f"SHA-256 {site_keys_fingerprint(paths.site_keys)})"
         )
     print(
         f"  signing key: {paths.signing_key} (keep on the server), "

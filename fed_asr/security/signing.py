@@ -1,9 +1,19 @@
-"""Ed25519 signatures over named arrays (global adapter, global skill spectrum).
+"""Ed25519 signatures over named arrays and over whole server messages.
 
-The signed message is ``DOMAIN || SHA-256(canonical encoding)``. The canonical encoding
-is the context (run id, round, kind) followed by every array in sorted-name order as
-length-prefixed name, dtype string, shape and raw little-endian C-order bytes, so any
-change of a value, name, dtype, shape or context breaks the signature.
+Two signed forms, each under its own domain so a signature of one is never valid as
+the other:
+
+- ``sign_arrays``: ``DOMAIN || SHA-256(context, arrays)`` for named arrays (checkpoint
+  tools, anything outside a message).
+- ``sign_message``: ``MESSAGE_DOMAIN || SHA-256(header, records)`` for a server message:
+  the header binds run id, round, sequence number, message type and destination node;
+  the records are every record of the content (arrays, configs, metrics) in the typed
+  canonical encoding of :mod:`fed_asr.security.canonical`. ``check_fresh`` is the
+  replay rule: a node accepts a message only if its (round, sequence) is strictly
+  greater than the last one it accepted in that run.
+
+Any change of a value, key, type, name, dtype, shape, record, header field or key pair
+breaks the signature.
 """
 
 from __future__ import annotations
@@ -13,8 +23,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -22,7 +32,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from fed_asr.security.canonical import encode_value, field, write_arrays, write_values
+
 DOMAIN = b"fed-asr/signed-arrays/v1"
+MESSAGE_DOMAIN = b"fed-asr/signed-message/v1"
 
 
 class SignatureError(ValueError):
@@ -50,31 +63,10 @@ class SigningContext:
     def to_bytes(self) -> bytes:
         """Unambiguous encoding of the context."""
         return (
-            _field(self.run_id.encode())
+            field(self.run_id.encode())
             + struct.pack(">q", self.round)
-            + _field(self.kind.encode())
+            + field(self.kind.encode())
         )
-
-
-def _field(data: bytes) -> bytes:
-    return struct.pack(">Q", len(data)) + data
-
-
-def _as_numpy(name: str, value: object) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    # torch tensors (bfloat16 has no NumPy dtype: view it as its raw 16-bit pattern)
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach().cpu().contiguous()
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.view(torch.int16)
-        return tensor.numpy()
-    raise TypeError(
-        f"Array `{name}` must be a numpy.ndarray or torch.Tensor, got "
-        f"{type(value).__name__}."
-    )
 
 
 def canonical_digest(arrays: Mapping[str, object], context: SigningContext) -> bytes:
@@ -93,19 +85,8 @@ def canonical_digest(arrays: Mapping[str, object], context: SigningContext) -> b
         32-byte digest.
     """
     h = hashlib.sha256()
-    h.update(_field(context.to_bytes()))
-    h.update(struct.pack(">Q", len(arrays)))
-    for name in sorted(arrays):
-        array = _as_numpy(name, arrays[name])
-        if array.dtype.hasobject:
-            raise TypeError(f"Array `{name}` has object dtype; it cannot be signed.")
-        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        h.update(_field(name.encode()))
-        h.update(_field(little.dtype.str.encode()))
-        h.update(struct.pack(">Q", little.ndim))
-        h.update(struct.pack(f">{little.ndim}Q", *little.shape))
-        data = np.ascontiguousarray(little).tobytes()
-        h.update(_field(data))
+    h.update(field(context.to_bytes()))
+    write_arrays(h, arrays)
     return h.digest()
 
 
@@ -139,6 +120,161 @@ def verify_arrays(
             f"round {context.round} ({len(arrays)} arrays): the arrays or context were "
             "altered, or they were signed by another key. Refusing them."
         ) from err
+
+
+# ------------------------------------------------------------------ whole messages
+RecordKind = Literal["arrays", "config", "metrics"]
+_KIND_TAGS: dict[str, bytes] = {"arrays": b"A", "config": b"C", "metrics": b"M"}
+
+
+@dataclass(frozen=True)
+class MessageHeader:
+    """Where and when a server message is valid, bound into its signature.
+
+    Parameters
+    ----------
+    run_id : int
+        Flower run id.
+    round : int
+        Server (global) round the message belongs to.
+    sequence : int
+        Position among the server's signed messages of the run, strictly increasing;
+        orders the several messages of one round (train, evaluate, stage end, the
+        secure-aggregation steps).
+    message_type : str
+        Flower message type, e.g. ``"train"`` or ``"query.secagg"``.
+    dst_node : int
+        Node id the message is addressed to.
+    """
+
+    run_id: int
+    round: int
+    sequence: int
+    message_type: str
+    dst_node: int
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(round, sequence)``: the order the replay rule compares."""
+        return (self.round, self.sequence)
+
+    def to_bytes(self) -> bytes:
+        """Typed canonical encoding of the header fields."""
+        fields = {
+            "run-id": self.run_id,
+            "round": self.round,
+            "sequence": self.sequence,
+            "message-type": self.message_type,
+            "dst-node": self.dst_node,
+        }
+        return b"".join(
+            field(name.encode()) + encode_value(value, f"header `{name}`")
+            for name, value in fields.items()
+        )
+
+
+@dataclass(frozen=True)
+class RecordContent:
+    """One record of a message, without Flower types.
+
+    Parameters
+    ----------
+    kind : RecordKind
+        ``"arrays"`` (values are arrays), ``"config"`` or ``"metrics"`` (values are
+        bool, int, float, str, bytes or lists of them).
+    values : Mapping[str, object]
+        The record's entries.
+    """
+
+    kind: RecordKind
+    values: Mapping[str, object]
+
+
+def message_digest(
+    header: MessageHeader, records: Mapping[str, RecordContent]
+) -> bytes:
+    """SHA-256 of the header and every record of a message, in canonical form.
+
+    Records are written in sorted-name order as name, kind tag and body, so adding,
+    removing, renaming or retyping a record changes the digest.
+
+    Raises
+    ------
+    TypeError
+        A value of a type that cannot be encoded.
+    """
+    h = hashlib.sha256()
+    h.update(field(header.to_bytes()))
+    h.update(struct.pack(">Q", len(records)))
+    for name in sorted(records):
+        record = records[name]
+        h.update(field(name.encode()) + _KIND_TAGS[record.kind])
+        if record.kind == "arrays":
+            write_arrays(h, record.values)
+        else:
+            write_values(h, record.values, f"{record.kind} record `{name}`")
+    return h.digest()
+
+
+def sign_message(
+    private_key: Ed25519PrivateKey,
+    header: MessageHeader,
+    records: Mapping[str, RecordContent],
+) -> bytes:
+    """Sign a whole message (header and all records); 64-byte Ed25519 signature."""
+    return private_key.sign(MESSAGE_DOMAIN + message_digest(header, records))
+
+
+def verify_message(
+    public_key: Ed25519PublicKey,
+    header: MessageHeader,
+    records: Mapping[str, RecordContent],
+    signature: bytes,
+) -> None:
+    """Check a signature made by :func:`sign_message` against this node's view.
+
+    Raises
+    ------
+    SignatureError
+        A record, a value, the header (run, round, sequence, type, destination) or
+        the key differs from what was signed.
+    """
+    try:
+        digest = message_digest(header, records)
+        public_key.verify(signature, MESSAGE_DOMAIN + digest)
+    except (InvalidSignature, TypeError) as err:
+        detail = f" ({err})" if isinstance(err, TypeError) else ""
+        raise SignatureError(
+            f"Signature check failed for message {header.message_type!r} to node "
+            f"{header.dst_node} of run {header.run_id}, round {header.round}, sequence "
+            f"{header.sequence}{detail}: its records were altered, or it was signed "
+            "for another node, run, round or message type, or by another key. "
+            "Refusing it."
+        ) from err
+
+
+def check_fresh(header: MessageHeader, last: tuple[int, int] | None) -> None:
+    """The replay rule: ``(round, sequence)`` must exceed the last accepted one.
+
+    Parameters
+    ----------
+    header : MessageHeader
+        The verified message's header.
+    last : tuple[int, int] | None
+        ``(round, sequence)`` of the last message this node accepted in the run,
+        or None before the first.
+
+    Raises
+    ------
+    SignatureError
+        The message is not newer than ``last`` (a replayed or reordered message).
+    """
+    if last is not None and header.position <= tuple(last):
+        raise SignatureError(
+            f"Message {header.message_type!r} of round {header.round}, sequence "
+            f"{header.sequence} is not newer than round {last[0]}, sequence {last[1]} "
+            "already accepted (replayed message). Refusing it."
+        )
 
 
 # --------------------------------------------------------------------------- keys

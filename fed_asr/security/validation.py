@@ -4,7 +4,9 @@ Each check returns a :class:`ValidationResult`; the server logs ``reason`` and s
 the reply, as Flower strategies do. ``validate_reply`` runs them all, stopping at the
 first failure. Spectrum checks apply to statistics sent in the clear; with secure
 aggregation the server sees only the sum, and with client-side DP noise the exact
-consistency checks do not hold (use ``check_moments=False``).
+consistency checks do not hold (use ``check_moments=False``). The bounds a descriptor
+puts on the statistics are in ``fed_asr.security.stat_bounds``; evaluation counts are
+checked in ``fed_asr.security.evaluation_checks``.
 """
 
 from __future__ import annotations
@@ -298,3 +300,23 @@ def validate_reply(
             stats, num_examples, integer_counts, check_moments
         )
     return result
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(arrays: Mapping[str, np.ndarray]) -> ValidationResult:
+    """Every value is finite and survives a cast to float32 (no overflow to inf)."""
+    for name in sorted(arrays):
+        array = np.asarray(arrays[name], dtype=np.float64)
+        result = _first_nonfinite(name, array)
+        if not result:
+            return result
+        bad = np.argwhere(np.abs(array) > _FLOAT32_MAX)
+        if bad.size:
+            index = tuple(int(i) for i in bad[0])
+            return _fail(
+                f"Array `{name}` holds {array[index]:.6g} at {index}, beyond float32's "
+                f"range (+-{_FLOAT32_MAX:.4g}): the cast would make it infinite."
+            )
+    return _OK

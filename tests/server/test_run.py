@@ -75,3 +75,23 @@ def test_federated_run_round_with_every_reply_dropped_keeps_the_global_adapter(
     assert metrics["failed_replies"] == 0 and second["clients_answered"] == 2
     matrix = metrics["accuracy_matrix"]
     assert matrix[0][0] is not None and None not in matrix[1]
+
+
+def test_federated_run_pools_the_clients_drift_after_every_stage(
+    run_overrides,
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: two clients, two stages, diagnostics on (the default)
+    overrides = run_overrides(
+        "drift", method="vanilla", **{"train.max_steps_per_stage": 2}
+    )
+    grid = _loopback(overrides)
+    # Execute
+    path = FederatedRun(compose_config("config", overrides), grid).run()
+    # Assert: the floor of each stage and stage 0 after stage 1, from both clients
+    rows = json.loads(Path(path).read_text())["drift"]
+    assert [(r["after_stage"], r["stage"]) for r in rows] == [(0, 0), (1, 0), (1, 1)]
+    for row in rows:
+        assert row["drift"] and all(
+            v > 0 and np.isfinite(v) for v in row["drift"].values()
+        )
+        assert row["drift_mean"] == pytest.approx(np.mean(list(row["drift"].values())))

@@ -110,7 +110,7 @@ class Federation:
             privacy,
             self.cfg.security,
             ledger,
-            lambda content, message_type: None,
+            lambda content, message_type, node: None,
             60.0,
         )
         return round_.run(self.arrays, 0, StageEndPlan(spectrum="shared"), 1)

@@ -24,7 +24,7 @@ from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import FederationConfig, SpectrumConfig
 from fed_asr.schedule import update_spectrum
-from fed_asr.security.signing import generate_signing_key
+from fed_asr.security.signing import SignatureError, generate_signing_key
 from fed_asr.spectrum import SkillSpectrum, SkillStats
 from fed_asr.wire import record_arrays, record_nbytes, verify_content
 from server.adapter_strategies import build_adapter_strategy
@@ -319,24 +319,26 @@ def test_configure_train_without_spectrum_sends_memory_records_and_no_version() 
     assert entry.bytes_down_adapter == 2 * record_nbytes(arrays)
 
 
-def test_configure_train_signs_adapter_and_spectrum_for_the_global_round() -> None:
+def test_configure_train_signs_each_whole_message_for_its_node_and_round() -> None:
     # Prepare
     key = generate_signing_key()
     strategy = make_strategy(signing_key=key)
     # Execute
     messages = _train(strategy, make_grid([11, 12]), 4, make_spectrum())
-    # Assert: each message verifies for round 4; a later round refuses it (replay)
+    # Assert: each message verifies for its node in round 4, not for the other node;
+    # an older accepted position refuses it (replay)
+    assert messages[0].content is not messages[1].content
     for message in messages:
-        signatures = message.content.config_records[P.SIGNATURE_RECORD]
-        assert set(signatures) == {
-            P.SIGNATURE_ROUND_KEY,
-            P.SIGNATURE_ADAPTER_KEY,
-            P.SIGNATURE_SPECTRUM_KEY,
-        }
-        args = (message.content.array_records, signatures, RUN_ID)
-        assert verify_content(key.public_key(), *args, "train", 4) == 4
-        with pytest.raises(Exception, match="replayed"):
-            verify_content(key.public_key(), *args, "train", 5)
+        node = message.metadata.dst_node_id
+        other = ({11, 12} - {node}).pop()
+        assert P.SPECTRUM_RECORD in message.content.array_records
+        args = (key.public_key(), message.content)
+        where = {"run_id": RUN_ID, "message_type": "train"}
+        assert verify_content(*args, **where, node_id=node, last=None)[0] == 4
+        with pytest.raises(SignatureError, match="Signature check failed"):
+            verify_content(*args, **where, node_id=other, last=None)
+        with pytest.raises(SignatureError, match="replayed"):
+            verify_content(*args, **where, node_id=node, last=(5, 0))
 
 
 # -- evaluation ------------------------------------------------------------------

@@ -36,6 +36,7 @@ class LlavaFamily(ModelFamily):
         "attention_mask",
         "pixel_values",
     )
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
     def language_model(self, model: nn.Module) -> nn.Module:
         """Return ``language_model`` (e.g. ``LlamaModel``), whose ``layers`` attend.
@@ -109,7 +110,8 @@ class LlavaFamily(ModelFamily):
                 raise ValueError(
                     f"Row {row} has a block of {end - start} image tokens at "
                     f"[{start}, {end}), not a multiple of the vision grid {grid} "
-                    f"({per_image} tokens); multi-crop image layouts are not supported."
+                    f"({per_image} tokens); LLaVA lays out one block per image "
+                    "(for anyres crops use `model.family=llava_onevision`)."
                 )
             spans[row].extend(
                 ImageSpan(at, at + per_image, grid)

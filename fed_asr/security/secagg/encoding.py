@@ -75,24 +75,68 @@ class SecAggConfig:
             scale=cfg.secagg_scale,
         )
 
+    def max_level(self, num_participants: int) -> int:
+        """Largest ``|round(x * scale)|`` per client whose sum cannot wrap.
+
+        The sum of ``num_participants`` such encodings stays in
+        ``[-2^(bits-1), 2^(bits-1))``, the range :func:`decode_fixed_point` reads.
+        """
+        return ((1 << (self.bits - 1)) - 1) // num_participants
+
     def input_bound(self, num_participants: int) -> float:
         """Largest ``|x|`` a client may contribute when ``num_participants`` take part.
+
+        ``bound * scale`` never exceeds :meth:`max_level` (rounded down in floating
+        point), so the sum of in-range inputs cannot wrap.
 
         Raises
         ------
         ValueError
-            If ``max_abs`` is set but ``num_participants * max_abs * scale`` overflows.
+            If ``max_abs`` is set but above that bound, or no value fits.
         """
-        limit = 2.0 ** (self.bits - 1) / (self.scale * num_participants)
+        level = self.max_level(num_participants)
+        if level < 1:
+            raise ValueError(
+                f"`bits` = {self.bits} cannot hold the sum of {num_participants} "
+                "participants."
+            )
+        limit = level / self.scale
+        while limit * self.scale > level:  # exact int/float comparison
+            limit = math.nextafter(limit, 0.0)
         if self.max_abs is None:
             return limit
-        if self.max_abs >= limit:
+        if self.max_abs > limit:
             raise ValueError(
                 f"`max_abs` = {self.max_abs} is too large for {num_participants} "
                 f"participants with bits={self.bits} and scale={self.scale}: the sum "
                 f"could overflow; use at most {limit:.6g}."
             )
         return self.max_abs
+
+    def for_session(self, threshold: int, bits: int, scale: float) -> SecAggConfig:
+        """This client's parameters for a session whose server asks for these.
+
+        The server may raise the threshold above this (the client's own minimum),
+        never lower it, and must use the client's own ``bits`` and ``scale``.
+
+        Raises
+        ------
+        SecAggError
+            If the server asks for a lower threshold or other encoding parameters.
+        """
+        if threshold < self.threshold:
+            raise SecAggError(
+                f"The server asks for secure-aggregation threshold {threshold}, below "
+                f"this node's minimum {self.threshold} (`privacy.secagg_threshold`); "
+                "refusing: the threshold may only be raised."
+            )
+        if bits != self.bits or scale != self.scale:
+            raise SecAggError(
+                f"The server asks for bits={bits}, scale={scale}; this node is "
+                f"configured with `privacy.secagg_bits`={self.bits}, "
+                f"`privacy.secagg_scale`={self.scale}; refusing."
+            )
+        return SecAggConfig(threshold, self.bits, self.scale, self.max_abs)
 
 
 def threshold_from_fraction(num_clients: int, fraction: float) -> int:
@@ -189,10 +233,15 @@ def encode_fixed_point(
     Raises
     ------
     ValueError
-        If a value is not finite or ``|x| > bound`` (named via ``layout`` if given).
+        If a value is not finite, ``|x| > bound`` or ``round(x * scale)`` falls
+        outside the signed ``bits``-bit range (named via ``layout`` if given).
     """
     values = np.asarray(values, dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(values) | (np.abs(values) > bound))
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = np.rint(values * scale)
+    half = float(1 << (bits - 1))
+    fits = np.abs(scaled) < half  # False for NaN and inf
+    bad = np.flatnonzero(~np.isfinite(values) | (np.abs(values) > bound) | ~fits)
     if bad.size:
         i = int(bad[0])
         where = layout.locate(i) if layout is not None else f"index {i}"
@@ -201,8 +250,7 @@ def encode_fixed_point(
             f"aggregation needs finite values with |x| <= {bound:.6g} (bits={bits}, "
             f"scale={scale}); clip the input, lower `scale` or raise `bits`."
         )
-    scaled = np.rint(values * scale).astype(np.int64)
-    return scaled.view(np.uint64) & modulus_mask(bits)
+    return scaled.astype(np.int64).view(np.uint64) & modulus_mask(bits)
 
 
 def decode_fixed_point(encoded: np.ndarray, scale: float, bits: int) -> np.ndarray:
@@ -283,11 +331,13 @@ def share_points(participants: Mapping[int, object] | list[int]) -> dict[int, in
 # ------------------------------------------------------------------------- messages
 @dataclass(frozen=True)
 class AdvertiseKeys:
-    """Round 0: a client's two X25519 public keys (raw 32 bytes each)."""
+    """Round 0: a client's two X25519 public keys (raw 32 bytes each), signed."""
 
     client_id: int
     mask_public_key: bytes
     encryption_public_key: bytes
+    site: str = ""  # pinned site name; empty without site identities
+    signature: bytes = b""  # the site's signature of the above, bound to the session
 
 
 @dataclass(frozen=True)
@@ -323,23 +373,3 @@ class SecAggResult:
     vector: np.ndarray
     arrays: dict[str, np.ndarray] | None
     contributors: tuple[int, ...]
-
-
-def check_key_book(book: Mapping[int, AdvertiseKeys], threshold: int) -> None:
-    """Raise ``SecAggError`` if the key book is too small, inconsistent or reused."""
-    if len(book) < threshold:
-        raise SecAggError(
-            f"Only {len(book)} clients advertised keys; the threshold is {threshold}."
-        )
-    keys = []
-    for cid, advert in book.items():
-        if advert.client_id != cid:
-            raise SecAggError(f"Key entry {cid} carries client id {advert.client_id}.")
-        for key in (advert.mask_public_key, advert.encryption_public_key):
-            if len(key) != 32:
-                raise SecAggError(
-                    f"Client {cid} sent a public key of {len(key)} bytes."
-                )
-            keys.append(key)
-    if len(set(keys)) != len(keys):
-        raise SecAggError("Two advertised public keys are identical; aborting.")

@@ -7,6 +7,12 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fed_asr.security.secagg.authentication import (
+    PinnedSites,
+    advert_problem,
+    duplicate_advertisers,
+    survivors_message,
+)
 from fed_asr.security.secagg.encoding import (
     SEED_BYTES,
     AdvertiseKeys,
@@ -16,7 +22,6 @@ from fed_asr.security.secagg.encoding import (
     SecAggResult,
     UnmaskRequest,
     UnmaskResponse,
-    check_key_book,
     decode_fixed_point,
     pairwise_mask,
     prg_mask,
@@ -25,6 +30,7 @@ from fed_asr.security.secagg.encoding import (
     unflatten_arrays,
 )
 from fed_asr.security.shamir import reconstruct_bytes
+from fed_asr.security.site_identity import verify_site_signature
 
 
 class SecAggServer:
@@ -36,22 +42,63 @@ class SecAggServer:
         Shared protocol parameters.
     session : bytes
         The same session identifier the clients use.
+    sites : PinnedSites | None
+        The pinned site list (site name -> public identity key). With it, the server
+        also drops advertisements and survivor-set
+        signatures that are not signed by a pinned site, so that one bad client
+        cannot abort the round; the clients check them anyway.
+
+    Attributes
+    ----------
+    refused : dict[int, str]
+        Clients dropped by the server, with the reason (e.g. a low-order key).
     """
 
-    def __init__(self, config: SecAggConfig, session: bytes = b"") -> None:
+    def __init__(
+        self,
+        config: SecAggConfig,
+        session: bytes = b"",
+        sites: PinnedSites | None = None,
+    ) -> None:
         self.config = config
         self.session = session
+        self.sites = sites
+        self.refused: dict[int, str] = {}
         self._book: dict[int, AdvertiseKeys] = {}
         self._group: tuple[int, ...] = ()  # U2: completed round 1
         self._inputs: dict[int, MaskedInput] = {}
         self._request: UnmaskRequest | None = None
+        self._confirmed: tuple[int, ...] = ()  # U4: signed the survivor set
 
     def collect_advertisements(
         self, adverts: Mapping[int, AdvertiseKeys]
     ) -> dict[int, AdvertiseKeys]:
-        """Round 0: check the advertised keys; returns the key book to broadcast."""
-        check_key_book(adverts, self.config.threshold)
-        self._book = dict(adverts)
+        """Round 0: drop unusable advertisements; returns the key book to broadcast.
+
+        An advertiser with an invalid, low-order or shared public key (or, with
+        ``sites``, an unsigned one) is left out and listed in :attr:`refused`.
+
+        Raises
+        ------
+        SecAggError
+            If fewer than ``threshold`` advertisements remain.
+        """
+        book = {}
+        for cid, advert in adverts.items():
+            problem = advert_problem(cid, advert, self.session, self.sites)
+            if problem is None:
+                book[cid] = advert
+            else:
+                self.refused[cid] = problem
+        for cid, problem in duplicate_advertisers(book).items():
+            self.refused[cid] = problem
+            del book[cid]
+        if len(book) < self.config.threshold:
+            raise SecAggError(
+                f"Only {len(book)} clients advertised usable keys; the threshold is "
+                f"{self.config.threshold}."
+            )
+        self._book = book
         return dict(self._book)
 
     def route_shares(
@@ -123,6 +170,46 @@ class SecAggServer:
         self._request = UnmaskRequest(survivors, dropped)
         return self._request
 
+    def collect_confirmations(
+        self, signatures: Mapping[int, bytes]
+    ) -> dict[int, bytes]:
+        """Round 3: keep the survivors' signatures of the survivor set to forward.
+
+        Returns
+        -------
+        dict[int, bytes]
+            Signature per confirming survivor; send it with the unmask request.
+
+        Raises
+        ------
+        SecAggError
+            If fewer than ``threshold`` survivors confirmed, or a sender is not one.
+        """
+        if self._request is None:
+            raise SecAggError(
+                "`collect_confirmations` called before `collect_masked_inputs`."
+            )
+        request = self._request
+        message = survivors_message(self.session, request.survivors, request.dropped)
+        kept = {}
+        for cid, signature in signatures.items():
+            if cid not in request.survivors:
+                raise SecAggError(f"Confirmation from client {cid} is not expected.")
+            site = self._book[cid].site
+            if self.sites is not None and not verify_site_signature(
+                self.sites, site, message, signature
+            ):
+                self.refused[cid] = "its survivor-set signature is invalid"
+                continue
+            kept[cid] = signature
+        if len(kept) < self.config.threshold:
+            raise SecAggError(
+                f"Only {len(kept)} survivors confirmed the survivor set; the "
+                f"threshold is {self.config.threshold}."
+            )
+        self._confirmed = tuple(sorted(kept))
+        return kept
+
     def unmask(self, responses: Mapping[int, UnmaskResponse]) -> SecAggResult:
         """Round 3: reconstruct the secrets and return the sum of the survivors' inputs.
 
@@ -132,8 +219,8 @@ class SecAggServer:
             If fewer than ``threshold`` responses arrived, one is malformed, or a
             reconstructed mask key does not match its advertised public key.
         """
-        if self._request is None:
-            raise SecAggError("`unmask` called before `collect_masked_inputs`.")
+        if not self._confirmed or self._request is None:
+            raise SecAggError("`unmask` called before `collect_confirmations`.")
         request, t, bits = self._request, self.config.threshold, self.config.bits
         if len(responses) < t:
             raise SecAggError(
@@ -142,7 +229,7 @@ class SecAggServer:
             )
         points = share_points(list(self._book))
         for cid, resp in responses.items():
-            if cid not in request.survivors or resp.client_id != cid:
+            if cid not in self._confirmed or resp.client_id != cid:
                 raise SecAggError(f"Unmask response from client {cid} is not expected.")
             if set(resp.seed_shares) != set(request.survivors) or set(
                 resp.mask_key_shares

@@ -190,3 +190,39 @@ def test_forward_with_attention_image_block_not_matching_grid_raises(
     # Execute / Assert
     with pytest.raises(ValueError, match="vision grid"):
         forward_with_attention(model, batch, l_sel=1)
+
+
+def test_forward_with_attention_under_gradient_checkpointing_equals_without(
+    cfg: ModelConfig, vocab: list[str], answers: list[str], vqa_samples: list[VQASample]
+) -> None:
+    # Prepare: frozen base, LoRA, training mode; the last of 2 layers is captured
+    model, batch = _setup(cfg, vocab, answers, vqa_samples)
+    model.requires_grad_(False)
+    model = attach_lora(model, LoraConfig(r=4))
+    _randomize_lora_b(model)
+    model.train()
+    lora = [p for p in model.parameters() if p.requires_grad]
+    layers = list(model.get_base_model().model.language_model.layers)
+    calls = [0, 0]
+    for i, layer in enumerate(layers):
+        layer.self_attn.register_forward_hook(
+            lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)
+        )
+
+    def grads() -> list[torch.Tensor]:
+        result = forward_with_attention(model, batch, l_sel=1)
+        return list(torch.autograd.grad(result.attn.square().sum() + result.loss, lora))
+
+    expected = grads()
+    calls[:] = [0, 0]
+    model.get_base_model().activation_checkpointing_enable()  # non-reentrant
+
+    # Execute
+    got = grads()
+
+    # Assert: same gradients; layer 0 recomputed in backward, the captured one not
+    assert max(float(g.abs().max()) for g in expected) > 0.0
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert calls == [2, 1]
+    assert all(layer.gradient_checkpointing for layer in layers)

@@ -56,8 +56,8 @@ class TwoTileFamily(LlavaFamily):
             middle = span.start + (gh // 2) * gw
             halves.append(
                 [
-                    ImageSpan(span.start, middle, (gh // 2, gw)),
-                    ImageSpan(middle, span.end, (gh - gh // 2, gw)),
+                    ImageSpan(span.start, middle, (gh // 2, gw), (0, 0)),
+                    ImageSpan(middle, span.end, (gh - gh // 2, gw), (gh // 2, 0)),
                 ]
             )
         return halves
@@ -112,14 +112,16 @@ def test_get_model_family_unknown_name_lists_choices() -> None:
 
 def test_model_config_unknown_family_raises_with_field_and_choices() -> None:
     # Execute / Assert
-    with pytest.raises(ValueError, match=r"`model.family` must be one of \['llava'"):
-        ModelConfig(family="qwen2_vl")
+    with pytest.raises(
+        ValueError, match=r"`model.family` must be one of \[.*'llava'.*\], got 'fuyu'"
+    ):
+        ModelConfig(family="fuyu")
 
 
 def test_infer_model_family_unknown_model_type_raises() -> None:
     # Execute / Assert
-    with pytest.raises(ValueError, match="'qwen2_vl'.*set `model.family`"):
-        infer_model_family(SimpleNamespace(model_type="qwen2_vl"))
+    with pytest.raises(ValueError, match="'fuyu'.*set `model.family`"):
+        infer_model_family(SimpleNamespace(model_type="fuyu"))
 
 
 def test_llava_family_spans_are_one_grid_block_per_row_on_tiny_model(
@@ -225,19 +227,27 @@ def test_load_base_model_forced_family_is_used_by_capture(
 
 
 @pytest.mark.usefixtures("toy_families")
-def test_forward_with_attention_several_spans_per_row_not_implemented(
+def test_forward_with_attention_two_tiles_per_row_stitch_into_one_map(
     cfg: ModelConfig, vocab: list[str], answers: list[str], vqa_samples: list[VQASample]
 ) -> None:
     # Prepare
     from fed_asr.models import bind_model_family
 
     model, processor = build_tiny(cfg, vocab)
-    bind_model_family(model, get_model_family("two_tile"))
+    bind_model_family(model, get_model_family("llava"))
     batch = VQACollator(processor, cfg.prompt_template, answers)(vqa_samples)
+    with torch.no_grad():
+        whole = forward_with_attention(model, batch, l_sel=1)
+    bind_model_family(model, get_model_family("two_tile"))
 
-    # Execute / Assert
-    with pytest.raises(NotImplementedError, match="one image span per row"):
-        forward_with_attention(model, batch, l_sel=1)
+    # Execute
+    with torch.no_grad():
+        tiled = forward_with_attention(model, batch, l_sel=1)
+
+    # Assert
+    assert tiled.spans is not None and len(tiled.spans[0]) == 2
+    assert tiled.grid == whole.grid
+    torch.testing.assert_close(tiled.attn, whole.attn, rtol=0, atol=0)
 
 
 @pytest.mark.usefixtures("toy_families")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from fed_asr.config import DataConfig, ModelConfig
 from fed_asr.data import caption_samples
@@ -63,7 +64,7 @@ def test_preparation_samples_stream_needs_data_config() -> None:
 
 def test_preparation_samples_manifest_reads_rows(tmp_path: Path) -> None:
     # Prepare
-    (tmp_path / "a.png").write_bytes(b"")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")  # images are verified
     rows = [{"image": "a.png", "question": "caption", "answer": "red circle"}]
     path = tmp_path / "prep.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))

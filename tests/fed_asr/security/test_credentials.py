@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from fed_asr.security.credentials import create_credentials, main
+from fed_asr.security.site_identity import (
+    SiteIdentityError,
+    load_site_identity,
+    load_site_keys,
+    site_keys_fingerprint,
+)
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -36,8 +44,10 @@ def test_main_creates_all_files_with_private_keys_owner_only(tmp_path: Path) -> 
         ["ca.key", "ca.crt", "server.key", "server.pem", "signing.key", "signing.pub"]
         + [f"node-{i}" for i in range(3)]
         + [f"node-{i}.pub" for i in range(3)]
+        + [f"site-{i}.key" for i in range(3)]
+        + ["site-keys.json"]
     )
-    for private in ("ca.key", "server.key", "signing.key", "node-0"):
+    for private in ("ca.key", "server.key", "signing.key", "node-0", "site-2.key"):
         assert (out / private).stat().st_mode & 0o777 == 0o600
 
 
@@ -120,6 +130,61 @@ def test_create_credentials_signing_key_pair_is_ed25519_pem(tmp_path: Path) -> N
     assert isinstance(private, Ed25519PrivateKey)
     assert isinstance(public, Ed25519PublicKey)
     public.verify(private.sign(b"m"), b"m")
+
+
+def test_create_credentials_site_identities_are_pinned_under_their_names(
+    tmp_path: Path,
+) -> None:
+    # Execute
+    paths = create_credentials(tmp_path, num_nodes=3)
+
+    # Assert: each identity key finds its own entry; the list holds three keys
+    assert paths.site_keys is not None
+    pinned = load_site_keys(paths.site_keys)
+    assert sorted(pinned) == ["site-0", "site-1", "site-2"]
+    for i, key_path in enumerate(paths.identity_keys):
+        identity = load_site_identity(key_path, paths.site_keys)
+        assert identity.name == f"site-{i}"
+        signature = identity.sign(b"m")
+        assert identity.verify(f"site-{i}", b"m", signature)
+        assert not identity.verify(f"site-{(i + 1) % 3}", b"m", signature)
+    # the file as written is its canonical text: `sha256sum` gives the fingerprint
+    digest = hashlib.sha256(paths.site_keys.read_bytes()).hexdigest()
+    assert site_keys_fingerprint(paths.site_keys) == digest
+
+
+def test_load_site_identity_bad_files_raise_naming_the_file(tmp_path: Path) -> None:
+    # Prepare: two federations; a list with one key under two names
+    ours = create_credentials(tmp_path / "ours", num_nodes=2)
+    theirs = create_credentials(tmp_path / "theirs", num_nodes=1)
+    assert ours.site_keys is not None
+    text = ours.site_keys.read_text()
+    doubled = tmp_path / "doubled.json"
+    doubled.write_text(
+        text.replace('"site-1"', '"site-0-again"').replace(
+            load_site_keys_pem(ours.site_keys, "site-1"),
+            load_site_keys_pem(ours.site_keys, "site-0"),
+        )
+    )
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(b"\xff{")
+
+    # Execute / Assert
+    with pytest.raises(SiteIdentityError, match="is not in the site list"):
+        load_site_identity(theirs.identity_keys[0], ours.site_keys)
+    with pytest.raises(SiteIdentityError, match="share one public key"):
+        load_site_keys(doubled)
+    with pytest.raises(SiteIdentityError, match="garbage.json` is not a JSON"):
+        load_site_keys(garbage)
+    with pytest.raises(SiteIdentityError, match="Cannot read the identity key"):
+        load_site_identity(tmp_path / "missing.key", ours.site_keys)
+    with pytest.raises(SiteIdentityError, match="expected an Ed25519 identity key"):
+        load_site_identity(ours.server_key, ours.site_keys)
+
+
+def load_site_keys_pem(path: Path, site: str) -> str:
+    """The PEM text of ``site`` in a pinned list, as JSON-escaped in the file."""
+    return json.dumps(json.loads(path.read_text())["sites"][site])[1:-1]
 
 
 def test_main_existing_files_refused_without_force(tmp_path: Path, capsys) -> None:

@@ -57,9 +57,12 @@ def run_protocol(
         if c not in drop_before_masking
     }
     request = server.collect_masked_inputs(masked)
+    signatures = server.collect_confirmations(
+        {c: clients[c].confirm(request) for c in request.survivors}
+    )
     responses = {
-        c: clients[c].unmask(request)
-        for c in request.survivors
+        c: clients[c].unmask(request, signatures)
+        for c in signatures
         if c not in drop_before_unmask
     }
     return server.unmask(responses)
@@ -217,7 +220,7 @@ def test_secagg_client_listed_as_dropped_refuses_to_unmask(inputs) -> None:
 
     # Execute / Assert: revealing 1's key share and seed share would unmask it
     with pytest.raises(SecAggError, match="listed as dropped"):
-        clients[1].unmask(UnmaskRequest(survivors=(2, 3), dropped=(1,)))
+        clients[1].confirm(UnmaskRequest(survivors=(2, 3), dropped=(1,)))
 
 
 def test_secagg_round_called_out_of_order_raises() -> None:

@@ -1,0 +1,125 @@
+"""Spectral drift and grounding as poolable sums (pure torch, no Flower).
+
+A central run measures drift on its own data; in a federated run every client
+measures it on its share and the server pools the sums, so both engines write the
+same rows (``metrics.json`` ``drift``). A row says, after training stage ``after``,
+how far stage ``stage``'s test descriptors sit from the prototypes recorded at the
+end of ``stage`` (unweighted mean d2 / D per skill, ``fed_asr.diagnostics``) and the
+share of attention on the queried object next to the object's share of the image.
+``after == stage`` is the in-distribution floor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from fed_asr.diagnostics import mahalanobis_d2
+
+__all__ = ["DriftSums", "drift_row", "drift_sums"]
+
+Prototypes = Mapping[str, tuple[Tensor, Tensor]]  # skill -> (mean (D,), var (D,))
+
+
+@dataclass
+class DriftSums:
+    """Sums behind one drift row: per skill sum of d2 / D and count; grounding."""
+
+    d2: dict[str, float] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+    grounding: float = 0.0  # sum of grounding shares over samples with a region
+    object_share: float = 0.0  # sum of the objects' area shares
+    regions: int = 0  # samples with a region
+
+    def add(self, other: DriftSums) -> DriftSums:
+        """The sums of both (pooled over clients)."""
+        out = DriftSums(dict(self.d2), dict(self.count))
+        for skill, value in other.d2.items():
+            out.d2[skill] = out.d2.get(skill, 0.0) + value
+            out.count[skill] = out.count.get(skill, 0) + other.count[skill]
+        out.grounding = self.grounding + other.grounding
+        out.object_share = self.object_share + other.object_share
+        out.regions = self.regions + other.regions
+        return out
+
+    def to_metrics(self, stage: int, skills: Sequence[str]) -> dict[str, float | int]:
+        """Flat metric keys of ``stage`` (``drift-d2-<stage>-<skill index>`` ...)."""
+        out: dict[str, float | int] = {}
+        for j, skill in enumerate(skills):
+            if self.count.get(skill):
+                out[f"drift-d2-{stage}-{j}"] = float(self.d2[skill])
+                out[f"drift-n-{stage}-{j}"] = int(self.count[skill])
+        out[f"ground-{stage}"] = float(self.grounding)
+        out[f"ground-object-{stage}"] = float(self.object_share)
+        out[f"ground-n-{stage}"] = int(self.regions)
+        return out
+
+    @classmethod
+    def from_metrics(
+        cls, metrics: Mapping[str, Any], stage: int, skills: Sequence[str]
+    ) -> DriftSums:
+        """Read ``to_metrics`` keys back; raises ValueError on impossible values."""
+        sums = cls()
+        for j, skill in enumerate(skills):
+            if f"drift-n-{stage}-{j}" not in metrics:
+                continue
+            n = metrics[f"drift-n-{stage}-{j}"]
+            d2 = float(metrics.get(f"drift-d2-{stage}-{j}", float("nan")))
+            if not isinstance(n, int) or n < 1 or not math.isfinite(d2) or d2 < 0:
+                raise ValueError(
+                    f"drift of stage {stage}, skill `{skill}`: n={n}, d2={d2}"
+                )
+            sums.d2[skill], sums.count[skill] = d2, n
+        regions = metrics.get(f"ground-n-{stage}", 0)
+        grounding = float(metrics.get(f"ground-{stage}", 0.0))
+        share = float(metrics.get(f"ground-object-{stage}", 0.0))
+        if not isinstance(regions, int) or regions < 0:
+            raise ValueError(f"grounding of stage {stage}: count {regions!r}")
+        for name, value in (("grounding", grounding), ("object share", share)):
+            if not (math.isfinite(value) and 0.0 <= value <= regions + 1e-6):
+                raise ValueError(
+                    f"{name} of stage {stage}: {value} for {regions} samples"
+                )
+        sums.grounding, sums.object_share, sums.regions = grounding, share, regions
+        return sums
+
+
+def drift_sums(
+    descriptors: Tensor,
+    sample_skills: Sequence[str],
+    prototypes: Prototypes,
+    grounding: Tensor | None = None,
+    object_share: Tensor | None = None,
+) -> DriftSums:
+    """Sums of d2 / D per skill (skills with a prototype) and of grounding shares."""
+    sums = DriftSums()
+    for skill in sorted(set(sample_skills) & set(prototypes)):
+        rows = [i for i, s in enumerate(sample_skills) if s == skill]
+        mean, var = prototypes[skill]
+        x = descriptors[rows].detach()
+        d2 = mahalanobis_d2(x, mean.to(x.device), var.to(x.device))
+        sums.d2[skill], sums.count[skill] = float(d2.sum()), len(rows)
+    if grounding is not None and grounding.numel():
+        sums.grounding = float(grounding.sum())
+        sums.object_share = (
+            float(object_share.sum()) if object_share is not None else 0.0
+        )
+        sums.regions = int(grounding.numel())
+    return sums
+
+
+def drift_row(after: int, stage: int, sums: DriftSums) -> dict[str, Any]:
+    """One ``metrics.json`` drift row (means) from pooled sums."""
+    drift = {s: sums.d2[s] / sums.count[s] for s in sorted(sums.d2) if sums.count[s]}
+    return {
+        "after_stage": after,
+        "stage": stage,
+        "drift": drift,
+        "drift_mean": sum(drift.values()) / len(drift) if drift else None,
+        "grounding_share": sums.grounding / sums.regions if sums.regions else None,
+        "object_share": sums.object_share / sums.regions if sums.regions else None,
+    }
