@@ -35,6 +35,7 @@ from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.evaluation import score_stage
 from fed_asr.methods import MethodMemory
 from fed_asr.schedule import update_spectrum
+from fed_asr.security.adapter_dp import coarse_num_examples_up
 from fed_asr.security.signing import load_public_key
 from fed_asr.train import train_stage
 from fed_asr.wire import verify_content
@@ -109,7 +110,10 @@ def _memory(msg: Message) -> MethodMemory:
 def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
     """Stage-end reply: what the method's plan asks for (spectrum, statistics)."""
     samples = site.stream.stages[stage].train
-    metrics = {P.NUM_EXAMPLES_KEY: len(samples), P.PARTITION_ID_KEY: site.partition_id}
+    n = len(samples)
+    if site.cfg.privacy.dp:  # no exact data size beside a DP release
+        n = coarse_num_examples_up(n, site.cfg.privacy.num_examples_granularity)
+    metrics = {P.NUM_EXAMPLES_KEY: n, P.PARTITION_ID_KEY: site.partition_id}
     content = RecordDict()
     plan, cfg = site.method.stage_end, site.cfg
     # Under secure aggregation a shared spectrum travels only in the secure round

@@ -33,6 +33,7 @@ from flwr.common import log
 from clients.records import numpy_record
 from clients.site import Site
 from fed_asr import protocol as P
+from fed_asr.security.adapter_dp import coarse_num_examples_up
 from fed_asr.security.dp import max_skills_per_sample, noise_generator, privatize_stats
 from fed_asr.security.secagg import (
     AdvertiseKeys,
@@ -181,6 +182,13 @@ def _advertise(
     config: ConfigRecord, context: Context, site: Site, identity: SiteIdentity | None
 ) -> RecordDict:
     """Step 0: check the parameters, compute the (noised) statistics, send keys."""
+    rows = list(config.get(P.SKILLS_KEY, []))  # type: ignore[arg-type]
+    if rows != list(site.stream.skills):
+        # a sum has no names: rows in another order would merge into wrong skills
+        raise SecAggError(
+            f"The secure round sums statistics with skill rows {rows}, but this site's "
+            f"skills are {list(site.stream.skills)}; refusing to take part."
+        )
     own = own_secagg_config(site, identity)
     params = own.for_session(
         int(config[P.SECAGG_THRESHOLD_KEY]),  # type: ignore[call-overload]
@@ -207,6 +215,10 @@ def _advertise(
     context.state[_STAGE_STATE] = ConfigRecord({"stage": stage})
     _store_client(context, client)
     samples = len(site.stream.stages[stage].train)
+    if site.cfg.privacy.dp:  # no exact data size beside a DP release
+        samples = coarse_num_examples_up(
+            samples, site.cfg.privacy.num_examples_granularity
+        )
     keys = {
         "mask-pk": advert.mask_public_key,
         "enc-pk": advert.encryption_public_key,

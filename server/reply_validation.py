@@ -21,6 +21,7 @@ from fed_asr.config import ExperimentConfig, PrivacyConfig, SecurityConfig
 from fed_asr.data import ContinualStream
 from fed_asr.methods import ContinualMethod
 from fed_asr.models.scoring import EVAL_PROTOCOLS, sample_skill
+from fed_asr.security.adapter_dp import coarse_num_examples_up
 from fed_asr.security.dp import max_skills_per_sample
 from fed_asr.security.evaluation_checks import (
     AccuracyOutlier,
@@ -179,6 +180,12 @@ class ReplyGuard:
             )
         return None
 
+    def coarse_cap(self, cap: int) -> int:
+        """A data-size cap widened to the rounding DP clients apply to their claims."""
+        if not self.privacy.dp:
+            return cap
+        return coarse_num_examples_up(cap, self.privacy.num_examples_granularity)
+
     def _cap_source(self) -> str:
         if self.caps.knows_sites:
             return "its partition's training data"
@@ -217,6 +224,7 @@ class ReplyGuard:
         cap = self.caps.cap("stage_end", metrics, stage, num_nodes)
         if isinstance(cap, str):
             return cap
+        cap = self.coarse_cap(cap)
         n = int(claimed)  # type: ignore[call-overload]
         if n > cap:
             return (

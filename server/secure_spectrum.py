@@ -109,8 +109,11 @@ class SecureSpectrumRound:
         timeout: float,
         decorate: Decorate | None = None,
         site_keys: str | None = None,
+        skills: tuple[str, ...] = (),
     ) -> None:
         self.grid = grid
+        # the rows of the summed statistics: every member checks its own order
+        self.skills = tuple(skills)
         self.privacy = privacy
         self.session = session
         self.timeout = timeout
@@ -138,6 +141,7 @@ class SecureSpectrumRound:
                     P.SECAGG_THRESHOLD_KEY: self.params.threshold,
                     P.SECAGG_BITS_KEY: self.params.bits,
                     P.SECAGG_SCALE_KEY: float(self.params.scale),
+                    P.SKILLS_KEY: list(self.skills),
                 }
             )
             if self.decorate is not None:

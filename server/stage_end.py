@@ -205,10 +205,15 @@ class StageEndRound:
             self.timeout,
             self.sign,
             site_keys=self.security.site_keys,
+            skills=self.skills,
         )
         num_nodes = len(list(self.grid.get_node_ids()))
         result = secure.run(
-            arrays, stage, self.guard.caps.any_site("stage_end", stage, num_nodes)
+            arrays,
+            stage,
+            self.guard.coarse_cap(
+                self.guard.caps.any_site("stage_end", stage, num_nodes)
+            ),
         )
         adapter = record_nbytes(arrays) * num_nodes
         self.ledger.add_bytes(

@@ -160,6 +160,18 @@ def adapter_noise_generator(
     return noise_generator(cfg, ADAPTER_NOISE_STREAM, global_round, partition)
 
 
+def coarse_num_examples_up(count: int, granularity: int) -> int:
+    """``count`` rounded up to a multiple of ``granularity`` (0 stays 0).
+
+    For the stage-end replies under DP: their bounds need a claim at least as large
+    as the statistics' own count, and the server widens its cap the same way
+    (``server.reply_validation``).
+    """
+    if granularity < 1:
+        raise ValueError(f"`num_examples_granularity` must be >= 1, got {granularity}.")
+    return -(-int(count) // granularity) * granularity
+
+
 def coarse_num_examples(count: int, granularity: int) -> int:
     """``count`` rounded down to a multiple of ``granularity``; at least 1 if > 0."""
     if granularity < 1:

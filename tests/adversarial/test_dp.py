@@ -225,15 +225,30 @@ def test_one_epsilon_composes_every_adapter_and_statistics_release(
         **{
             "privacy.dp": "true",
             "privacy.dp_seed": 0,
+            "privacy.num_examples_granularity": 5,
             "data.max_train_per_stage": 16,
             "train.max_steps_per_stage": 1,
         },
     )
     cfg = compose_config("config", overrides)
+    grid = _grid(overrides)
+    stage_end_claims: list[int] = []
+
+    def capture(node: int, msg: Message, reply: Message) -> Message:
+        if msg.metadata.message_type.endswith(P.SPECTRUM_ACTION):
+            metrics = reply.content[P.METRICS_RECORD]
+            stage_end_claims.append(int(metrics[P.NUM_EXAMPLES_KEY]))
+        return reply
+
+    grid.on_reply = capture
     # Execute
-    path = FederatedRun(cfg, _grid(overrides)).run()
+    path = FederatedRun(cfg, grid).run()
+    # Assert: stage-end replies claim coarse sizes (8 per partition -> 10), accepted
+    metrics = json.loads(Path(path).read_text())
+    assert stage_end_claims and all(n % 5 == 0 for n in stage_end_claims)
+    assert metrics["dropped_replies"] == 0
     # Assert: epsilon of the Gaussian-DP composition of all four releases
-    privacy = json.loads(Path(path).read_text())["privacy"]
+    privacy = metrics["privacy"]
     skills = build_stream(cfg.data, cfg.seed).skills
     m = max_skills_per_sample(cfg.regularizer.tau_skill, len(skills))
     z_stats = calibrate_stats_noise(cfg.privacy, m).noise_multiplier

@@ -140,6 +140,7 @@ class Federation:
             dataclasses.replace(self.cfg.privacy, **privacy),  # type: ignore[arg-type]
             session,
             60.0,
+            skills=tuple(self.site(0).stream.skills),
         )
         return round_.run(self.arrays, 0, 10**6)
 
@@ -465,3 +466,18 @@ def test_fixed_point_values_at_the_bound_cannot_wrap_with_16_bits() -> None:
         clients[1].mask_input(np.array([16384.0]), inbox[1])
     vector, _ = flatten_arrays({"count": np.array([bound])})
     assert clients[2].mask_input(vector, inbox[2]).vector.shape == (1,)
+
+
+def test_site_with_another_skill_order_refuses_the_secure_round(federation) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the server names the rows in another order than the sites' skills
+    fed = federation()
+    skills = tuple(fed.site(0).stream.skills)
+    round_ = SecureSpectrumRound(
+        fed.grid, fed.cfg.privacy, SESSION, 60.0, skills=skills[::-1]
+    )
+    # Execute
+    result = round_.run(fed.arrays, 0, 10**6)
+    # Assert: no site takes part, so nothing is summed into wrong rows
+    assert result.arrays is None and not result.contributors
+    reasons = " ".join(d["reason"] for d in result.dropped)
+    assert "skill rows" in reasons

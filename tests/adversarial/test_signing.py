@@ -111,6 +111,7 @@ class SignedFederation:
                     f"{RUN_ID}/0/{self.round}",
                     60.0,
                     self.sign,
+                    skills=tuple(self.skills),
                 )
                 secure.run(self.arrays, 0, 10**6)
                 return []
@@ -367,7 +368,9 @@ def test_several_messages_of_one_round_are_all_accepted_in_order(
     # sends them at a stage end
     fed.strategy.begin_round(0, 1, None, {})
     privacy = dataclasses.replace(fed.cfg.privacy, secure_spectrum=True)
-    secure = SecureSpectrumRound(fed.grid, privacy, f"{RUN_ID}/0/1", 60.0, fed.sign)
+    secure = SecureSpectrumRound(
+        fed.grid, privacy, f"{RUN_ID}/0/1", 60.0, fed.sign, skills=tuple(fed.skills)
+    )
     # Execute
     evaluate = fed.strategy.configure_evaluate(1, fed.arrays, ConfigRecord(), fed.grid)
     replies = list(fed.grid.send_and_receive(evaluate))

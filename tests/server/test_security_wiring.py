@@ -178,9 +178,9 @@ def test_secure_round_sum_equals_plain_sum_and_masked_reply_looks_uniform(
 
     fed.grid.on_reply = capture
     # Execute
-    result = SecureSpectrumRound(fed.grid, fed.cfg.privacy, "7/0/1", 60.0).run(
-        fed.arrays, 0, 10**6
-    )
+    result = SecureSpectrumRound(
+        fed.grid, fed.cfg.privacy, "7/0/1", 60.0, skills=tuple(fed.skills)
+    ).run(fed.arrays, 0, 10**6)
     # Assert: the sum within fixed-point resolution (n / (2 scale) per entry)
     assert result.arrays is not None and sorted(result.contributors) == sorted(
         fed.nodes
@@ -213,9 +213,9 @@ def test_secure_round_with_one_dropout_still_yields_the_correct_sum(
 
     fed.grid.drop = drop
     # Execute
-    result = SecureSpectrumRound(fed.grid, fed.cfg.privacy, "7/0/1", 60.0).run(
-        fed.arrays, 0, 10**6
-    )
+    result = SecureSpectrumRound(
+        fed.grid, fed.cfg.privacy, "7/0/1", 60.0, skills=tuple(fed.skills)
+    ).run(fed.arrays, 0, 10**6)
     # Assert: dropping before masking leaves the sum of the rest; after, all three
     expected = _sum(stats if in_sum else stats[:-1])
     assert result.arrays is not None
