@@ -25,7 +25,13 @@ exponent ``k`` of ``seconds ~ N^k`` (log-log fit). With a fixed amount of work p
 client and a fixed number of client processes, linear growth (``k ~ 1``) is expected;
 ``k > 1 + tolerance`` is flagged as super-linear.
 
-Usage: ``python -m benchmarks.bench_sim [--quick] [--out PATH] [--clients 4 8 16 32]``.
+Cross-device sizes: from ``SAMPLED_FROM`` clients on (64 and 100 by default) a round
+trains ``federation.fraction_train = SAMPLE_FRACTION`` of the clients, as a
+cross-device study would; evaluation still asks every client (exact pooled accuracy),
+so those round times include N evaluations but only N/10 trainings. Bytes per round are
+the run's own counts (``rounds[].bytes_*`` of ``metrics.json``).
+
+Usage: ``python -m benchmarks.bench_sim [--quick] [--out PATH] [--clients 4 16 32 64]``.
 """
 
 from __future__ import annotations
@@ -58,7 +64,10 @@ NAME = "bench_sim"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOAD_HOOK_DIR = Path(__file__).resolve().parent / "_loadhook"
 LOAD_LOG_ENV = "FED_ASR_BENCH_LOAD_LOG"
-CLIENTS = (4, 8, 16, 32)
+CLIENTS = (4, 16, 32, 64, 100)
+# From this many clients on, a round trains only SAMPLE_FRACTION of them
+SAMPLED_FROM = 64
+SAMPLE_FRACTION = 0.1
 # k above 1 + this is reported as growing faster than linearly.
 LINEAR_TOLERANCE = 0.15
 
@@ -296,6 +305,18 @@ def read_load_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def sampling_overrides(num_clients: int) -> list[str]:
+    """``federation.fraction_train`` of a cross-device size, none below it."""
+    if num_clients < SAMPLED_FROM:
+        return []
+    return [f"federation.fraction_train={SAMPLE_FRACTION}"]
+
+
+def _round_bytes(entry: dict[str, Any]) -> int:
+    """All bytes of one round of the round log, up and down."""
+    return sum(int(v) for k, v in entry.items() if k.startswith("bytes_"))
+
+
 def run_one(
     num_clients: int,
     out_root: Path,
@@ -327,7 +348,7 @@ def run_one(
         rounds,
         train_per_client,
         test_per_client,
-        extra=extra,
+        extra=[*sampling_overrides(num_clients), *extra],
     )
     prepare_s = prepare_model(overrides)
     load_log = out_dir / "model_loads.jsonl"
@@ -394,6 +415,8 @@ def run_one(
             "first_round_s": rounds_log[0]["seconds"],
             "later_round_s": sum(later) / len(later) if later else None,
             "clients_answered": answered,
+            "clients_sampled": [r["clients_sampled"] for r in rounds_log],
+            "bytes_per_round": [_round_bytes(r) for r in rounds_log],
             "failed_replies": metrics.get("failed_replies"),
             "bytes_up_adapter_per_client_round": [
                 r["bytes_up_adapter"] / max(r["clients_answered"], 1)
@@ -545,6 +568,8 @@ COLUMNS = (
     "first_round_s",
     "later_round_s",
     "later_per_client_s",
+    "sampled",
+    "bytes_per_round_kib",
     "client_processes",
     "loads_per_process",
     "client_peak_rss_max_mib",
@@ -565,6 +590,10 @@ def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 if later is None
                 else later / run["num_clients"],
                 "loads_per_process": run.get("model_loads_per_client_process"),
+                "sampled": (run.get("clients_sampled") or [None])[-1],
+                "bytes_per_round_kib": None
+                if not run.get("bytes_per_round")
+                else run["bytes_per_round"][-1] / 1024,
             }
         )
     return rows

@@ -5,12 +5,20 @@ deployment) may serve many messages and, in simulation, several partitions. The 
 model with its LoRA wrapper is loaded once per process and model config; each message
 then overwrites the adapter weights with the ones it carries, so partitions never
 leak state into each other through the model.
+
+Sites (partition stream, collator, method) are kept in a least-recently-used cache of
+``federation.site_cache_size`` entries: a process of a 100-client simulation serves
+many partitions, and keeping them all grows its memory by a few MiB per partition.
+A site holds nothing that must outlive a message (that lives in ``context.state``),
+so an evicted site is rebuilt identically from the config and seed when served again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,30 +64,70 @@ def site_from_context(
         Node config: ``partition-id`` and ``num-partitions`` (simulation sets them),
         or ``data-root`` pointing at this site's own manifest folder (deployment).
     """
-    key = tuple(sorted((k, str(v)) for k, v in run_config.items()))
+    run_key = tuple(sorted((k, str(v)) for k, v in run_config.items()))
     data_root = node_config.get(NODE_DATA_ROOT)
     partition_id = int(node_config.get(NODE_PARTITION_ID, 0))
     num_partitions = int(node_config.get(NODE_NUM_PARTITIONS, 1))
-    return _site(
-        key, partition_id, num_partitions, str(data_root) if data_root else None
-    )
+    key = (run_key, partition_id, num_partitions, str(data_root) if data_root else None)
+    return _SITES.get(key, _config(run_key).federation.site_cache_size)
+
+
+def cached_site_count() -> int:
+    """Return how many sites this process holds (at most ``site_cache_size``)."""
+    return len(_SITES)
+
+
+_RunKey = tuple[tuple[str, str], ...]
+# (run config, partition id, number of partitions, data root)
+_SiteKey = tuple[_RunKey, int, int, str | None]
+
+
+class _SiteCache:
+    """Least-recently-used sites of this process, bounded per lookup."""
+
+    def __init__(self) -> None:
+        self._sites: OrderedDict[_SiteKey, Site] = OrderedDict()
+        # Ray actors are single-threaded, but the thread backend and tests may not be
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def get(self, key: _SiteKey, bound: int) -> Site:
+        """The site of ``key`` (built on a miss), keeping at most ``bound`` sites."""
+        with self._lock:
+            site = self._sites.get(key)
+            if site is None:
+                site = _build_site(*key)
+                self._sites[key] = site
+            self._sites.move_to_end(key)
+            while len(self._sites) > bound:
+                self._sites.popitem(last=False)
+            return site
+
+    def clear(self) -> None:
+        """Drop every cached site."""
+        with self._lock:
+            self._sites.clear()
+
+
+_SITES = _SiteCache()
 
 
 @functools.cache
-def _config(run_config_key: tuple[tuple[str, str], ...]) -> ExperimentConfig:
+def _config(run_config_key: _RunKey) -> ExperimentConfig:
     return load_config(dict(run_config_key))
 
 
-@functools.cache
-def _site(
-    run_config_key: tuple[tuple[str, str], ...],
+def _build_site(
+    run_config_key: _RunKey,
     partition_id: int,
     num_partitions: int,
     data_root: str | None,
 ) -> Site:
     cfg = _config(run_config_key)
     stream, vocabulary, skill_answers = _client_stream(
-        cfg, partition_id, num_partitions, data_root
+        run_config_key, partition_id, num_partitions, data_root
     )
     model, processor = _shared_model(run_config_key, vocabulary)
     collator = VQACollator(
@@ -94,7 +142,10 @@ def _site(
 
 
 def _client_stream(
-    cfg: ExperimentConfig, partition_id: int, num_partitions: int, data_root: str | None
+    run_config_key: _RunKey,
+    partition_id: int,
+    num_partitions: int,
+    data_root: str | None,
 ) -> tuple[ContinualStream, tuple[str, ...], dict[str, list[str]]]:
     """This client's stream, the vocabulary and skill answers of the whole stream.
 
@@ -102,6 +153,7 @@ def _client_stream(
     of the full stream (as on the server), not of this client's share; so are the
     candidates of the ``type`` protocol, for every client to score alike.
     """
+    cfg = _config(run_config_key)
     if data_root is not None:
         # A site with its own data folder: all of it is this client's.
         own = dataclasses.replace(cfg.data, name="manifest", root=data_root)
@@ -112,11 +164,25 @@ def _client_stream(
             f"Node config `{NODE_PARTITION_ID}`={partition_id} is outside "
             f"0..{num_partitions - 1} (`{NODE_NUM_PARTITIONS}`={num_partitions})."
         )
+    shares, vocabulary, skill_answers = _stream_shares(run_config_key, num_partitions)
+    return shares[partition_id], vocabulary, skill_answers
+
+
+@functools.cache
+def _stream_shares(
+    run_config_key: _RunKey, num_partitions: int
+) -> tuple[list[ContinualStream], tuple[str, ...], dict[str, list[str]]]:
+    """Every partition of the run's stream, split once per process and config.
+
+    The shares reference one copy of the samples, so keeping them all costs about one
+    stream, while rebuilding an evicted site skips loading and splitting the stream.
+    """
+    cfg = _config(run_config_key)
     stream = build_stream(cfg.data, cfg.seed)
     shares = partition_stream(
         stream, num_partitions, cfg.data.dirichlet_alpha, cfg.seed
     )
-    return shares[partition_id], tuple(stream.vocabulary()), _skill_answers(stream)
+    return shares, tuple(stream.vocabulary()), _skill_answers(stream)
 
 
 def _skill_answers(stream: ContinualStream) -> dict[str, list[str]]:
@@ -125,7 +191,7 @@ def _skill_answers(stream: ContinualStream) -> dict[str, list[str]]:
 
 @functools.cache
 def _shared_model(
-    run_config_key: tuple[tuple[str, str], ...], vocabulary: tuple[str, ...]
+    run_config_key: _RunKey, vocabulary: tuple[str, ...]
 ) -> tuple[Any, Any]:
     """Base model + LoRA wrapper, once per process and config (composed once)."""
     cfg = _config(run_config_key)

@@ -30,6 +30,7 @@ RESUME_MAY_DIFFER: tuple[str, ...] = (
     "federation.keep_checkpoints",
     "federation.round_timeout_s",
     "federation.client_cpus",
+    "federation.site_cache_size",
     "security.signing_key",
     "security.verify_key",
 )

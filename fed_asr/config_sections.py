@@ -171,6 +171,9 @@ class FederationConfig:
     client_cpus: float = 1.0
     round_timeout_s: float | None = None
     keep_checkpoints: int = 2
+    # Sites (data partition, collator, method) a ClientApp process keeps; the least
+    # recently used one is dropped beyond this and rebuilt identically if served again
+    site_cache_size: int = 8
 
     def __post_init__(self) -> None:
         for name in (
@@ -180,6 +183,7 @@ class FederationConfig:
             "plateau_patience",
             "local_epochs",
             "keep_checkpoints",
+            "site_cache_size",
         ):
             check_positive(f"federation.{name}", getattr(self, name))
         check_choice("federation.schedule", self.schedule, ("fixed", "plateau"))

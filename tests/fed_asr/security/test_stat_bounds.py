@@ -234,3 +234,24 @@ def test_descriptor_bounds_variance_of_theta_is_pi_squared() -> None:
     theta = K + 2 * M + 1
     assert bounds.low[theta] == -math.pi
     assert bounds.high[bounds.dim // 2 + theta] == pytest.approx(math.pi**2)
+
+
+def test_honest_non_iid_spread_is_not_flagged_but_a_liar_is() -> None:
+    # Prepare: stage-1 accuracies of four honest Dirichlet(0.5) clients measured on
+    # scenes (round 10 of a vanilla run: z 5.5 for client 3 without the 0.1 floor);
+    # then a round where client 1 claims 1.0 while the others are within 0.1
+    honest = {
+        "0": {1: (31, 79)},
+        "1": {1: (37, 95)},
+        "2": {1: (30, 61)},
+        "3": {1: (55, 79)},
+    }
+    lying = {
+        "0": {1: (31, 79)},
+        "1": {1: (95, 95)},
+        "2": {1: (30, 61)},
+        "3": {1: (36, 79)},
+    }
+    # Execute / Assert
+    assert accuracy_outliers(honest, 4.0) == []
+    assert [o.client for o in accuracy_outliers(lying, 4.0)] == ["1"]
