@@ -54,3 +54,23 @@ def first_site(overrides: list[str]) -> tuple[dict[str, str], Site, ArrayRecord]
     config = make_run_config(overrides)
     site = site_from_context(config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 2})
     return config, site, ArrayRecord(torch_state_dict=adapter_state(site.model))
+
+
+def loopback_grid(overrides: list[str], num_nodes: int = 2, run_id: int = 7) -> Any:
+    """An in-process grid of ``num_nodes`` real ClientApps with these overrides."""
+    from clients.app import make_client_app
+    from clients.testing import LoopbackGrid
+
+    config = make_run_config(overrides)
+    app = make_client_app()
+    contexts = {
+        100 + p: Context(
+            run_id=run_id,
+            node_id=100 + p,
+            node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: num_nodes},
+            state=RecordDict(),
+            run_config=config,
+        )
+        for p in range(num_nodes)
+    }
+    return LoopbackGrid(dict.fromkeys(contexts, app), contexts)

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shlex
 from pathlib import Path
 
 import pytest
 import torch
-from flower_helpers import set_task_identity
-from flwr.app import Context, RecordDict
+from flower_helpers import loopback_grid, set_task_identity
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from clients.app import make_client_app
-from clients.testing import LoopbackGrid
 from fed_asr import protocol as P
 from fed_asr.central import run_central
 from fed_asr.config import compose_config
@@ -54,23 +50,6 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def series(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
     """(steps, values) of a scalar series."""
     return [step for step, _ in points], [value for _, value in points]
-
-
-def loopback(overrides: list[str], num_nodes: int = 2) -> LoopbackGrid:
-    """An in-process grid of ``num_nodes`` real ClientApps with these overrides."""
-    run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
-    app = make_client_app()
-    contexts = {
-        100 + p: Context(
-            run_id=7,
-            node_id=100 + p,
-            node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: num_nodes},
-            state=RecordDict(),
-            run_config=run_config,
-        )
-        for p in range(num_nodes)
-    }
-    return LoopbackGrid(dict.fromkeys(contexts, app), contexts)
 
 
 def test_central_run_writes_tensorboard_scalars_after_each_stage(
@@ -112,7 +91,7 @@ def test_federated_run_writes_tensorboard_scalars_after_each_round(
     cfg = compose_config("config", overrides)
 
     # Execute
-    path = FederatedRun(cfg, loopback(overrides)).run()
+    path = FederatedRun(cfg, loopback_grid(overrides)).run()
     metrics = json.loads(Path(path).read_text())
     scalars = read_scalars(Path(cfg.output_dir) / "tracking")
 

@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flower_helpers import set_task_identity
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flower_helpers import loopback_grid, set_task_identity
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from clients.app import make_client_app
 from clients.site import site_from_context
-from clients.testing import LoopbackGrid
 from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import compose_config
@@ -48,22 +46,6 @@ def _task_identity() -> None:
     set_task_identity(7)
 
 
-def _grid(overrides: list[str]) -> LoopbackGrid:
-    run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
-    app = make_client_app()
-    contexts = {
-        100 + p: Context(
-            run_id=7,
-            node_id=100 + p,
-            node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: 2},
-            state=RecordDict(),
-            run_config=run_config,
-        )
-        for p in range(2)
-    }
-    return LoopbackGrid(dict.fromkeys(contexts, app), contexts)
-
-
 def _initial_adapter(overrides: list[str]) -> ArrayRecord:
     """The adapter of partition 0's site, as the server would send it."""
     run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
@@ -78,7 +60,7 @@ def _train_round(
 ) -> dict[int, tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]]:
     """Partition -> (adapter received, adapter sent, num-examples sent), round 1."""
     cfg = compose_config("config", overrides)
-    grid = _grid(overrides)
+    grid = loopback_grid(overrides)
     inner = build_adapter_strategy(
         cfg.federation, get_lora_aggregation(cfg.lora.aggregation)
     )
@@ -231,7 +213,7 @@ def test_one_epsilon_composes_every_adapter_and_statistics_release(
         },
     )
     cfg = compose_config("config", overrides)
-    grid = _grid(overrides)
+    grid = loopback_grid(overrides)
     stage_end_claims: list[int] = []
 
     def capture(node: int, msg: Message, reply: Message) -> Message:

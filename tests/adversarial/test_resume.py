@@ -11,19 +11,14 @@ import json
 import logging
 import os
 import re
-import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from flower_helpers import set_task_identity
-from flwr.app import Context, RecordDict
+from flower_helpers import loopback_grid, set_task_identity
 from helpers import small_run_overrides
 
-from clients.app import make_client_app
-from clients.testing import LoopbackGrid
-from fed_asr import protocol as P
 from fed_asr.config import compose_config
 from fed_asr.security.checkpoint_integrity import IntegrityError
 from server.checkpoint import ADAPTER, LATEST, Checkpoint, Checkpointer
@@ -47,20 +42,9 @@ def _overrides(cache: str, out: Path, **extra: object) -> list[str]:
 
 
 def _run(overrides: list[str]) -> Path:
-    run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
-    app = make_client_app()
-    contexts = {
-        100 + p: Context(
-            run_id=7,
-            node_id=100 + p,
-            node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: 2},
-            state=RecordDict(),
-            run_config=run_config,
-        )
-        for p in range(2)
-    }
-    grid = LoopbackGrid(dict.fromkeys(contexts, app), contexts)
-    return FederatedRun(compose_config("config", overrides), grid).run()
+    return FederatedRun(
+        compose_config("config", overrides), loopback_grid(overrides)
+    ).run()
 
 
 @pytest.fixture(scope="module")

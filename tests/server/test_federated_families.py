@@ -9,17 +9,12 @@ simulation engine (``fed-asr engine=simulation``) is marked ``slow``.
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flower_helpers import set_task_identity
-from flwr.app import Context, RecordDict
+from flower_helpers import loopback_grid, set_task_identity
 
-from clients.app import make_client_app
-from clients.testing import LoopbackGrid
-from fed_asr import protocol as P
 from fed_asr.config import compose_config
 from fed_asr.data import build_stream
 from fed_asr.models.tiny_families import TINY_TEMPLATES, save_tiny_checkpoint
@@ -60,22 +55,6 @@ def _overrides(tmp_path: Path, kind: str) -> list[str]:
     return overrides
 
 
-def _loopback(overrides: list[str], num_nodes: int = 2) -> LoopbackGrid:
-    run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
-    app = make_client_app()
-    contexts = {
-        100 + p: Context(
-            run_id=7,
-            node_id=100 + p,
-            node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: num_nodes},
-            state=RecordDict(),
-            run_config=run_config,
-        )
-        for p in range(num_nodes)
-    }
-    return LoopbackGrid(dict.fromkeys(contexts, app), contexts)
-
-
 def _check_two_stages_with_spectral_loss(metrics: dict[str, Any]) -> None:
     """Both stages scored, both clients answered, stage 2 regularized spectrally."""
     first, second = metrics["rounds"]
@@ -98,7 +77,7 @@ def test_federated_family_run_has_spectral_loss_from_stage_two(
     cfg = compose_config("config", overrides)
 
     # Execute
-    path = FederatedRun(cfg, _loopback(overrides)).run()
+    path = FederatedRun(cfg, loopback_grid(overrides)).run()
 
     # Assert
     _check_two_stages_with_spectral_loss(json.loads(Path(path).read_text()))

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flower_helpers import set_task_identity
-from flwr.app import Context, Message, RecordDict
+from flower_helpers import loopback_grid, set_task_identity
+from flwr.app import Message
 
-from clients.app import make_client_app
-from clients.testing import LoopbackGrid
 from fed_asr import protocol as P
 from fed_asr.config import compose_config
 from fed_asr.wire import record_arrays
@@ -23,22 +20,6 @@ from server.run import FederatedRun
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
     set_task_identity(7)
-
-
-def _loopback(overrides: list[str], num_nodes: int = 2) -> LoopbackGrid:
-    run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
-    app = make_client_app()
-    contexts = {
-        100 + p: Context(
-            run_id=7,
-            node_id=100 + p,
-            node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: num_nodes},
-            state=RecordDict(),
-            run_config=run_config,
-        )
-        for p in range(num_nodes)
-    }
-    return LoopbackGrid(dict.fromkeys(contexts, app), contexts)
 
 
 def _nan(node: int, msg: Message, reply: Message) -> Message:
@@ -62,7 +43,7 @@ def test_federated_run_round_with_every_reply_dropped_keeps_the_global_adapter(
         method="vanilla",
         **{"data.max_train_per_stage": 16, "train.max_steps_per_stage": 2},
     )
-    grid = _loopback(overrides)
+    grid = loopback_grid(overrides)
     grid.on_reply = _nan
     # Execute
     path = FederatedRun(compose_config("config", overrides), grid).run()
@@ -84,7 +65,7 @@ def test_federated_run_pools_the_clients_drift_after_every_stage(
     overrides = run_overrides(
         "drift", method="vanilla", **{"train.max_steps_per_stage": 2}
     )
-    grid = _loopback(overrides)
+    grid = loopback_grid(overrides)
     # Execute
     path = FederatedRun(compose_config("config", overrides), grid).run()
     # Assert: the floor of each stage and stage 0 after stage 1, from both clients
