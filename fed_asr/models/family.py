@@ -82,6 +82,33 @@ class EncodedImage:
         return sum(v.numel() * v.element_size() for v in self.inputs.values())
 
 
+def inner_module(
+    model: nn.Module, name: str, family: str, *, needs_layers: bool = False
+) -> nn.Module:
+    """``model.model.<name>``, the layout of families that nest their towers there.
+
+    Raises
+    ------
+    TypeError
+        ``model.model.<name>`` is missing (or has no ``layers`` when
+        ``needs_layers``): ``model`` is not a ``family`` model.
+    """
+    candidate = getattr(getattr(model, "model", None), name, None)
+    if needs_layers:
+        missing, what = (
+            candidate is None or not hasattr(candidate, "layers"),
+            " with `layers`",
+        )
+    else:
+        missing, what = not isinstance(candidate, nn.Module), ""
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__} has no `model.{name}`{what}: not the "
+            f"{family} layout."
+        )
+    return candidate  # type: ignore[return-value]
+
+
 class ModelFamily(ABC):
     """Architecture-specific layout of a multimodal LLM (one subclass per family).
 

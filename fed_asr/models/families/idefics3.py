@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from fed_asr.models.families.chat import chat_prompt
-from fed_asr.models.family import ImageSpan, ModelFamily
+from fed_asr.models.family import ImageSpan, ModelFamily, inner_module
 from fed_asr.models.image_layout import token_runs
 
 # Tokens between two tiles of one row of tiles: <fake_token_around_image><row_i_col_j>.
@@ -86,13 +86,9 @@ class Idefics3Family(ModelFamily):
         TypeError
             The model has no ``model.text_model`` with ``layers``.
         """
-        candidate = getattr(getattr(model, "model", None), "text_model", None)
-        if candidate is None or not hasattr(candidate, "layers"):
-            raise TypeError(
-                f"{type(model).__name__} has no `model.text_model` with `layers`; it "
-                "is not an Idefics3 / SmolVLM model."
-            )
-        return candidate
+        return inner_module(
+            model, "text_model", "Idefics3 / SmolVLM", needs_layers=True
+        )
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         """Return ``model.model.vision_model`` (the SigLIP-like encoder).
@@ -102,13 +98,7 @@ class Idefics3Family(ModelFamily):
         TypeError
             The model has no ``model.vision_model``.
         """
-        candidate = getattr(getattr(model, "model", None), "vision_model", None)
-        if not isinstance(candidate, nn.Module):
-            raise TypeError(
-                f"{type(model).__name__} has no `model.vision_model`; it is not an "
-                "Idefics3 / SmolVLM model."
-            )
-        return candidate
+        return inner_module(model, "vision_model", "Idefics3 / SmolVLM")
 
     def prompt_text(self, processor: Any, template: str, question: str) -> str:
         """One user turn of the chat template, the image where ``{image}`` stands.

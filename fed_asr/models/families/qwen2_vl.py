@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fed_asr.models.families.chat import chat_prompt
-from fed_asr.models.family import ImageSpan, ModelFamily
+from fed_asr.models.family import ImageSpan, ModelFamily, inner_module
 from fed_asr.models.image_layout import token_runs
 from fed_asr.models.modules import unwrap
 
@@ -51,13 +51,7 @@ class Qwen2VLFamily(ModelFamily):
         TypeError
             The model has no ``model.language_model`` with ``layers``.
         """
-        candidate = getattr(getattr(model, "model", None), "language_model", None)
-        if candidate is None or not hasattr(candidate, "layers"):
-            raise TypeError(
-                f"{type(model).__name__} has no `model.language_model` with `layers`; "
-                "it is not a Qwen2-VL model."
-            )
-        return candidate
+        return inner_module(model, "language_model", "Qwen2-VL", needs_layers=True)
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         """Return ``model.model.visual`` (the ViT with its patch merger).
@@ -67,13 +61,7 @@ class Qwen2VLFamily(ModelFamily):
         TypeError
             The model has no ``model.visual``.
         """
-        candidate = getattr(getattr(model, "model", None), "visual", None)
-        if not isinstance(candidate, nn.Module):
-            raise TypeError(
-                f"{type(model).__name__} has no `model.visual`; it is not a Qwen2-VL "
-                "model."
-            )
-        return candidate
+        return inner_module(model, "visual", "Qwen2-VL")
 
     def prompt_text(self, processor: Any, template: str, question: str) -> str:
         """One user turn (``template`` with the image where ``{image}`` stands).
