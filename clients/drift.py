@@ -15,22 +15,14 @@ from flwr.app import Context, MetricRecord, RecordDict
 from clients.records import numpy_record
 from clients.site import Site
 from fed_asr import protocol as P
-from fed_asr.evaluation import DriftMonitor, probe_attention
+from fed_asr.evaluation import AttentionProbe, DriftMonitor, probe_run_samples
 from fed_asr.wire import record_arrays
 
 _PROTOTYPES = "drift-prototypes"  # ArrayRecord in context.state: <stage>/<array>
 
 
-def _probe(site: Site, samples: list) -> object:
-    cfg = site.cfg
-    return probe_attention(
-        site.model,
-        site.collator,
-        samples,
-        cfg.regularizer,
-        cfg.train.eval_batch_size,
-        cfg.model.attn_capture,
-    )
+def _probe(site: Site, samples: list) -> AttentionProbe:
+    return probe_run_samples(site.model, site.collator, samples, site.cfg)
 
 
 def drift_reply(site: Site, context: Context, stage: int) -> RecordDict:
@@ -40,12 +32,12 @@ def drift_reply(site: Site, context: Context, stage: int) -> RecordDict:
         monitor.load_arrays(record_arrays(context.state.array_records[_PROTOTYPES]))
     train = site.stream.stages[stage].train
     if train:
-        monitor.record(stage, _probe(site, train))  # type: ignore[arg-type]
+        monitor.record(stage, _probe(site, train))
         context.state[_PROTOTYPES] = numpy_record(monitor.to_arrays())
     metrics: dict[str, float | int] = {P.PARTITION_ID_KEY: site.partition_id}
     for i, seen in enumerate(site.stream.stages[: stage + 1]):
         if i not in monitor.prototypes or not seen.test:
             continue
-        sums = monitor.sums(i, _probe(site, seen.test))  # type: ignore[arg-type]
+        sums = monitor.sums(i, _probe(site, seen.test))
         metrics.update(sums.to_metrics(i, site.stream.skills))
     return RecordDict({P.METRICS_RECORD: MetricRecord(metrics)})

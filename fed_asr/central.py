@@ -15,7 +15,7 @@ from torch import Tensor
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import ExperimentConfig
 from fed_asr.data import ContinualStream, build_stream
-from fed_asr.evaluation import DriftMonitor, probe_attention, score_stage
+from fed_asr.evaluation import DriftMonitor, probe_run_samples, score_stage
 from fed_asr.methods import ContinualMethod, build_method
 from fed_asr.metrics import AccuracyMatrix, SkillAccuracyMatrices
 from fed_asr.models import (
@@ -176,15 +176,7 @@ class CentralEngine:
         )
 
     def _probe(self, samples: Any) -> Any:
-        cfg = self.cfg
-        return probe_attention(
-            self.model,
-            self.collator,
-            samples,
-            cfg.regularizer,
-            cfg.train.eval_batch_size,
-            cfg.model.attn_capture,
-        )
+        return probe_run_samples(self.model, self.collator, samples, self.cfg)
 
     def report(self) -> dict[str, Any]:
         """The mechanism's view for ``metrics.json`` (besides the ``all`` matrix)."""

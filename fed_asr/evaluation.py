@@ -157,6 +157,23 @@ def probe_attention(
     )
 
 
+def probe_run_samples(
+    model: torch.nn.Module,
+    collator: VQACollator,
+    samples: Sequence[VQASample],
+    cfg: Any,
+) -> AttentionProbe:
+    """``probe_attention`` with a run's settings (``cfg``: an ``ExperimentConfig``)."""
+    return probe_attention(
+        model,
+        collator,
+        samples,
+        cfg.regularizer,
+        cfg.train.eval_batch_size,
+        cfg.model.attn_capture,
+    )
+
+
 class DriftMonitor:
     """Old-skill spectral drift and grounding after each stage (any engine).
 
