@@ -39,16 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,392 +52,25 @@ from benchmarks.common import (
     machine_info,
     write_json,
 )
+from benchmarks.process_tree import RssSampler, descendants_rss
+from benchmarks.sim_run import (
+    LOAD_HOOK_DIR,
+    LOAD_LOG_ENV,
+    REPO_ROOT,
+    SAMPLE_FRACTION,
+    SAMPLED_FROM,
+    fed_asr_command,
+    prepare_model,
+    read_load_log,
+    run_one,
+    sampling_overrides,
+    sim_overrides,
+)
 
 NAME = "bench_sim"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LOAD_HOOK_DIR = Path(__file__).resolve().parent / "_loadhook"
-LOAD_LOG_ENV = "FED_ASR_BENCH_LOAD_LOG"
 CLIENTS = (4, 16, 32, 64, 100)
-# From this many clients on, a round trains only SAMPLE_FRACTION of them
-SAMPLED_FROM = 64
-SAMPLE_FRACTION = 0.1
 # k above 1 + this is reported as growing faster than linearly.
 LINEAR_TOLERANCE = 0.15
-
-
-# -- process memory sampling ---------------------------------------------------------
-def _proc_children() -> dict[int, list[int]]:
-    """Parent pid -> child pids, read from ``/proc/*/stat``."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # the command name is in parentheses and may hold spaces: split after it
-        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def _proc_rss_mib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _proc_cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def descendants_rss(root: int) -> dict[int, tuple[float, str]]:
-    """RSS (MiB) and command line of ``root`` and all its live descendants.
-
-    Uses psutil when it is installed, else ``/proc``.
-    """
-    try:
-        import psutil
-    except ImportError:
-        psutil = None  # type: ignore[assignment]
-    found: dict[int, tuple[float, str]] = {}
-    if psutil is not None:
-        try:
-            top = psutil.Process(root)
-            procs = [top, *top.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return found
-        for proc in procs:
-            try:
-                with proc.oneshot():
-                    found[proc.pid] = (
-                        proc.memory_info().rss / 2**20,
-                        " ".join(proc.cmdline())[:200],
-                    )
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
-    children = _proc_children()
-    stack = [root]
-    while stack:
-        pid = stack.pop()
-        rss = _proc_rss_mib(pid)
-        if rss is not None:
-            found[pid] = (rss, _proc_cmdline(pid)[:200])
-        stack.extend(children.get(pid, []))
-    return found
-
-
-@dataclass
-class RssSampler:
-    """Background thread keeping the peak RSS of every descendant of ``root``."""
-
-    root: int
-    interval_s: float = 0.5
-    peaks: dict[int, float] = field(default_factory=dict)
-    commands: dict[int, str] = field(default_factory=dict)
-    total_peak: float = 0.0
-    samples: int = 0
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> RssSampler:
-        """Start sampling; returns ``self``."""
-        self._thread.start()
-        return self
-
-    def sample(self) -> None:
-        """Take one sample now."""
-        found = descendants_rss(self.root)
-        for pid, (rss, command) in found.items():
-            self.peaks[pid] = max(self.peaks.get(pid, 0.0), rss)
-            if command:
-                self.commands[pid] = command
-        self.total_peak = max(self.total_peak, sum(r for r, _ in found.values()))
-        self.samples += 1
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval_s)
-
-    def stop(self) -> None:
-        """Stop sampling and wait for the thread."""
-        self._stop.set()
-        self._thread.join()
-
-
-# -- one simulation run --------------------------------------------------------------
-def sim_overrides(
-    num_clients: int,
-    output_dir: str | Path,
-    cache_dir: str | Path,
-    method: str = "vanilla",
-    rounds: int = 3,
-    train_per_client: int = 40,
-    test_per_client: int = 10,
-    pretrain_steps: int = 30,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """Hydra overrides of one benchmark run (fixed data per client).
-
-    Raises
-    ------
-    ValueError
-        A count that is not positive.
-    """
-    for name, value in (
-        ("num_clients", num_clients),
-        ("rounds", rounds),
-        ("train_per_client", train_per_client),
-        ("test_per_client", test_per_client),
-    ):
-        if value <= 0:
-            raise ValueError(f"`{name}` must be positive, got {value}.")
-    return [
-        "engine=simulation",
-        f"method={method}",
-        f"federation.num_clients={num_clients}",
-        f"federation.min_available_clients={num_clients}",
-        f"federation.rounds_per_stage={rounds}",
-        "federation.client_cpus=1",
-        "data.stage_order=[shape]",
-        f"data.max_train_per_stage={train_per_client * num_clients}",
-        f"data.max_test_per_stage={test_per_client * num_clients}",
-        "data.dirichlet_alpha=1000",
-        "model.device=cpu",
-        f"model.cache_dir={cache_dir}",
-        f"model.pretrain_steps={pretrain_steps}",
-        "progress=false",
-        f"output_dir={output_dir}",
-        *extra,
-    ]
-
-
-def fed_asr_command(overrides: Sequence[str]) -> list[str]:
-    """``fed-asr`` of this environment (else ``python -m server.cli``) + overrides."""
-    script = Path(sys.executable).with_name("fed-asr")
-    if not script.exists():
-        found = shutil.which("fed-asr")
-        script = Path(found) if found else script
-    if script.exists():
-        return [str(script), *overrides]
-    return [sys.executable, "-m", "server.cli", *overrides]
-
-
-def prepare_model(overrides: Sequence[str]) -> float:
-    """Build the run's cached tiny model now, so no run pays for it; returns seconds."""
-    from fed_asr.config import compose_config
-    from fed_asr.data import build_stream
-    from fed_asr.models import ensure_tiny_model
-
-    start = time.perf_counter()
-    cfg = compose_config("config", overrides)
-    stream = build_stream(cfg.data, cfg.seed)
-    ensure_tiny_model(cfg.model, stream.vocabulary(), cfg.seed, progress=False)
-    return time.perf_counter() - start
-
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """End the run's process group, then any recorded descendant still alive."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=10)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _kill_leftovers(commands: dict[int, str], grace_s: float = 15.0) -> list[int]:
-    """SIGKILL our run's descendants that outlived it (after a grace period).
-
-    A pid is only signalled while its command line is still the one recorded for it,
-    so a pid reused by an unrelated process is never touched.
-    """
-
-    def ours(pid: int) -> bool:
-        command = commands.get(pid)
-        return bool(command) and _proc_cmdline(pid)[:200] == command
-
-    deadline = time.monotonic() + grace_s
-    alive = [pid for pid in commands if ours(pid)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.5)
-        alive = [pid for pid in alive if ours(pid)]
-    killed = []
-    for pid in alive:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return killed
-
-
-def read_load_log(path: Path) -> list[dict[str, Any]]:
-    """Lines of the load log (empty when the file does not exist)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def sampling_overrides(num_clients: int) -> list[str]:
-    """``federation.fraction_train`` of a cross-device size, none below it."""
-    if num_clients < SAMPLED_FROM:
-        return []
-    return [f"federation.fraction_train={SAMPLE_FRACTION}"]
-
-
-def _round_bytes(entry: dict[str, Any]) -> int:
-    """All bytes of one round of the round log, up and down."""
-    return sum(int(v) for k, v in entry.items() if k.startswith("bytes_"))
-
-
-def run_one(
-    num_clients: int,
-    out_root: Path,
-    cache_dir: Path,
-    timeout_s: float,
-    method: str = "vanilla",
-    rounds: int = 3,
-    train_per_client: int = 40,
-    test_per_client: int = 10,
-    sample_interval_s: float = 0.5,
-    extra: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Run one simulation subprocess under a wall-clock guard and summarise it.
-
-    Returns
-    -------
-    dict[str, Any]
-        Status, wall time, per-round seconds and bytes, model loads per process,
-        client-process peak RSS and the log tail on failure.
-    """
-    out_dir = out_root / f"n{num_clients}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    overrides = sim_overrides(
-        num_clients,
-        out_dir,
-        cache_dir,
-        method,
-        rounds,
-        train_per_client,
-        test_per_client,
-        extra=[*sampling_overrides(num_clients), *extra],
-    )
-    prepare_s = prepare_model(overrides)
-    load_log = out_dir / "model_loads.jsonl"
-    env = dict(os.environ)
-    env[LOAD_LOG_ENV] = str(load_log)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(LOAD_HOOK_DIR), *filter(None, [env.get("PYTHONPATH")])]
-    )
-    command = fed_asr_command(overrides)
-    log_path = out_dir / "run.log"
-    start = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        sampler = RssSampler(proc.pid, sample_interval_s).start()
-        status = "ok"
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            status = "timeout"
-        finally:
-            sampler.stop()
-        if status == "timeout":
-            _kill_tree(proc)
-        leftovers = _kill_leftovers(
-            {p: c for p, c in sampler.commands.items() if p != proc.pid}
-        )
-    wall = time.perf_counter() - start
-    if status == "ok" and proc.returncode != 0:
-        status = f"exit {proc.returncode}"
-    result: dict[str, Any] = {
-        "num_clients": num_clients,
-        "status": status,
-        "command": command,
-        "subprocess_wall_s": wall,
-        "model_prepare_s": prepare_s,
-        "leftover_processes_killed": leftovers,
-        "output_dir": str(out_dir),
-    }
-    metrics_path = out_dir / "metrics.json"
-    if status != "ok" or not metrics_path.exists():
-        result["log_tail"] = log_path.read_text(errors="replace")[-3000:]
-        return result
-    metrics = json.loads(metrics_path.read_text())
-    rounds_log = metrics["rounds"]
-    loads = read_load_log(load_log)
-    loads_per_pid: dict[int, int] = {}
-    for line in loads:
-        loads_per_pid[line["pid"]] = loads_per_pid.get(line["pid"], 0) + 1
-    client_pids = [pid for pid in loads_per_pid if pid != proc.pid]
-    client_peaks = [sampler.peaks[p] for p in client_pids if p in sampler.peaks]
-    later = [r["seconds"] for r in rounds_log[1:]]
-    answered = [r["clients_answered"] for r in rounds_log]
-    result.update(
-        {
-            "metrics_wall_time_s": metrics.get("wall_time_s"),
-            "round_seconds": [r["seconds"] for r in rounds_log],
-            "first_round_s": rounds_log[0]["seconds"],
-            "later_round_s": sum(later) / len(later) if later else None,
-            "clients_answered": answered,
-            "clients_sampled": [r["clients_sampled"] for r in rounds_log],
-            "bytes_per_round": [_round_bytes(r) for r in rounds_log],
-            "failed_replies": metrics.get("failed_replies"),
-            "bytes_up_adapter_per_client_round": [
-                r["bytes_up_adapter"] / max(r["clients_answered"], 1)
-                for r in rounds_log
-            ],
-            "bytes_down_adapter_per_client_round": [
-                r["bytes_down_adapter"] / max(r["clients_sampled"], 1)
-                for r in rounds_log
-            ],
-            "server_model_loads": loads_per_pid.get(proc.pid, 0),
-            "client_processes": len(client_pids),
-            "model_loads_per_client_process": [loads_per_pid[p] for p in client_pids],
-            "model_load_seconds": [line["seconds"] for line in loads],
-            "client_peak_rss_mib": client_peaks,
-            "client_peak_rss_max_mib": max(client_peaks) if client_peaks else None,
-            "driver_peak_rss_mib": sampler.peaks.get(proc.pid),
-            "all_processes_peak_rss_sum_mib": sampler.total_peak,
-            "rss_samples": sampler.samples,
-            "processes_seen": {
-                str(pid): {
-                    "peak_mib": sampler.peaks[pid],
-                    "command": sampler.commands.get(pid, "")[:120],
-                }
-                for pid in sorted(sampler.peaks)
-            },
-        }
-    )
-    return result
 
 
 # -- growth analysis -----------------------------------------------------------------
@@ -654,11 +280,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
+    "LOAD_HOOK_DIR",
+    "LOAD_LOG_ENV",
+    "REPO_ROOT",
+    "SAMPLED_FROM",
+    "SAMPLE_FRACTION",
     "RssSampler",
     "descendants_rss",
+    "fed_asr_command",
     "fit_growth",
+    "prepare_model",
+    "read_load_log",
     "run_benchmark",
     "run_one",
+    "sampling_overrides",
     "sim_overrides",
 ]
 

@@ -40,242 +40,46 @@ Usage: ``python -m benchmarks.bench_step [--quick] [--out PATH]``;
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from benchmarks.common import (
     base_parser,
-    current_rss_mib,
     format_table,
     machine_info,
     median,
-    peak_rss_mib,
-    reset_peak_rss,
     set_threads,
     write_json,
 )
-from fed_asr.config import (
-    DataConfig,
-    LoraConfig,
-    MethodConfig,
-    ModelConfig,
-    RegularizerConfig,
-    TrainConfig,
+from benchmarks.step_memory import (
+    MALLOC_ENV,
+    measure_memory,
+    measure_memory_subprocess,
+)
+from benchmarks.step_setup import (
+    PATCH_SIZE,
+    VARIANTS,
+    StepSetup,
+    StepVariant,
+    build_setup,
+    get_variant,
+    make_method,
+    run_step,
 )
 from fed_asr.config_sections import check_positive
-from fed_asr.data import VQASample, build_stream
-from fed_asr.methods import ContinualMethod, build_method
-from fed_asr.models import (
-    VQACollator,
-    adapter_state,
-    attach_lora,
-    build_tiny,
-    install_attention_capture,
-    load_adapter_state,
-    move_batch,
-)
-from fed_asr.spectrum import SkillSpectrum
-from fed_asr.train import spectrum_statistics, train_stage
+from fed_asr.models import load_adapter_state
 
 NAME = "bench_step"
-PATCH_SIZE = 4
 IMAGE_SIZES = (32, 64, 96)  # 8x8, 16x16, 24x24 grids with patch 4
 # Targets of the issue, checked at the largest grid.
 MAX_SELECTIVE_OVER_VANILLA = 1.15
 MIN_EAGER_OVER_SELECTIVE = 2.0
-# Fixed glibc mmap threshold for the memory subprocess (see module docstring).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
-
-@dataclass(frozen=True)
-class StepVariant:
-    """One training-step configuration.
-
-    Attributes
-    ----------
-    name : str
-        Row label.
-    method : str
-        ``vanilla`` or ``asr``.
-    capture : str
-        ``selective`` or ``eager`` attention capture.
-    spectral : bool
-        Use the spectral term (``beta`` from the config; 0 otherwise).
-    geometry : bool
-        Use the geometry term (``gamma`` from the config; 0 otherwise).
-    geo_cache : bool
-        Cache the reference rows of the geometry term per sample (the default). The
-        benchmark repeats one batch, so with the cache every timed step is a warm one
-        (a sample seen before: epochs after the first); without it every step pays
-        the reference forward pass (a sample's first visit).
-    """
-
-    name: str
-    method: str
-    capture: str
-    spectral: bool
-    geometry: bool
-    geo_cache: bool = True
-
-
-VARIANTS: tuple[StepVariant, ...] = (
-    StepVariant("vanilla", "vanilla", "selective", False, False),
-    StepVariant("asr_spec_selective", "asr", "selective", True, False),
-    StepVariant("asr_full_selective", "asr", "selective", True, True),
-    StepVariant("asr_full_selective_nocache", "asr", "selective", True, True, False),
-    StepVariant("asr_spec_eager", "asr", "eager", True, False),
-    StepVariant("asr_full_eager", "asr", "eager", True, True),
-)
-
-
-def get_variant(name: str) -> StepVariant:
-    """Look up a variant by name.
-
-    Raises
-    ------
-    KeyError
-        Unknown name; the message lists the choices.
-    """
-    for variant in VARIANTS:
-        if variant.name == name:
-            return variant
-    raise KeyError(
-        f"Unknown variant {name!r}. Available: {[v.name for v in VARIANTS]}."
-    )
-
-
-@dataclass
-class StepSetup:
-    """Model, batch and spectrum shared by every variant of one grid."""
-
-    model: Any
-    collator: VQACollator
-    samples: list[VQASample]
-    batch: dict[str, Any]
-    spectrum: SkillSpectrum
-    skills: list[str]
-    model_cfg: ModelConfig
-    reg_cfg: RegularizerConfig
-    train_cfg: TrainConfig
-    initial_adapter: dict[str, Tensor]
-    grid: tuple[int, int]
-    device: torch.device
-
-
-def _mixed_samples(samples_per_stage: list[list[VQASample]], n: int) -> list[VQASample]:
-    """Round-robin over the stages, so every skill of the stream is in the batch."""
-    mixed: list[VQASample] = []
-    for group in zip(*samples_per_stage, strict=False):
-        mixed.extend(group)
-    if len(mixed) < n:
-        raise ValueError(f"Only {len(mixed)} samples for a batch of {n}.")
-    return mixed[:n]
-
-
-def build_setup(
-    image_size: int,
-    batch_size: int = 32,
-    seed: int = 0,
-    device: str = "cpu",
-    patch_size: int = PATCH_SIZE,
-) -> StepSetup:
-    """Untrained tiny LLaVA + LoRA, one real easy-VQA batch and prototypes.
-
-    Parameters
-    ----------
-    image_size : int
-        Image side; the grid is ``image_size // patch_size`` squared.
-    batch_size : int
-        Samples in the batch (mixed over the stream's stages).
-    seed : int
-        Seeds the weights, the LoRA initialisation and the data subset.
-    device : str
-        ``cpu`` or ``cuda``.
-    patch_size : int
-        Vision patch size.
-
-    Returns
-    -------
-    StepSetup
-        Ready for ``run_step``; the spectrum holds prototypes of the untrained model's
-        descriptors on the same batch, so the spectral term is active.
-    """
-    model_cfg = ModelConfig(image_size=image_size, patch_size=patch_size, device=device)
-    data_cfg = DataConfig(max_train_per_stage=max(batch_size, 16), max_test_per_stage=4)
-    stream = build_stream(data_cfg, seed)
-    samples = _mixed_samples([s.train for s in stream.stages], batch_size)
-    target = torch.device(device)
-    base, processor = build_tiny(model_cfg, stream.vocabulary(), seed=seed)
-    # What load_base_model does after loading: frozen base, capturing SDPA attention.
-    base.requires_grad_(False)
-    install_attention_capture(base)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = attach_lora(base.to(target), LoraConfig())
-    collator = VQACollator(processor, model_cfg.prompt_template, stream.answers)
-    batch = move_batch(collator(samples), target)
-    reg_cfg = RegularizerConfig()
-    stats = spectrum_statistics(
-        model, collator, samples, stream.skills, reg_cfg, batch_size, "selective"
-    )
-    grid = (image_size // patch_size, image_size // patch_size)
-    return StepSetup(
-        model=model,
-        collator=collator,
-        samples=samples,
-        batch=batch,
-        spectrum=stats.to_prototypes(reg_cfg.cov_floor),
-        skills=list(stream.skills),
-        model_cfg=model_cfg,
-        reg_cfg=reg_cfg,
-        # One stage of one step over the whole batch.
-        train_cfg=TrainConfig(batch_size=batch_size, epochs=1, max_steps_per_stage=1),
-        initial_adapter=adapter_state(model),
-        grid=grid,
-        device=target,
-    )
-
-
-def make_method(setup: StepSetup, variant: StepVariant) -> ContinualMethod:
-    """The configured method of ``variant`` (prototypes from ``setup.spectrum``)."""
-    reg_cfg = dataclasses.replace(
-        setup.reg_cfg,
-        beta=setup.reg_cfg.beta if variant.spectral else 0.0,
-        gamma=setup.reg_cfg.gamma if variant.geometry else 0.0,
-        geo_cache_entries=setup.reg_cfg.geo_cache_entries if variant.geo_cache else 0,
-    )
-    method = build_method(MethodConfig(name=variant.method), reg_cfg)
-    method.configure_stage(setup.spectrum)
-    return method
-
-
-def run_step(
-    setup: StepSetup, method: ContinualMethod, capture: str
-) -> dict[str, float]:
-    """One training step: ``train_stage`` on a one-step stage; returns its losses."""
-    result = train_stage(
-        setup.model,
-        setup.collator,
-        setup.samples,
-        setup.skills,
-        method,
-        setup.train_cfg,
-        setup.reg_cfg,
-        capture_mode=capture,
-    )
-    return result.losses
 
 
 def _sync(device: torch.device) -> None:
@@ -331,108 +135,6 @@ def time_variants(
         }
         for v in variants
     }
-
-
-def measure_memory(
-    image_size: int,
-    variant_name: str,
-    batch_size: int,
-    steps: int,
-    seed: int = 0,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Peak memory of ``steps`` training steps in this process (see module notes).
-
-    Meant to run in a fresh process (``measure_memory_subprocess``); in a process that
-    already ran other work the baseline RSS is inflated by what the allocator kept.
-
-    Returns
-    -------
-    dict[str, Any]
-        ``peak_mib`` and ``step_delta_mib`` (peak minus the baseline at the reset),
-        ``baseline_mib``, ``method`` (how it was measured) and ``hwm_reset``.
-    """
-    setup = build_setup(image_size, batch_size, seed, device)
-    variant = get_variant(variant_name)
-    method = make_method(setup, variant)
-    run_step(setup, method, variant.capture)  # warm-up: lazy state, caches
-    gc.collect()
-    if setup.device.type == "cuda":
-        torch.cuda.synchronize(setup.device)
-        torch.cuda.reset_peak_memory_stats(setup.device)
-        baseline = torch.cuda.memory_allocated(setup.device) / 2**20
-        for _ in range(steps):
-            run_step(setup, method, variant.capture)
-        torch.cuda.synchronize(setup.device)
-        peak = torch.cuda.max_memory_allocated(setup.device) / 2**20
-        how, reset = "torch.cuda.max_memory_allocated", True
-    else:
-        reset = reset_peak_rss()
-        baseline = current_rss_mib()
-        for _ in range(steps):
-            run_step(setup, method, variant.capture)
-        peak = peak_rss_mib()
-        how = "VmHWM after reset" if reset else "lifetime VmHWM (reset not permitted)"
-    return {
-        "peak_mib": peak,
-        "baseline_mib": baseline,
-        "step_delta_mib": peak - baseline,
-        "method": how,
-        "hwm_reset": reset,
-        "steps": steps,
-    }
-
-
-def measure_memory_subprocess(
-    image_size: int,
-    variant_name: str,
-    batch_size: int,
-    steps: int,
-    threads: int,
-    seed: int = 0,
-    device: str = "cpu",
-    timeout_s: float = 900.0,
-) -> dict[str, Any]:
-    """``measure_memory`` in a fresh Python process (fixed mmap threshold).
-
-    Raises
-    ------
-    RuntimeError
-        The subprocess failed or printed no result.
-    subprocess.TimeoutExpired
-        It ran longer than ``timeout_s``.
-    """
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.bench_step",
-        "--child-memory",
-        variant_name,
-        "--image-sizes",
-        str(image_size),
-        "--batch-size",
-        str(batch_size),
-        "--memory-steps",
-        str(steps),
-        "--threads",
-        str(threads),
-        "--seed",
-        str(seed),
-        "--device",
-        device,
-    ]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, **MALLOC_ENV}
-    done = subprocess.run(
-        command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s
-    )
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"Memory subprocess for {variant_name} at image size {image_size} failed "
-            f"(exit {done.returncode}): {done.stderr[-2000:]}"
-        )
-    return json.loads(lines[-1])
 
 
 def check_targets(rows: Sequence[dict[str, Any]], image_size: int) -> dict[str, Any]:
@@ -676,11 +378,15 @@ def replace_args(args: argparse.Namespace, **values: Any) -> argparse.Namespace:
 
 
 __all__ = [
+    "MALLOC_ENV",
+    "PATCH_SIZE",
     "VARIANTS",
     "StepSetup",
     "StepVariant",
     "build_setup",
     "check_targets",
+    "get_variant",
+    "make_method",
     "measure_memory",
     "measure_memory_subprocess",
     "run_benchmark",

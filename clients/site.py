@@ -2,9 +2,10 @@
 
 A ClientApp process (a Ray actor in simulation, a ``flwr-clientapp`` process in
 deployment) may serve many messages and, in simulation, several partitions. The base
-model with its LoRA wrapper is loaded once per process and model config; each message
-then overwrites the adapter weights with the ones it carries, so partitions never
-leak state into each other through the model.
+model with its LoRA wrapper is loaded once per process and model config (the two
+most recent are kept: a long-lived site worker serves run after run); each message
+then overwrites the adapter weights with the ones it carries, so partitions and runs
+never leak state into each other through the model.
 
 Sites (partition stream, collator, method) are kept in a least-recently-used cache of
 ``federation.site_cache_size`` entries: a process of a 100-client simulation serves
@@ -19,9 +20,9 @@ import dataclasses
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import ExperimentConfig, load_config
@@ -68,8 +69,13 @@ def site_from_context(
     data_root = node_config.get(NODE_DATA_ROOT)
     partition_id = int(node_config.get(NODE_PARTITION_ID, 0))
     num_partitions = int(node_config.get(NODE_NUM_PARTITIONS, 1))
-    key = (run_key, partition_id, num_partitions, str(data_root) if data_root else None)
-    return _SITES.get(key, _config(run_key).federation.site_cache_size)
+    root = str(data_root) if data_root else None
+    key: _SiteKey = (run_key, partition_id, num_partitions, root)
+    return _SITES.get(
+        key,
+        lambda: _build_site(*key),
+        _config(run_key).federation.site_cache_size,
+    )
 
 
 def cached_site_count() -> int:
@@ -82,36 +88,43 @@ _RunKey = tuple[tuple[str, str], ...]
 _SiteKey = tuple[_RunKey, int, int, str | None]
 
 
-class _SiteCache:
-    """Least-recently-used sites of this process, bounded per lookup."""
+_T = TypeVar("_T")
+
+
+class _LeastRecentlyUsed(Generic[_T]):
+    """The most recently used entries of this process, bounded per lookup."""
 
     def __init__(self) -> None:
-        self._sites: OrderedDict[_SiteKey, Site] = OrderedDict()
+        self._entries: OrderedDict[Hashable, _T] = OrderedDict()
         # Ray actors are single-threaded, but the thread backend and tests may not be
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._sites)
+        return len(self._entries)
 
-    def get(self, key: _SiteKey, bound: int) -> Site:
-        """The site of ``key`` (built on a miss), keeping at most ``bound`` sites."""
+    def get(self, key: Hashable, build: Callable[[], _T], bound: int) -> _T:
+        """The entry of ``key`` (``build()`` on a miss), keeping at most ``bound``."""
         with self._lock:
-            site = self._sites.get(key)
-            if site is None:
-                site = _build_site(*key)
-                self._sites[key] = site
-            self._sites.move_to_end(key)
-            while len(self._sites) > bound:
-                self._sites.popitem(last=False)
-            return site
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = build()
+                self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > bound:
+                self._entries.popitem(last=False)
+            return entry
 
     def clear(self) -> None:
-        """Drop every cached site."""
+        """Drop every entry."""
         with self._lock:
-            self._sites.clear()
+            self._entries.clear()
 
 
-_SITES = _SiteCache()
+_SITES: _LeastRecentlyUsed[Site] = _LeastRecentlyUsed()
+# Base models kept per process: a long-lived site worker serving run after run
+# holds the two most recent model configs, not one model per run it ever served.
+_MODELS: _LeastRecentlyUsed[tuple[Any, Any]] = _LeastRecentlyUsed()
+MODEL_CACHE_SIZE = 2
 
 
 @functools.cache
@@ -129,7 +142,7 @@ def _build_site(
     stream, vocabulary, skill_answers = _client_stream(
         run_config_key, partition_id, num_partitions, data_root
     )
-    model, processor = _shared_model(run_config_key, vocabulary)
+    model, processor = _shared_model(cfg, vocabulary)
     collator = VQACollator(
         processor,
         cfg.model.prompt_template,
@@ -168,7 +181,7 @@ def _client_stream(
     return shares[partition_id], vocabulary, skill_answers
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4)
 def _stream_shares(
     run_config_key: _RunKey, num_partitions: int
 ) -> tuple[list[ContinualStream], tuple[str, ...], dict[str, list[str]]]:
@@ -189,13 +202,24 @@ def _skill_answers(stream: ContinualStream) -> dict[str, list[str]]:
     return skill_answer_sets(s for stage in stream.stages for s in stage.train)
 
 
-@functools.cache
 def _shared_model(
-    run_config_key: _RunKey, vocabulary: tuple[str, ...]
+    cfg: ExperimentConfig, vocabulary: tuple[str, ...]
 ) -> tuple[Any, Any]:
-    """Base model + LoRA wrapper, once per process and config (composed once)."""
-    cfg = _config(run_config_key)
-    device = resolve_device(cfg.model.device)
-    base, processor = load_run_base_model(cfg.model, cfg.data, list(vocabulary), device)
-    aggregation = get_lora_aggregation(cfg.lora.aggregation)
-    return aggregation.attach(base, cfg.lora, cfg.seed), processor
+    """Base model + LoRA wrapper, once per process and model config.
+
+    Keyed by what decides the model (model, data, LoRA settings, seed), not by the
+    whole run config: consecutive runs of one model share the loaded model. Each
+    message loads its own adapter weights, so runs and partitions never see each
+    other's state through it.
+    """
+    key = (repr(cfg.model), repr(cfg.data), repr(cfg.lora), cfg.seed, vocabulary)
+
+    def build() -> tuple[Any, Any]:
+        device = resolve_device(cfg.model.device)
+        base, processor = load_run_base_model(
+            cfg.model, cfg.data, list(vocabulary), device
+        )
+        aggregation = get_lora_aggregation(cfg.lora.aggregation)
+        return aggregation.attach(base, cfg.lora, cfg.seed), processor
+
+    return _MODELS.get(key, build, MODEL_CACHE_SIZE)

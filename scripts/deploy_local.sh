@@ -12,11 +12,15 @@
 #   FED_ASR_TIMEOUT=1800     seconds allowed for the run
 #   FED_ASR_FLWR_HOME=DIR    Flower home (config.toml, installed app copies); default:
 #                            a fresh folder under ${TMPDIR:-/tmp}, removed on exit
+#   FED_ASR_SITE_WORKERS=0   the first K nodes get a site worker (fed-asr-site-worker,
+#                            the base model stays loaded between messages); the
+#                            others load it in every ClientApp process
 # Prints the path of the run's metrics.json as its last line; exit code 0 on success.
 set -euo pipefail
 
 OUT=$(python3 -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "${1:-deploy-local}")
 NODES=${FED_ASR_NODES:-2}
+WORKERS=${FED_ASR_SITE_WORKERS:-0}
 EXTRA=${FED_ASR_OVERRIDES:-}
 TIMEOUT=${FED_ASR_TIMEOUT:-1800}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,7 +51,12 @@ cleanup() {
         [ -n "$pid" ] && kill -KILL -- "-$pid" 2>/dev/null || true
     done
 }
-remove_home() { if [ -n "$OWN_HOME" ]; then rm -rf -- "$OWN_HOME"; fi; }
+# Site worker sockets: a short path (Unix sockets allow ~100 bytes), removed on exit
+SOCKETS=$(mktemp -d "${TMPDIR:-/tmp}/fed-asr-w-XXXXXX")
+remove_home() {
+    rm -rf -- "$SOCKETS"
+    if [ -n "$OWN_HOME" ]; then rm -rf -- "$OWN_HOME"; fi
+}
 trap 'cleanup; remove_home' EXIT
 trap 'exit 130' INT TERM
 
@@ -98,12 +107,19 @@ for i in $(seq 0 $((NODES - 1))); do
         || fail "registering node-$i failed; see $OUT/register.log"
 done
 
-step "4/6 starting $NODES SuperNodes (TLS, authenticated, server signatures verified, site identities)"
+step "4/6 starting $NODES SuperNodes (TLS, authenticated, server signatures verified, site identities; $WORKERS with a site worker)"
 for i in $(seq 0 $((NODES - 1))); do
+    WORKER_CONFIG=
+    if [ "$i" -lt "$WORKERS" ]; then
+        start "$OUT/site-worker-$i.log" fed-asr-site-worker --socket "$SOCKETS/node-$i.sock"
+        for _ in $(seq 240); do [ -S "$SOCKETS/node-$i.sock" ] && break; sleep 0.5; done
+        [ -S "$SOCKETS/node-$i.sock" ] || fail "site worker $i did not start; see $OUT/site-worker-$i.log"
+        WORKER_CONFIG=" site-worker='$SOCKETS/node-$i.sock'"
+    fi
     start "$OUT/supernode-$i.log" flower-supernode \
         --root-certificates "$CERTS/ca.crt" --auth-supernode-private-key "$CERTS/node-$i" \
         --superlink "127.0.0.1:$PORT" --port "$(free_port)" \
-        --node-config "partition-id=$i num-partitions=$NODES verify-key='$CERTS/signing.pub' identity-key='$CERTS/site-$i.key' site-keys='$CERTS/site-keys.json'"
+        --node-config "partition-id=$i num-partitions=$NODES verify-key='$CERTS/signing.pub' identity-key='$CERTS/site-$i.key' site-keys='$CERTS/site-keys.json'$WORKER_CONFIG"
 done
 online=0
 for _ in $(seq 120); do

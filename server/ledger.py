@@ -18,6 +18,7 @@ BYTE_FIELDS = (
     "bytes_up_spectrum",
     "bytes_down_extra",
     "bytes_up_extra",
+    "bytes_down_evaluate",
 )
 
 
@@ -38,6 +39,8 @@ class RoundLog:
     bytes_up_spectrum: int = 0
     bytes_down_extra: int = 0  # method memory (previous adapter, Fisher, ...)
     bytes_up_extra: int = 0  # method statistics of the stage-end round
+    # The global adapter sent with every evaluate message (replies carry only counts)
+    bytes_down_evaluate: int = 0
     accuracy: dict[str, float] = field(default_factory=dict)
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
     # Pooled evaluation counts: correct-<stage>, correct-type-<stage>, per skill

@@ -359,6 +359,8 @@ class FedASR(Strategy):
                 self._round(server_round), arrays, config, grid
             )
         )
+        entry = self.ledger.entry(self.global_round, self.stage)
+        entry.bytes_down_evaluate = record_nbytes(arrays) * len(messages)
         self.sign(messages, grid)
         return messages
 

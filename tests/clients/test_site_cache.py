@@ -82,3 +82,21 @@ def test_site_cache_rebuilds_evicted_site_identically(
 def test_federation_config_rejects_non_positive_site_cache_size() -> None:
     with pytest.raises(ValueError, match="federation.site_cache_size"):
         FederationConfig(site_cache_size=0)
+
+
+def test_model_is_shared_by_runs_of_one_model_config_and_bounded(
+    run_overrides: Callable[..., list[str]],
+) -> None:
+    # Prepare: two runs that differ only in output folder and method, one that
+    # differs in the model; a long-lived worker serves them in turn
+    site_module._MODELS.clear()
+    first = _serve(make_run_config(run_overrides("a")))(0)
+    same_model = _serve(make_run_config(run_overrides("b", method="vanilla")))(0)
+    # Execute
+    other_models = [
+        _serve(make_run_config(run_overrides("c", **{"lora.r": r})))(0) for r in (2, 3)
+    ]
+    # Assert: one model for the first two runs; never more than the bound kept
+    assert same_model.model is first.model
+    assert other_models[0].model is not first.model
+    assert len(site_module._MODELS) == site_module.MODEL_CACHE_SIZE

@@ -60,7 +60,11 @@ def test_loopback_deployment_tls_node_auth_end_to_end(
         for o in run_overrides("unused", **{"data.stage_order": "[shape]"})
         if not o.startswith(("output_dir=", "federation.num_clients="))
     ]
-    env = {**_env(tmp_path / "unused-home"), "FED_ASR_OVERRIDES": " ".join(small)}
+    env = {
+        **_env(tmp_path / "unused-home"),
+        "FED_ASR_OVERRIDES": " ".join(small),
+        "FED_ASR_SITE_WORKERS": "1",  # node 0 through its site worker, node 1 not
+    }
     # Execute
     result = subprocess.run(
         ["bash", str(SCRIPT), str(tmp_path / "deploy")],
@@ -84,6 +88,16 @@ def test_loopback_deployment_tls_node_auth_end_to_end(
     assert round_["clients_answered"] == 2
     assert round_["bytes_up_adapter"] > 0 and round_["bytes_up_spectrum"] > 0
     assert "--enable-supernode-auth" in SCRIPT.read_text()
+    # Node 0's messages were all handled by its worker (model loaded once), node 1's
+    # each in their own ClientApp process; both took part in every step above
+    out = tmp_path / "deploy"
+    worker_lines = _timing_lines(out / "supernode-0.log")
+    assert worker_lines and all(line.endswith("(site worker)") for line in worker_lines)
+    assert all(
+        line.endswith("(in-process)") for line in _timing_lines(out / "supernode-1.log")
+    )
+    handled = (out / "site-worker-0.log").read_text().count(" handled in ")
+    assert handled == len(worker_lines)
     deadline = time.monotonic() + 15  # killed processes may take a moment to go
     while True:
         left = subprocess.run(
@@ -93,6 +107,13 @@ def test_loopback_deployment_tls_node_auth_end_to_end(
             break
         time.sleep(0.5)
     assert left == "", f"processes left running: {left}"
+
+
+def _timing_lines(log: Path) -> list[str]:
+    """The ClientApp's per-message timing lines in a SuperNode log."""
+    return [
+        line.strip() for line in log.read_text().splitlines() if "] timing " in line
+    ]
 
 
 def test_unregistered_or_untrusting_supernode_is_refused(

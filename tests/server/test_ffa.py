@@ -85,7 +85,7 @@ def test_ffa_clients_send_only_b_and_keep_the_servers_a(
     client_model = site_from_context(
         run_config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: 2}
     ).model
-    site_module._shared_model.cache_clear()  # a second, independently built client
+    site_module._MODELS.clear()  # a second, independently built client
     other_model = site_from_context(
         run_config, {P.NODE_PARTITION_ID: 1, P.NODE_NUM_PARTITIONS: 2}
     ).model

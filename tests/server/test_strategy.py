@@ -357,6 +357,11 @@ def test_configure_evaluate_sends_number_of_seen_stages() -> None:
         config = message.content[P.CONFIG_RECORD]
         assert config[P.NUM_SEEN_STAGES_KEY] == 3 and config[P.GLOBAL_ROUND_KEY] == 5
         assert P.SPECTRUM_RECORD not in message.content.array_records
+    # ... and its adapter downloads are counted apart from training's
+    entry = strategy.ledger.rounds[-1]
+    assert entry.bytes_down_evaluate == 2 * record_nbytes(arrays) > 0
+    assert entry.bytes_down_adapter == 0
+    assert strategy.ledger.totals()["bytes_down_evaluate"] == 2 * record_nbytes(arrays)
 
 
 def test_aggregate_evaluate_pools_correct_over_total_and_logs_client_rows() -> None:
