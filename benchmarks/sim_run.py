@@ -10,6 +10,7 @@ back from the run's ``metrics.json`` and load log.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -59,8 +60,9 @@ def sim_overrides(
         "engine=simulation",
         f"method={method}",
         f"federation.num_clients={num_clients}",
-        f"federation.min_available_clients={num_clients}",
+        f"federation.min_available_clients={_min_clients(num_clients)}",
         f"federation.rounds_per_stage={rounds}",
+        "federation.schedule=fixed",
         "federation.client_cpus=1",
         "data.stage_order=[shape]",
         f"data.max_train_per_stage={train_per_client * num_clients}",
@@ -104,6 +106,17 @@ def read_load_log(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _min_clients(num_clients: int) -> int:
+    """Every client below ``SAMPLED_FROM``; else a floor that lets sampling work.
+
+    Flower's FedAvg samples ``max(fraction_train x N, min_train_nodes)`` nodes, and
+    fed-asr sets ``min_train_nodes`` from ``federation.min_available_clients``.
+    """
+    if num_clients < SAMPLED_FROM:
+        return num_clients
+    return max(2, math.floor(SAMPLE_FRACTION * num_clients))
 
 
 def sampling_overrides(num_clients: int) -> list[str]:

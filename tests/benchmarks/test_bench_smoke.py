@@ -133,6 +133,16 @@ def test_bench_sim_helpers_compose_config_fit_growth_and_sample_rss(
     # Assert
     assert cfg.federation.num_clients == 8
     assert cfg.federation.client_cpus == 1
+    assert cfg.federation.schedule == "fixed"  # the rounds asked for, no plateau
+    # A cross-device size really samples 10%: Flower trains max(0.1 N, min nodes)
+    big = compose_config(
+        "config",
+        bench_sim.sim_overrides(
+            100, tmp_path / "o", tmp_path / "c", extra=bench_sim.sampling_overrides(100)
+        ),
+    )
+    assert big.federation.fraction_train == 0.1
+    assert big.federation.min_available_clients == 10
     assert cfg.data.max_train_per_stage == 8 * 40
     assert cfg.data.stage_order == ["shape"]
     assert cfg.method.name == "vanilla"
