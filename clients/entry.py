@@ -16,7 +16,9 @@ is never lost because a helper process is down. A message the worker *handled* a
 refused (a bad signature, a failed check) is refused here as well.
 
 Every message logs one timing line (``[fed-asr] timing ...``): how long the process
-had been up when the handler started, and how long handling took.
+had been up when the handler started, and how long handling took; at INFO with a site
+worker or ``FED_ASR_LOG_TIMING=1`` in the SuperNode's environment, else at DEBUG (a
+simulation would print one per client and round).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 
@@ -41,6 +43,9 @@ from clients.worker_protocol import (
     send_request,
 )
 from fed_asr.protocol import NODE_SITE_WORKER
+
+# Set to 1 to log every message's timing at INFO also without a site worker
+TIMING_ENV = "FED_ASR_LOG_TIMING"
 
 
 class SiteClientApp(ClientApp):
@@ -70,7 +75,7 @@ class SiteClientApp(ClientApp):
         if reply is None:
             reply = _local_app()(message, context)
         log(
-            INFO,
+            INFO if socket_path or os.environ.get(TIMING_ENV) == "1" else DEBUG,
             "[fed-asr] timing %s: process up %.3f s before the handler, "
             "handler %.3f s (%s)",
             message.metadata.message_type,

@@ -39,6 +39,8 @@ fi
 export FLWR_HOME
 # Use this environment for the apps instead of installing their dependencies per run.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# Every ClientApp message logs its timing in the SuperNode logs (clients/entry.py)
+export FED_ASR_LOG_TIMING=${FED_ASR_LOG_TIMING:-1}
 
 PIDS=()
 cleanup() {

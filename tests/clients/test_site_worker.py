@@ -201,12 +201,17 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 120) -> None:
 
 
 def test_timing_lines_parse_in_the_deployment_benchmark(
-    setup, socket_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    setup,
+    socket_path: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare: one message in this process, two through a worker, as on a SuperNode
     from benchmarks.bench_deploy import parse_logs, summarize
 
     run_config, arrays = setup
+    monkeypatch.setenv(entry.TIMING_ENV, "1")  # as deploy_local.sh sets it
     thread = _start_worker(socket_path, count=2)
     with caplog.at_level(logging.INFO):
         entry.app(_evaluate(arrays), node_context(run_config, 0))
