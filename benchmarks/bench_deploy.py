@@ -1,18 +1,20 @@
 """Per-message overhead of a SuperNode on the loopback Deployment Engine.
 
 Runs ``scripts/deploy_local.sh`` (TLS, node authentication, signing, secure
-aggregation) twice with the same run: every node handling each message in the
-``flwr-clientapp`` process Flower starts for it (``in-process``: imports torch and
-loads the base model every time), then every node with a site worker
-(``fed-asr-site-worker``: the model stays loaded). Both runs log one timing line per
-message (``clients/entry.py``); the worker logs its own handling time.
+aggregation) three times with the same run, every node in one mode:
+- ``site worker``: Flower's ``flwr-clientapp`` process per message forwards it to a
+  long-lived ``fed-asr-site-worker`` that keeps the model loaded;
+- ``in-process``: the message is handled in that per-message process (imports torch
+  and loads the base model every time: what every deployment did before);
+- ``site executor``: the SuperNode in process isolation mode, every task run by one
+  long-lived ``fed-asr-site-executor`` process (no process per message at all).
 
 Per message:
-- ``node_s``: process start -> reply ready (``process up`` + ``handler``);
-- ``compute_s``: the same message type's median handling time inside a warm worker
-  (first message of each type per node excluded: that one loads the model);
-- ``overhead_s = node_s - compute_s``: what a message costs beyond its work
-  (Flower's own process start, imports, model loading, forwarding).
+- ``node_s``: time at the node, from the ClientApp process's start (or, for the
+  executor, from acquiring the task) to the reply pushed or ready;
+- ``compute_s``: the message type's median handling time in a warm site worker
+  (the first message of each type per node excluded: that one loads the model);
+- ``overhead_s = node_s - compute_s``: what a message costs beyond its work.
 
 Usage: ``python -m benchmarks.bench_deploy [--rounds 3] [--quick]``.
 """
@@ -37,19 +39,29 @@ TIMING = re.compile(
     r"\(([^)]+)\)"
 )
 HANDLED = re.compile(r"\] (\S+) for node \d+ handled in ([\d.]+) s")
-MODES = {"in-process": 0, "site worker": None}  # None: every node
+EXECUTED = re.compile(r"site executor: (\S+) (?:done|failed) in ([\d.]+) s")
+# Mode -> deploy_local.sh variable that gives every node that helper ("" = none).
+# The site worker runs first: its warm handling times are the compute estimate.
+MODES = {
+    "site worker": "FED_ASR_SITE_WORKERS",
+    "in-process": "",
+    "site executor": "FED_ASR_SITE_EXECUTORS",
+}
 
 
-def run_deployment(out: Path, nodes: int, workers: int, overrides: str) -> float:
+def run_deployment(out: Path, nodes: int, helper: str, overrides: str) -> float:
     """Run the loopback deployment once; return its wall time in seconds."""
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "FED_ASR_NODES": str(nodes),
-        "FED_ASR_SITE_WORKERS": str(workers),
         "FED_ASR_OVERRIDES": overrides,
+        "FED_ASR_SITE_WORKERS": "0",
+        "FED_ASR_SITE_EXECUTORS": "0",
     }
+    if helper:
+        env[helper] = str(nodes)
     started = time.monotonic()
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "deploy_local.sh"), str(out)],
@@ -64,21 +76,23 @@ def run_deployment(out: Path, nodes: int, workers: int, overrides: str) -> float
 
 
 def parse_logs(out: Path, nodes: int) -> tuple[list[dict[str, Any]], dict[str, list]]:
-    """Timing lines of every SuperNode; warm handling times per message type."""
+    """Per-message timings of every node; warm handling times per message type.
+
+    ``node_s`` is the time a message spent at the node: ``process up`` + handler for
+    a ClientApp process per message, the executor's whole task for a site executor.
+    """
     messages, warm = [], {}
     for node in range(nodes):
-        for line in (out / f"supernode-{node}.log").read_text().splitlines():
-            if match := TIMING.search(line):
-                kind, up, handler, where = match.groups()
-                messages.append(
-                    {
-                        "node": node,
-                        "type": kind,
-                        "process_up_s": float(up),
-                        "handler_s": float(handler),
-                        "where": where,
-                    }
-                )
+        executor_log = out / f"site-executor-{node}.log"
+        if executor_log.exists():
+            messages += _executor_messages(executor_log, node)
+        else:
+            for line in (out / f"supernode-{node}.log").read_text().splitlines():
+                if match := TIMING.search(line):
+                    kind, up, handler, where = match.groups()
+                    messages.append(
+                        _message(node, kind, float(up) + float(handler), handler, where)
+                    )
         worker_log = out / f"site-worker-{node}.log"
         if worker_log.exists():
             seen: set[str] = set()
@@ -91,6 +105,31 @@ def parse_logs(out: Path, nodes: int) -> tuple[list[dict[str, Any]], dict[str, l
     return messages, warm
 
 
+def _executor_messages(log: Path, node: int) -> list[dict[str, Any]]:
+    """A site executor's tasks: its handler timing line, then its task line."""
+    messages, handler = [], "nan"
+    for line in log.read_text().splitlines():
+        if match := TIMING.search(line):
+            handler = match.group(3)
+        elif match := EXECUTED.search(line):
+            kind, seconds = match.group(1), float(match.group(2))
+            messages.append(_message(node, kind, seconds, handler, "site executor"))
+    return messages
+
+
+def _message(
+    node: int, kind: str, node_s: float, handler: str, where: str
+) -> dict[str, Any]:
+    return {
+        "node": node,
+        "type": kind,
+        "node_s": node_s,
+        "handler_s": float(handler),
+        "outside_handler_s": node_s - float(handler),
+        "where": where,
+    }
+
+
 def summarize(
     messages: list[dict[str, Any]], compute: dict[str, float]
 ) -> dict[str, Any]:
@@ -98,13 +137,15 @@ def summarize(
     rows = {}
     for kind in sorted({m["type"] for m in messages}) + ["all"]:
         chosen = [m for m in messages if kind in ("all", m["type"])]
-        node = [m["process_up_s"] + m["handler_s"] for m in chosen]
+        node = [m["node_s"] for m in chosen]
         over = [
             n - compute.get(m["type"], 0.0) for n, m in zip(node, chosen, strict=True)
         ]
         rows[kind] = {
             "messages": len(chosen),
-            "process_up_s": statistics.median(m["process_up_s"] for m in chosen),
+            "outside_handler_s": statistics.median(
+                m["outside_handler_s"] for m in chosen
+            ),
             "handler_s": statistics.median(m["handler_s"] for m in chosen),
             "node_s": statistics.median(node),
             "overhead_s": statistics.median(over),
@@ -113,7 +154,7 @@ def summarize(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run both modes, print a table, write JSON."""
+    """Run every mode, print a table, write JSON."""
     parser = base_parser(__doc__, "bench_deploy", "one round, smallest slice")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
@@ -128,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"overrides": overrides, "nodes": args.nodes}
     logs: dict[str, list[dict[str, Any]]] = {}
     compute: dict[str, float] = {}
-    for mode, workers in reversed(MODES.items()):  # the worker run gives compute
+    for mode, helper in MODES.items():
         out = (args.work / mode.replace(" ", "-")).resolve()
-        count = args.nodes if workers is None else workers
-        wall = run_deployment(out, args.nodes, count, overrides)
+        wall = run_deployment(out, args.nodes, helper, overrides)
         logs[mode], warm = parse_logs(out, args.nodes)
         compute = compute or {k: statistics.median(v) for k, v in warm.items()}
         metrics = json.loads((out / "run" / "metrics.json").read_text())
@@ -154,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mode",
                 "type",
                 "messages",
-                "process_up_s",
+                "outside_handler_s",
                 "handler_s",
                 "node_s",
                 "overhead_s",

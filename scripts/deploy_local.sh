@@ -15,12 +15,16 @@
 #   FED_ASR_SITE_WORKERS=0   the first K nodes get a site worker (fed-asr-site-worker,
 #                            the base model stays loaded between messages); the
 #                            others load it in every ClientApp process
+#   FED_ASR_SITE_EXECUTORS=0 the next K nodes (after those with a worker) run in
+#                            process isolation mode with fed-asr-site-executor (every
+#                            task in one long-lived process: no process per message)
 # Prints the path of the run's metrics.json as its last line; exit code 0 on success.
 set -euo pipefail
 
 OUT=$(python3 -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "${1:-deploy-local}")
 NODES=${FED_ASR_NODES:-2}
 WORKERS=${FED_ASR_SITE_WORKERS:-0}
+EXECUTORS=${FED_ASR_SITE_EXECUTORS:-0}
 EXTRA=${FED_ASR_OVERRIDES:-}
 TIMEOUT=${FED_ASR_TIMEOUT:-1800}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -109,7 +113,7 @@ for i in $(seq 0 $((NODES - 1))); do
         || fail "registering node-$i failed; see $OUT/register.log"
 done
 
-step "4/6 starting $NODES SuperNodes (TLS, authenticated, server signatures verified, site identities; $WORKERS with a site worker)"
+step "4/6 starting $NODES SuperNodes (TLS, authenticated, server signatures verified, site identities; $WORKERS with a site worker, $EXECUTORS with a site executor)"
 for i in $(seq 0 $((NODES - 1))); do
     WORKER_CONFIG=
     if [ "$i" -lt "$WORKERS" ]; then
@@ -118,10 +122,21 @@ for i in $(seq 0 $((NODES - 1))); do
         [ -S "$SOCKETS/node-$i.sock" ] || fail "site worker $i did not start; see $OUT/site-worker-$i.log"
         WORKER_CONFIG=" site-worker='$SOCKETS/node-$i.sock'"
     fi
+    ISOLATION=()
+    EXECUTOR=
+    if [ "$i" -ge "$WORKERS" ] && [ "$i" -lt $((WORKERS + EXECUTORS)) ]; then
+        ISOLATION=(--isolation process)
+        EXECUTOR=1
+    fi
+    RUNTIME_PORT=$(free_port)
     start "$OUT/supernode-$i.log" flower-supernode \
         --root-certificates "$CERTS/ca.crt" --auth-supernode-private-key "$CERTS/node-$i" \
-        --superlink "127.0.0.1:$PORT" --port "$(free_port)" \
+        --superlink "127.0.0.1:$PORT" --port "$RUNTIME_PORT" "${ISOLATION[@]}" \
         --node-config "partition-id=$i num-partitions=$NODES verify-key='$CERTS/signing.pub' identity-key='$CERTS/site-$i.key' site-keys='$CERTS/site-keys.json'$WORKER_CONFIG"
+    if [ -n "$EXECUTOR" ]; then
+        start "$OUT/site-executor-$i.log" fed-asr-site-executor \
+            --runtime-api-address "127.0.0.1:$RUNTIME_PORT" --insecure
+    fi
 done
 online=0
 for _ in $(seq 120); do

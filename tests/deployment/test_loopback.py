@@ -63,7 +63,11 @@ def test_loopback_deployment_tls_node_auth_end_to_end(
     env = {
         **_env(tmp_path / "unused-home"),
         "FED_ASR_OVERRIDES": " ".join(small),
-        "FED_ASR_SITE_WORKERS": "1",  # node 0 through its site worker, node 1 not
+        "FED_ASR_NODES": "3",
+        # node 0 through its site worker, node 1 by its site executor (process
+        # isolation mode), node 2 in a ClientApp process per message
+        "FED_ASR_SITE_WORKERS": "1",
+        "FED_ASR_SITE_EXECUTORS": "1",
     }
     # Execute
     result = subprocess.run(
@@ -81,23 +85,28 @@ def test_loopback_deployment_tls_node_auth_end_to_end(
     metrics = json.loads(path.read_text())
     assert metrics["stages"] == ["shape"]
     assert metrics["accuracy_matrix"][0][0] is not None
-    assert set(metrics["per_client"]) == {"0", "1"}
+    assert set(metrics["per_client"]) == {"0", "1", "2"}
     assert metrics["security"]["secure_spectrum"] and metrics["security"]["signed"]
     assert metrics["failed_replies"] == 0 and metrics["dropped_replies"] == 0
     (round_,) = metrics["rounds"]
-    assert round_["clients_answered"] == 2
+    assert round_["clients_answered"] == 3
     assert round_["bytes_up_adapter"] > 0 and round_["bytes_up_spectrum"] > 0
     assert "--enable-supernode-auth" in SCRIPT.read_text()
     # Node 0's messages were all handled by its worker (model loaded once), node 1's
-    # each in their own ClientApp process; both took part in every step above
+    # by its executor's one process, node 2's each in their own ClientApp process;
+    # all three took part in every step above
     out = tmp_path / "deploy"
     worker_lines = _timing_lines(out / "supernode-0.log")
     assert worker_lines and all(line.endswith("(site worker)") for line in worker_lines)
-    assert all(
-        line.endswith("(in-process)") for line in _timing_lines(out / "supernode-1.log")
-    )
     handled = (out / "site-worker-0.log").read_text().count(" handled in ")
     assert handled == len(worker_lines)
+    executor_log = (out / "site-executor-1.log").read_text()
+    assert executor_log.count(" done in ") == len(worker_lines)
+    assert "failed in" not in executor_log
+    assert _timing_lines(out / "supernode-1.log") == []  # no ClientApp processes
+    plain = _timing_lines(out / "supernode-2.log")
+    assert len(plain) == len(worker_lines)
+    assert all(line.endswith("(in-process)") for line in plain)
     deadline = time.monotonic() + 15  # killed processes may take a moment to go
     while True:
         left = subprocess.run(
