@@ -102,6 +102,11 @@ def parse_logs(out: Path, nodes: int) -> tuple[list[dict[str, Any]], dict[str, l
                     if kind in seen:  # the first of a type loads the model
                         warm.setdefault(kind, []).append(seconds)
                     seen.add(kind)
+    seen_types: set[tuple[int, str]] = set()
+    for message in messages:  # the first of a type per node loads model and data
+        key = (message["node"], message["type"])
+        message["cold"] = key not in seen_types
+        seen_types.add(key)
     return messages, warm
 
 
@@ -135,8 +140,14 @@ def summarize(
 ) -> dict[str, Any]:
     """Medians of node time, compute and overhead, overall and per message type."""
     rows = {}
-    for kind in sorted({m["type"] for m in messages}) + ["all"]:
-        chosen = [m for m in messages if kind in ("all", m["type"])]
+    for kind in sorted({m["type"] for m in messages}) + ["all", "all warm"]:
+        chosen = [
+            m
+            for m in messages
+            if kind == m["type"]
+            or kind == "all"
+            or (kind == "all warm" and not m["cold"])
+        ]
         node = [m["node_s"] for m in chosen]
         over = [
             n - compute.get(m["type"], 0.0) for n, m in zip(node, chosen, strict=True)
@@ -159,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("bench-deploy"))
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="summarize the logs of earlier runs in --work instead of running",
+    )
     args = parser.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
     overrides = (
@@ -171,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     compute: dict[str, float] = {}
     for mode, helper in MODES.items():
         out = (args.work / mode.replace(" ", "-")).resolve()
-        wall = run_deployment(out, args.nodes, helper, overrides)
+        metrics_path = out / "run" / "metrics.json"
+        if args.reuse and metrics_path.exists():
+            wall = float(json.loads(metrics_path.read_text())["wall_time_s"])
+        else:
+            wall = run_deployment(out, args.nodes, helper, overrides)
         logs[mode], warm = parse_logs(out, args.nodes)
         compute = compute or {k: statistics.median(v) for k, v in warm.items()}
         metrics = json.loads((out / "run" / "metrics.json").read_text())

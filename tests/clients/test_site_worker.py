@@ -240,3 +240,16 @@ def test_timing_lines_parse_in_the_deployment_benchmark(
     assert summary["evaluate"]["overhead_s"] == pytest.approx(
         summary["evaluate"]["node_s"] - 0.02
     )
+    assert summary["all warm"]["messages"] == 2  # the first of a type is cold
+    # A site executor's node: its handler line, then its whole task's line
+    (tmp_path / "site-executor-1.log").write_text(
+        caplog.records[-1].getMessage()
+        + "\nINFO: [fed-asr] site executor: evaluate done in 0.250 s\n"
+    )
+    (tmp_path / "supernode-1.log").write_text("")
+    executed, _ = parse_logs(tmp_path, nodes=2)
+    assert executed[-1]["where"] == "site executor"
+    assert executed[-1]["node_s"] == 0.25
+    assert executed[-1]["outside_handler_s"] == pytest.approx(
+        0.25 - executed[-1]["handler_s"]
+    )
