@@ -95,19 +95,26 @@ def parse_logs(out: Path, nodes: int) -> tuple[list[dict[str, Any]], dict[str, l
                     )
         worker_log = out / f"site-worker-{node}.log"
         if worker_log.exists():
-            seen: set[str] = set()
-            for line in worker_log.read_text().splitlines():
-                if match := HANDLED.search(line):
-                    kind, seconds = match.group(1), float(match.group(2))
-                    if kind in seen:  # the first of a type loads the model
-                        warm.setdefault(kind, []).append(seconds)
-                    seen.add(kind)
-    seen_types: set[tuple[int, str]] = set()
-    for message in messages:  # the first of a type per node loads model and data
-        key = (message["node"], message["type"])
-        message["cold"] = key not in seen_types
-        seen_types.add(key)
+            handled = HANDLED.findall(worker_log.read_text())
+            for (kind, seconds), cold in zip(
+                handled, _first_of_kind([kind for kind, _ in handled]), strict=True
+            ):
+                if not cold:
+                    warm.setdefault(kind, []).append(float(seconds))
+    keys = [(m["node"], m["type"]) for m in messages]
+    for message, cold in zip(messages, _first_of_kind(keys), strict=True):
+        message["cold"] = cold
     return messages, warm
+
+
+def _first_of_kind(keys: list[Any]) -> list[bool]:
+    """Whether each entry is the first of its key: the message that loads the model."""
+    seen: set[Any] = set()
+    first = []
+    for key in keys:
+        first.append(key not in seen)
+        seen.add(key)
+    return first
 
 
 def _executor_messages(log: Path, node: int) -> list[dict[str, Any]]:

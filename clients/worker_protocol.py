@@ -96,23 +96,19 @@ def code_digest(root: str | Path | None = None) -> str:
 def send_request(conn: Connection, digest: str, msg: Message, ctx: Context) -> None:
     """Send one message and its context to the worker."""
     conn.send_bytes(_header({"protocol": PROTOCOL, "digest": digest}))
-    conn.send_bytes(message_to_proto(msg).SerializeToString())
-    conn.send_bytes(context_to_proto(ctx).SerializeToString())
+    _send_message_and_context(conn, msg, ctx)
 
 
 def receive_request(conn: Connection) -> tuple[dict[str, Any], Message, Context]:
     """The header, message and context of one request (the worker's side)."""
     header = _read_header(conn)
-    msg = message_from_proto(_parse(ProtoMessage, conn))
-    ctx = context_from_proto(_parse(ProtoContext, conn))
-    return header, msg, ctx
+    return (header, *_receive_message_and_context(conn))
 
 
 def send_reply(conn: Connection, reply: Message, ctx: Context) -> None:
     """Send the handler's reply and the context it left behind."""
     conn.send_bytes(_header({"ok": True}))
-    conn.send_bytes(message_to_proto(reply).SerializeToString())
-    conn.send_bytes(context_to_proto(ctx).SerializeToString())
+    _send_message_and_context(conn, reply, ctx)
 
 
 def send_failure(conn: Connection, error: str) -> None:
@@ -125,9 +121,17 @@ def receive_reply(conn: Connection) -> tuple[Message, Context]:
     header = _read_header(conn)
     if not header.get("ok"):
         raise WorkerError(str(header.get("error", "the site worker failed")))
-    reply = message_from_proto(_parse(ProtoMessage, conn))
-    ctx = context_from_proto(_parse(ProtoContext, conn))
-    return reply, ctx
+    return _receive_message_and_context(conn)
+
+
+def _send_message_and_context(conn: Connection, msg: Message, ctx: Context) -> None:
+    conn.send_bytes(message_to_proto(msg).SerializeToString())
+    conn.send_bytes(context_to_proto(ctx).SerializeToString())
+
+
+def _receive_message_and_context(conn: Connection) -> tuple[Message, Context]:
+    msg = message_from_proto(_parse(ProtoMessage, conn))
+    return msg, context_from_proto(_parse(ProtoContext, conn))
 
 
 def _header(fields: dict[str, Any]) -> bytes:

@@ -63,9 +63,8 @@ NODE_DATA_ROOT = "data-root"
 NODE_VERIFY_KEY = "verify-key"  # path of the server's signing.pub on this node
 NODE_IDENTITY_KEY = "identity-key"  # path of this site's Ed25519 identity key
 NODE_SITE_KEYS = "site-keys"  # path of the pinned site list (site-keys.json)
-NODE_SITE_WORKER = (
-    "site-worker"  # socket of this site's long-lived worker (clients/entry.py)
-)
+# Socket of this site's long-lived worker (clients/entry.py, clients/site_worker.py)
+NODE_SITE_WORKER = "site-worker"
 
 
 def correct_key(stage: int, protocol: str = "all", skill: str | None = None) -> str:
