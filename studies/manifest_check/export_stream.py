@@ -51,7 +51,8 @@ def export(out: Path, overrides: list[str]) -> None:
             (out / f"stage_{k}_{split}.jsonl").write_text(lines, encoding="utf-8")
     names = [stage.name for stage in stream.stages]
     (out / "stages.json").write_text(json.dumps(names), encoding="utf-8")
-    print(f"{out}: {len(names)} stages {names}, {stream.num_samples('train')} train rows")
+    rows = stream.num_samples("train")
+    print(f"{out}: {len(names)} stages {names}, {rows} train rows")
 
 
 if __name__ == "__main__":
