@@ -70,6 +70,7 @@ class CentralEngine:
         self.drift = DriftMonitor(stream.skills, cfg.regularizer.cov_floor)
         self.curves: dict[str, list[tuple[float, float]]] = {n: [] for n in self.names}
         self.stage_log: list[dict[str, Any]] = []
+        self.confusion: list[dict[str, Any]] = []
         self.progress = Progress("stages", len(stream.stages), cfg.progress)
 
     def train_stage(self, stage: int, state: ContinualState) -> None:
@@ -165,6 +166,9 @@ class CentralEngine:
                 rows[protocol].append(scores.accuracy(protocol))
                 self.per_skill[protocol].add(stage, i, scores.per_skill[protocol])
             self.curves[seen.name].append((stage + 1, scores.accuracy("all")))
+            self.confusion.append(
+                {"after_stage": stage, "stage": i, "skills": scores.confusion}
+            )
             if cfg.train.diagnostics:
                 self.drift.measure(stage, i, self._probe(seen.test))
         for protocol, row in rows.items():
@@ -188,6 +192,7 @@ class CentralEngine:
                 p: m.to_json(done) for p, m in self.per_skill.items() if m.skills
             },
             "drift": self.drift.rows,
+            "answer_confusion": self.confusion,
         }
 
 

@@ -37,7 +37,8 @@ class RegularizerConfig:
       excludes DC from both and adds an epsilon to every map cell;
     - ``query_tokens``: ``"function_words"`` weights the query tokens by a
       function-word mask (uniform over the prompt when a row has none); ``"prompt"``
-      weights every prompt token after the image;
+      weights every prompt token after the image; ``"readout"`` only the prompt's
+      last token (the one that predicts the answer);
     - ``sym_kl``: ``"mean"`` is 0.5 (KL(p||q) + KL(q||p)); ``"sum"`` drops the 1/2;
     - ``geometry``: ``"paper"`` compares the batch's B x B image-text cosine
       similarities of pooled embeddings (gamma 0.02, temperature 1); ``"token"`` the
@@ -95,7 +96,9 @@ class RegularizerConfig:
                 )
         check_choice("regularizer.descriptor", self.descriptor, ("paper", "ours"))
         check_choice(
-            "regularizer.query_tokens", self.query_tokens, ("function_words", "prompt")
+            "regularizer.query_tokens",
+            self.query_tokens,
+            ("function_words", "prompt", "readout"),
         )
         check_choice("regularizer.sym_kl", self.sym_kl, ("mean", "sum"))
         check_choice("regularizer.geometry", self.geometry, ("paper", "token"))

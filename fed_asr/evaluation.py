@@ -52,6 +52,8 @@ class StageScores:
     total: int = 0
     correct: dict[str, int] = field(default_factory=dict)  # protocol -> correct
     per_skill: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    # Under the `type` protocol: skill -> gold answer -> predicted answer -> count
+    confusion: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     def accuracy(self, protocol: str = "all") -> float:
         """Accuracy under ``protocol`` (NaN without samples)."""
@@ -100,8 +102,25 @@ def score_stage(
             for skill, hit in zip(skills, hits, strict=True):
                 c, n = table.get(skill, (0, 0))
                 table[skill] = (c + int(hit), n + 1)
+        _count_confusion(
+            scores.confusion, skills, batch["answer_index"], predicted["type"], collator
+        )
         scores.total += len(chunk)
     return scores
+
+
+def _count_confusion(
+    confusion: dict[str, dict[str, dict[str, int]]],
+    skills: Sequence[str],
+    gold: Tensor,
+    predicted: Tensor,
+    collator: VQACollator,
+) -> None:
+    """Add (gold, predicted) answer pairs per skill to ``confusion``."""
+    answers = collator.answers
+    for skill, g, p in zip(skills, gold.tolist(), predicted.tolist(), strict=True):
+        row = confusion.setdefault(skill, {}).setdefault(answers[g], {})
+        row[answers[p]] = row.get(answers[p], 0) + 1
 
 
 @dataclass

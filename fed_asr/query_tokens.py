@@ -5,7 +5,8 @@ DESIGN section 2, step 2: the paper's code weights the text queries by a
 auxiliaries, determiners, prepositions, ...), so the map averages the content words'
 attention, and falls back to uniform weights over the prompt when a question has no
 content word. This project's earlier choice weights every
-prompt token after the image (``mode="prompt"``).
+prompt token after the image (``mode="prompt"``); ``mode="readout"`` keeps only the
+prompt's last token, the one that predicts the answer.
 
 The capture's query rows are the positions ``image_end..S-1`` of the batch; the
 collator's ``query_mask`` (B, Tq) marks the prompt tokens among them. Build the
@@ -30,7 +31,7 @@ __all__ = [
     "query_token_weights",
 ]
 
-QUERY_TOKEN_MODES = ("function_words", "prompt")
+QUERY_TOKEN_MODES = ("function_words", "prompt", "readout")
 
 # Closed-class English words: question words, auxiliaries, determiners, pronouns,
 # prepositions, conjunctions and negation.
@@ -128,7 +129,9 @@ def query_token_weights(
     mode : str
         ``"function_words"`` (paper): function words masked out (the prompt's
         content words), or the whole prompt for a row without a content word;
-        ``"prompt"``: the whole prompt.
+        ``"prompt"``: the whole prompt; ``"readout"`` (ours): only the prompt's last
+        token, the position whose next-token distribution is the answer's first
+        token (the attention that reads the answer out of the image).
 
     Returns
     -------
@@ -145,6 +148,9 @@ def query_token_weights(
             f"`mode` must be one of {sorted(QUERY_TOKEN_MODES)}, got {mode!r}."
         )
     prompt = query_mask.bool()
+    if mode == "readout":
+        after = prompt.flip(1).long().cumsum(1).flip(1)  # prompt tokens at or after
+        return (prompt & (after == 1)).float()
     if mode == "prompt" or function_mask is None:
         return prompt.float()
     if function_mask.shape != query_mask.shape:

@@ -18,7 +18,7 @@ from torch import Tensor
 from fed_asr.config import RegularizerConfig, TrainConfig
 from fed_asr.data import VQASample, skill_probabilities
 from fed_asr.diagnostics import grad_norm_ratios
-from fed_asr.methods import ContinualMethod, StepContext
+from fed_asr.methods import ContinualMethod, StepContext, preserve_requires_grad
 from fed_asr.models import (
     VQACollator,
     forward_with_attention,
@@ -98,6 +98,41 @@ def train_stage(
     start = time.perf_counter()
     if len(samples) == 0:
         return StageTrainResult(num_examples=0, steps=0, seconds=0.0)
+    with preserve_requires_grad(model):
+        for name, param in model.named_parameters():
+            if param.requires_grad and not method.optimizes(name):
+                param.requires_grad_(False)
+        return _train(
+            model,
+            collator,
+            samples,
+            skills,
+            method,
+            train_cfg,
+            reg_cfg,
+            capture_mode,
+            epochs,
+            seed,
+            progress,
+            start,
+        )
+
+
+def _train(
+    model: torch.nn.Module,
+    collator: VQACollator,
+    samples: Sequence[VQASample],
+    skills: Sequence[str],
+    method: ContinualMethod,
+    train_cfg: TrainConfig,
+    reg_cfg: RegularizerConfig,
+    capture_mode: str,
+    epochs: int | None,
+    seed: int,
+    progress: Progress | None,
+    start: float,
+) -> StageTrainResult:
+    """The optimisation loop of :func:`train_stage` (parameters already selected)."""
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

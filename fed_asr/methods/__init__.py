@@ -6,7 +6,16 @@ A method is a :class:`ContinualMethod` subclass plus an options dataclass, bound
 method = one module here (imported below) + one ``configs/method/<name>.yaml``.
 """
 
-from fed_asr.methods import asr, asr_local, ewc, fedprox, joint, lwf, vanilla
+from fed_asr.methods import (
+    asr,
+    asr_local,
+    ewc,
+    fedprox,
+    frozen_attention,
+    joint,
+    lwf,
+    vanilla,
+)
 from fed_asr.methods.base import (
     PREVIOUS_ADAPTER,
     ContinualMethod,
@@ -41,6 +50,7 @@ __all__ = [
     "build_method",
     "ewc",
     "fedprox",
+    "frozen_attention",
     "joint",
     "lwf",
     "method_entry",

@@ -149,6 +149,14 @@ class ContinualMethod:
         """Named, already weighted loss terms added to the task loss."""
         return {}
 
+    def optimizes(self, parameter_name: str) -> bool:
+        """Whether ``train_stage`` updates this trainable parameter (default: all).
+
+        Asked after ``set_memory``; a parameter it declines keeps its received value
+        for the stage (its ``requires_grad`` is off while the stage trains).
+        """
+        return True
+
     def stage_end_statistics(
         self, name: str, model: Any, collator: Any, samples: Sequence[VQASample]
     ) -> tuple[dict[str, Tensor], int]:

@@ -77,9 +77,7 @@ def fisher_sums(
         for start in range(0, len(samples), batch_size):
             chunk = list(samples[start : start + batch_size])
             batch = collator(chunk)
-            inputs = {
-                k: v.to(device) for k, v in model_inputs(model, batch).items()
-            }
+            inputs = {k: v.to(device) for k, v in model_inputs(model, batch).items()}
             loss = model(**inputs).loss
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for key, grad in zip(params, grads, strict=True):

@@ -71,6 +71,20 @@ def test_query_token_weights_mask_function_words_and_fall_back_to_prompt() -> No
     torch.testing.assert_close(ours, prompt.float())
 
 
+def test_query_token_weights_readout_is_the_last_prompt_token_of_each_row() -> None:
+    # Prepare: ragged prompts (answer tokens after them), one row without a prompt
+    prompt = torch.tensor(
+        [[True, True, True, False], [True, False, False, False], [False] * 4]
+    )
+
+    # Execute
+    readout = query_token_weights(prompt, mode="readout")
+
+    # Assert
+    expected = torch.tensor([[0.0, 0, 1, 0], [1.0, 0, 0, 0], [0.0, 0, 0, 0]])
+    torch.testing.assert_close(readout, expected)
+
+
 def test_query_token_weights_unknown_mode_raises() -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="`mode` must be one of"):

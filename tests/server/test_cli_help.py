@@ -20,7 +20,8 @@ def test_cli_help_lists_groups_with_choices_and_fields_with_defaults(
     # Assert
     out = capsys.readouterr().out
     assert code == 0
-    assert "  method     asr*, asr_local, ewc, fedprox, joint, lwf, vanilla" in out
+    methods = "asr*, asr_local, ewc, fedprox, frozen_attention, joint, lwf, vanilla"
+    assert f"  method     {methods}" in out
     assert "  tracking   mlflow, none, tensorboard*, wandb" in out
     assert "  engine     central, simulation*" in out
     for field in ("seed=0", "federation.rounds_per_stage=2", "lora.r=8"):

@@ -95,6 +95,27 @@ def test_score_stage_type_protocol_is_at_least_as_accurate_per_skill(
         assert total == scores.per_skill["all"][skill][1]
 
 
+def test_score_stage_confusion_counts_gold_and_type_predictions_per_skill(
+    tiny,
+    labelled: list[VQASample],  # noqa: ANN001
+) -> None:
+    # Prepare
+    model, collator = tiny
+
+    # Execute
+    scores = score_stage(model, collator, labelled, 2, SKILL_ANSWERS)
+
+    # Assert: one count per sample, gold rows of its skill, hits on the diagonal
+    confusion = scores.confusion
+    assert set(confusion["shape"]) == {"rectangle", "triangle"}
+    for skill, (correct, total) in scores.per_skill["type"].items():
+        rows = confusion[skill]
+        assert sum(n for row in rows.values() for n in row.values()) == total
+        assert sum(row.get(gold, 0) for gold, row in rows.items()) == correct
+        predicted = {p for row in rows.values() for p in row}
+        assert predicted <= set(SKILL_ANSWERS[skill])
+
+
 def test_probe_attention_grounding_only_for_samples_with_region(
     tiny,
     labelled: list[VQASample],  # noqa: ANN001
