@@ -9,6 +9,7 @@ method = one module here (imported below) + one ``configs/method/<name>.yaml``.
 from fed_asr.methods import (
     asr,
     asr_local,
+    attention_distill,
     ewc,
     fedprox,
     frozen_attention,
@@ -47,6 +48,7 @@ __all__ = [
     "StepContext",
     "asr",
     "asr_local",
+    "attention_distill",
     "build_method",
     "ewc",
     "fedprox",

@@ -1,7 +1,10 @@
 """Summarise the scenes comparison (docs/findings.md): one JSON and a Markdown table.
 
-Usage: python studies/scenes/summarize.py OUT_DIR
+Usage: python studies/scenes/summarize.py OUT_DIR [--confusion SKILL]
 Reads OUT_DIR/<variant>-s<seed>/metrics.json; writes OUT_DIR/summary.{json,md}.
+``--confusion SKILL`` adds, per variant, how stage 0's SKILL questions were answered
+after its own stage and after the last one (central runs' ``answer_confusion``, type
+protocol, summed over seeds).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def _share(m: dict, stage: int, after: int) -> float | None:
     return None
 
 
-def main(out: Path) -> None:
+def main(out: Path, confusion_skill: str | None = None) -> None:
     runs: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(out.glob("*-s*/metrics.json")):
         variant = path.parent.name.rsplit("-s", 1)[0]
@@ -102,10 +105,53 @@ def main(out: Path) -> None:
             for s in skills
         ]
         table.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if confusion_skill:
+        table += _confusion_table(runs, confusion_skill, rows)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "summary.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
 
+def _pooled_confusion(ms: list[dict], skill: str, after: int) -> dict[str, dict]:
+    pooled: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for m in ms:
+        for row in m.get("answer_confusion", []):
+            if row["stage"] == 0 and row["after_stage"] == after:
+                for gold, preds in row["skills"].get(skill, {}).items():
+                    for pred, n in preds.items():
+                        pooled[gold][pred] += n
+    return {g: dict(p) for g, p in sorted(pooled.items())}
+
+
+def _confusion_table(runs: dict, skill: str, rows: dict) -> list[str]:
+    """Stage 0's ``skill`` answers after stage 0 and after the last stage."""
+    lines = [
+        "",
+        f"Stage 0's {skill} questions: gold -> predicted counts, "
+        "after stage 0 | after the last stage (type protocol, seeds summed):",
+        "",
+    ]
+    for variant, ms in sorted(runs.items()):
+        T = len(ms[0]["stages"])
+        first, last = (_pooled_confusion(ms, skill, a) for a in (0, T - 1))
+        if not last:
+            continue
+        rows[variant][f"confusion_{skill}_stage0"] = {
+            "after_0": first,
+            "after_last": last,
+        }
+        cells = [
+            f"{gold}: {first.get(gold, {})} | {last[gold]}" for gold in sorted(last)
+        ]
+        lines.append(f"- {variant}: " + "; ".join(cells))
+    return lines
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    skill = None
+    if "--confusion" in args:
+        at = args.index("--confusion")
+        skill = args[at + 1]
+        del args[at : at + 2]
+    main(Path(args[0]), skill)

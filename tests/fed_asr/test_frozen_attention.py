@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+from typing import Any, ClassVar
+
 import pytest
 import torch
+from flower_helpers import set_task_identity
+from flwr.app import Context, RecordDict
 from helpers import TINY_MODEL_FIELDS
+from safetensors.torch import load_file
 
+from clients.app import make_client_app
+from clients.testing import LoopbackGrid
+from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import (
     DataConfig,
@@ -14,12 +24,21 @@ from fed_asr.config import (
     ModelConfig,
     RegularizerConfig,
     TrainConfig,
+    compose_config,
 )
 from fed_asr.data import build_stream
-from fed_asr.methods import PREVIOUS_ADAPTER, build_method
+from fed_asr.methods import (
+    PREVIOUS_ADAPTER,
+    MethodMemory,
+    build_method,
+    register_method,
+    unregister_method,
+)
+from fed_asr.methods.frozen_attention import FrozenAttention, FrozenAttentionOptions
 from fed_asr.models import VQACollator, adapter_state
 from fed_asr.models.tiny import build_tiny
 from fed_asr.train import train_stage
+from server.run import FederatedRun
 
 MODEL = ModelConfig(**TINY_MODEL_FIELDS)  # type: ignore[arg-type]
 REG = RegularizerConfig(l_sel=2)
@@ -70,3 +89,75 @@ def test_frozen_attention_refuses_an_empty_module_list() -> None:
         build_method(
             MethodConfig(name="frozen_attention", options={"modules": []}), REG
         )
+
+
+class _RecordingFrozenAttention(FrozenAttention):
+    """``frozen_attention`` that records the memory each client receives."""
+
+    received: ClassVar[list[MethodMemory]] = []
+
+    def set_memory(self, model: Any, memory: MethodMemory) -> None:
+        _RecordingFrozenAttention.received.append(
+            {n: {k: v.clone() for k, v in g.items()} for n, g in memory.items()}
+        )
+        super().set_memory(model, memory)
+
+
+def test_frozen_attention_keeps_q_k_of_the_global_adapter_in_a_federation(
+    run_overrides,  # noqa: ANN001
+) -> None:
+    # Prepare: two clients in process (real ServerApp run and ClientApps)
+    name = "frozen_attention_recorded"
+    register_method(name, _RecordingFrozenAttention, FrozenAttentionOptions)
+    _RecordingFrozenAttention.received = []
+    set_task_identity(7)
+    overrides = [
+        *run_overrides(
+            "f",
+            **{
+                "data.max_train_per_stage": 16,
+                "data.max_test_per_stage": 8,
+                "train.max_steps_per_stage": 2,
+                "train.lr": 0.05,
+            },
+        ),
+        f"method.name={name}",
+        f"method/options={name}",
+        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+    ]
+    try:
+        cfg = compose_config("config", overrides)
+        run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
+        nodes = {101: 0, 102: 1}
+        contexts = {
+            node: Context(
+                run_id=7,
+                node_id=node,
+                node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: 2},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for node, p in nodes.items()
+        }
+        app = make_client_app()
+        grid = LoopbackGrid(dict.fromkeys(nodes, app), contexts)
+
+        # Execute
+        FederatedRun(cfg, grid, engine="simulation").run()
+    finally:
+        unregister_method(name)
+
+    # Assert: stage 1's clients got the stage-0 adapter; the final global adapter
+    # keeps its q/k weights and moved the others
+    previous = _RecordingFrozenAttention.received[-1][PREVIOUS_ADAPTER]
+    final = load_file(
+        str(Path(cfg.output_dir) / "adapter" / "adapter_model.safetensors")
+    )
+    final = {k.replace(".weight", ""): v for k, v in final.items()}
+    common = {k: k.replace(".weight", "") for k in previous}
+    frozen = [k for k in previous if _is_frozen_key(k) and "lora_B" in k]
+    trained = [k for k in previous if not _is_frozen_key(k) and "lora_B" in k]
+    assert frozen and trained
+    for key in frozen:
+        torch.testing.assert_close(final[common[key]], previous[key])
+    assert any(not torch.allclose(final[common[k]], previous[k]) for k in trained)

@@ -20,7 +20,10 @@ def test_cli_help_lists_groups_with_choices_and_fields_with_defaults(
     # Assert
     out = capsys.readouterr().out
     assert code == 0
-    methods = "asr*, asr_local, ewc, fedprox, frozen_attention, joint, lwf, vanilla"
+    methods = (
+        "asr*, asr_local, attention_distill, ewc, fedprox, frozen_attention, joint, "
+        "lwf, vanilla"
+    )
     assert f"  method     {methods}" in out
     assert "  tracking   mlflow, none, tensorboard*, wandb" in out
     assert "  engine     central, simulation*" in out

@@ -1,0 +1,96 @@
+"""``attention_distill``: keep the previous stage's text-to-image attention maps.
+
+A data-free bound for attention-preserving methods: LwF's teacher (the global adapter
+at the end of the previous stage, ``fed_asr.methods.lwf``) is run on the *current*
+batch, and the student's text-to-image attention maps of the last
+``regularizer.l_sel`` layers are pulled to the teacher's, map by map (every sample,
+layer and head), with KL(teacher || student). ASR keeps only per-skill spectral
+statistics of such maps; this keeps the maps themselves. If it does not reduce
+forgetting, no constraint on these maps computed from current data can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fed_asr.methods.base import StepContext, check_non_negative
+from fed_asr.methods.lwf import TEACHER_ADAPTER, LwF, active_adapter
+from fed_asr.methods.registry import register_method
+from fed_asr.query_tokens import query_token_weights
+
+_EPS = 1e-8
+
+
+@dataclass
+class AttentionDistillOptions:
+    """Options of ``attention_distill``: the weight of the map distillation."""
+
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_non_negative("weight", self.weight)
+
+
+def query_weighted_maps(attn: Tensor, token_weights: Tensor) -> Tensor:
+    """(B, L, H, P) attention maps averaged over the weighted query rows, sum 1.
+
+    Parameters
+    ----------
+    attn : Tensor
+        (B, L, H, Tq, P) text-to-image attention (a capture's ``attn``).
+    token_weights : Tensor
+        (B, Tq) non-negative query-row weights (``query_token_weights``).
+    """
+    w = token_weights.to(attn.dtype)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(_EPS)  # (B, Tq)
+    maps = torch.einsum("blhtp,bt->blhp", attn, w)  # (B, L, H, P)
+    return maps / maps.sum(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def map_distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over maps of KL(teacher || student) for (..., P) maps that sum to 1."""
+    s = student.clamp_min(_EPS)
+    t = teacher.clamp_min(_EPS)
+    return (t * (t.log() - s.log())).sum(dim=-1).mean()
+
+
+class AttentionDistill(LwF):
+    """Distil the previous adapter's attention maps on the current batch.
+
+    Memory and teacher as in ``lwf`` (``keep_adapter``, a second peft adapter);
+    penalty ``weight * mean KL(teacher map || student map)`` over the batch's
+    samples and the selected layers' heads, maps weighted over the query tokens by
+    ``regularizer.query_tokens``.
+    """
+
+    needs_attention = True
+
+    def __init__(self, options: AttentionDistillOptions, regularizer: Any) -> None:
+        super().__init__(options, regularizer)  # type: ignore[arg-type]
+
+    def penalties(self, ctx: StepContext) -> dict[str, Tensor]:
+        """``attn``: weight * KL(teacher maps || student maps) (none in stage 0)."""
+        if not self.has_teacher or self.options.weight == 0:
+            return {}
+        student = ctx.capture
+        if student is None:
+            raise ValueError("`attention_distill` needs the step's attention capture.")
+        with torch.no_grad(), active_adapter(ctx.model, TEACHER_ADAPTER):
+            teacher = ctx.forward(hidden=False)
+        weights = query_token_weights(
+            student.query_mask,
+            ctx.batch.get("function_mask"),
+            self.reg_cfg.query_tokens,
+        )
+        loss = map_distillation_loss(
+            query_weighted_maps(student.attn, weights),
+            query_weighted_maps(teacher.attn, weights),
+        )
+        return {"attn": self.options.weight * loss}
+
+
+register_method("attention_distill", AttentionDistill, AttentionDistillOptions)

@@ -1,0 +1,94 @@
+"""``attention_distill``: the previous adapter's attention maps on the current batch."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from helpers import TINY_MODEL_FIELDS
+
+from fed_asr.adapter_aggregation import get_lora_aggregation
+from fed_asr.config import (
+    DataConfig,
+    LoraConfig,
+    MethodConfig,
+    ModelConfig,
+    RegularizerConfig,
+)
+from fed_asr.data import build_stream
+from fed_asr.methods import (
+    PREVIOUS_ADAPTER,
+    StepContext,
+    build_method,
+    trainable_parameters,
+)
+from fed_asr.methods.attention_distill import map_distillation_loss, query_weighted_maps
+from fed_asr.models import VQACollator, adapter_state, forward_with_attention
+from fed_asr.models.tiny import build_tiny
+
+MODEL = ModelConfig(**TINY_MODEL_FIELDS)  # type: ignore[arg-type]
+REG = RegularizerConfig(l_sel=2)
+
+
+def test_query_weighted_maps_average_the_weighted_rows_and_sum_to_one() -> None:
+    # Prepare: one sample, one layer-head, two query rows over 2 cells
+    attn = torch.tensor([[0.6, 0.2], [0.1, 0.3]]).reshape(1, 1, 1, 2, 2)
+    weights = torch.tensor([[1.0, 0.0]])
+
+    # Execute
+    maps = query_weighted_maps(attn, weights)
+
+    # Assert: only row 0 counts, renormalised over the cells
+    torch.testing.assert_close(maps, torch.tensor([0.75, 0.25]).reshape(1, 1, 1, 2))
+    kl = map_distillation_loss(maps, torch.tensor([0.5, 0.5]).reshape(1, 1, 1, 2))
+    expected = 0.5 * (
+        torch.log(torch.tensor(0.5 / 0.75)) + torch.log(torch.tensor(2.0))
+    )
+    torch.testing.assert_close(kl, expected)
+
+
+def test_attention_distill_zero_against_itself_positive_and_differentiable_after() -> (
+    None
+):
+    # Prepare: the teacher is the current adapter
+    stream = build_stream(DataConfig(max_train_per_stage=8, max_test_per_stage=4), 0)
+    base, processor = build_tiny(MODEL, stream.vocabulary())
+    model = get_lora_aggregation("fedavg").attach(base, LoraConfig(r=4), seed=0)
+    collator = VQACollator(processor, MODEL.prompt_template, stream.answers)
+    method = build_method(MethodConfig(name="attention_distill"), REG)
+    batch = collator(stream.stages[0].train[:4])
+
+    def ctx() -> StepContext:
+        forward = partial(forward_with_attention, model, batch, REG.l_sel, "selective")
+        return StepContext(
+            model=model,
+            batch=batch,
+            capture=forward(hidden=False),
+            skill_probs=torch.zeros(4, 1),
+            forward=forward,
+        )
+
+    assert method.penalties(ctx()) == {}  # no teacher in the first stage
+    method.set_memory(model, {PREVIOUS_ADAPTER: adapter_state(model)})
+
+    # Execute
+    same = method.penalties(ctx())["attn"]
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(0.3 * torch.randn_like(p))
+    differs = method.penalties(ctx())["attn"]
+    differs.backward()
+
+    # Assert
+    torch.testing.assert_close(same, torch.tensor(0.0), atol=1e-6, rtol=0)
+    assert float(differs.detach()) > 1e-6
+    grads = [p.grad for p in trainable_parameters(model).values()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_attention_distill_refuses_a_negative_weight() -> None:
+    with pytest.raises(ValueError, match="method.options.weight"):
+        build_method(
+            MethodConfig(name="attention_distill", options={"weight": -1.0}), REG
+        )
