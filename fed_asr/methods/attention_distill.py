@@ -30,6 +30,9 @@ class AttentionDistillOptions:
     """Options of ``attention_distill``: the weight of the map distillation."""
 
     weight: float = 1.0
+    # Keep how much attention goes to the image at all: distil P + 1 bins (the image
+    # cells unnormalised and the mass on every other key) instead of maps that sum to 1
+    image_mass: bool = False
 
     def __post_init__(self) -> None:
         check_non_negative("weight", self.weight)
@@ -51,6 +54,20 @@ def query_weighted_maps(attn: Tensor, token_weights: Tensor) -> Tensor:
     return maps / maps.sum(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
+def with_rest_mass(attn: Tensor, token_weights: Tensor) -> Tensor:
+    """(B, L, H, P + 1): weighted image-cell attention plus the mass on other keys.
+
+    ``attn`` holds the softmax probabilities over every key restricted to the image
+    cells (``fed_asr.models.capture``), so a row sums to at most 1; the last bin is
+    the rest (text tokens, other images).
+    """
+    w = token_weights.to(attn.dtype)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(_EPS)  # (B, Tq)
+    cells = torch.einsum("blhtp,bt->blhp", attn, w)  # (B, L, H, P)
+    rest = (1.0 - cells.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, L, H, 1)
+    return torch.cat([cells, rest], dim=-1)
+
+
 def map_distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Mean over maps of KL(teacher || student) for (..., P) maps that sum to 1."""
     s = student.clamp_min(_EPS)
@@ -64,7 +81,8 @@ class AttentionDistill(LwF):
     Memory and teacher as in ``lwf`` (``keep_adapter``, a second peft adapter);
     penalty ``weight * mean KL(teacher map || student map)`` over the batch's
     samples and the selected layers' heads, maps weighted over the query tokens by
-    ``regularizer.query_tokens``.
+    ``regularizer.query_tokens``; with ``image_mass`` the maps keep their share of
+    the attention (plus one bin for the rest) instead of summing to 1.
     """
 
     needs_attention = True
@@ -86,9 +104,9 @@ class AttentionDistill(LwF):
             ctx.batch.get("function_mask"),
             self.reg_cfg.query_tokens,
         )
+        as_maps = with_rest_mass if self.options.image_mass else query_weighted_maps
         loss = map_distillation_loss(
-            query_weighted_maps(student.attn, weights),
-            query_weighted_maps(teacher.attn, weights),
+            as_maps(student.attn, weights), as_maps(teacher.attn, weights)
         )
         return {"attn": self.options.weight * loss}
 

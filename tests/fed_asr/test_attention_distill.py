@@ -23,7 +23,11 @@ from fed_asr.methods import (
     build_method,
     trainable_parameters,
 )
-from fed_asr.methods.attention_distill import map_distillation_loss, query_weighted_maps
+from fed_asr.methods.attention_distill import (
+    map_distillation_loss,
+    query_weighted_maps,
+    with_rest_mass,
+)
 from fed_asr.models import VQACollator, adapter_state, forward_with_attention
 from fed_asr.models.tiny import build_tiny
 
@@ -48,15 +52,30 @@ def test_query_weighted_maps_average_the_weighted_rows_and_sum_to_one() -> None:
     torch.testing.assert_close(kl, expected)
 
 
-def test_attention_distill_zero_against_itself_positive_and_differentiable_after() -> (
-    None
-):
+def test_with_rest_mass_keeps_the_image_share_and_adds_the_rest() -> None:
+    # Prepare: one query row putting 0.3 + 0.1 of its attention on the two cells
+    attn = torch.tensor([[0.3, 0.1], [0.5, 0.5]]).reshape(1, 1, 1, 2, 2)
+    weights = torch.tensor([[1.0, 0.0]])
+
+    # Execute
+    bins = with_rest_mass(attn, weights)
+
+    # Assert
+    torch.testing.assert_close(bins, torch.tensor([0.3, 0.1, 0.6]).reshape(1, 1, 1, 3))
+
+
+@pytest.mark.parametrize("image_mass", [False, True])
+def test_attention_distill_zero_against_itself_positive_and_differentiable_after(
+    image_mass: bool,
+) -> None:
     # Prepare: the teacher is the current adapter
     stream = build_stream(DataConfig(max_train_per_stage=8, max_test_per_stage=4), 0)
     base, processor = build_tiny(MODEL, stream.vocabulary())
     model = get_lora_aggregation("fedavg").attach(base, LoraConfig(r=4), seed=0)
     collator = VQACollator(processor, MODEL.prompt_template, stream.answers)
-    method = build_method(MethodConfig(name="attention_distill"), REG)
+    method = build_method(
+        MethodConfig(name="attention_distill", options={"image_mass": image_mass}), REG
+    )
     batch = collator(stream.stages[0].train[:4])
 
     def ctx() -> StepContext:
