@@ -183,9 +183,17 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     aggregation: str = "fedavg"
+    # Where target_modules are matched: `language_model` (its decoder layers only) or
+    # `all` (the vision tower's identically named projections too)
+    scope: str = "language_model"
 
     def __post_init__(self) -> None:
         check_positive("lora.r", self.r)
+        if self.scope not in ("language_model", "all"):
+            raise ValueError(
+                "`lora.scope` must be one of ['all', 'language_model'], "
+                f"got {self.scope!r}."
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`lora.dropout` must be in [0, 1), got {self.dropout}.")
         if not self.target_modules:

@@ -60,7 +60,7 @@ def attach_lora(
     model: nn.Module,
     lora: LoraConfig,
     *,
-    scope: str = "language_model",
+    scope: str | None = None,
     ffa: bool = False,
     seed: int | None = None,
 ) -> PeftModel:
@@ -73,8 +73,9 @@ def attach_lora(
         per base model and later replace adapter weights with ``load_adapter_state``.
     lora : LoraConfig
         Rank, alpha, dropout and ``target_modules`` names.
-    scope : str
-        ``"language_model"`` (default) or ``"all"``; see ``lora_target_modules``.
+    scope : str | None
+        ``"language_model"`` or ``"all"`` (see ``lora_target_modules``); None uses
+        ``lora.scope``.
     ffa : bool
         FFA-LoRA: keep every ``lora_A`` frozen at its (seeded) initialisation and train
         only ``lora_B``.
@@ -92,6 +93,7 @@ def attach_lora(
     ValueError
         No module matched ``lora.target_modules`` within ``scope``.
     """
+    scope = lora.scope if scope is None else scope
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

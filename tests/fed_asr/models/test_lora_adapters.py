@@ -81,6 +81,21 @@ def test_attach_lora_scope_all_also_targets_vision_tower(
     assert len(names) == 2 * (cfg.text_layers + cfg.vision_layers)
 
 
+def test_lora_config_scope_reaches_the_vision_tower_and_refuses_unknown(
+    cfg: ModelConfig, vocab: list[str]
+) -> None:
+    # Prepare
+    base, _ = build_tiny(cfg, vocab)
+
+    # Execute
+    model = attach_lora(base, LoraConfig(r=4, scope="all"))
+
+    # Assert
+    assert any("vision_tower" in n for n in _lora_module_names(model))
+    with pytest.raises(ValueError, match="lora.scope"):
+        LoraConfig(scope="vision")
+
+
 def test_attach_lora_unknown_target_raises(cfg: ModelConfig, vocab: list[str]) -> None:
     # Prepare
     base, _ = build_tiny(cfg, vocab)
