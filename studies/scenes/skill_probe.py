@@ -7,8 +7,8 @@ e.g.   python studies/scenes/skill_probe.py out/shape.json shape --epochs 8 \\
 
 Builds the run's base and adapter exactly as ``engine=central`` does (same
 preparation cache), keeps only SKILL's questions of stage K (train and test), and
-trains them with the method's loss (``method=vanilla`` for a plain probe) one epoch
-at a time, scoring SKILL's test questions under the ``type`` protocol before
+trains them with the task loss (``method=vanilla`` unless overridden) one epoch at
+a time, scoring SKILL's test questions under the ``type`` protocol before
 training and after every epoch. A skill still at chance after many epochs of its
 own data is beyond the base (its resolution or capacity), not forgotten.
 """
@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     cfg = compose_config(
-        "config", ["engine=central", "progress=false", *args.overrides]
+        "config",
+        ["engine=central", "progress=false", "method=vanilla", *args.overrides],
     )
     seed_everything(cfg.seed)
     stream = build_stream(cfg.data, cfg.seed)
