@@ -1,0 +1,99 @@
+"""The scenes study scripts run end to end on the smallest settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import small_run_overrides
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_skill_probe_trains_one_skill_and_writes_its_curve(
+    model_cache: str, tmp_path: Path
+) -> None:
+    # Prepare: the test config's stream (stage 0 = shape questions)
+    out = tmp_path / "probe.json"
+    overrides = small_run_overrides(model_cache, str(tmp_path / "run"))
+
+    # Execute
+    done = subprocess.run(
+        [
+            sys.executable,
+            "studies/scenes/skill_probe.py",
+            str(out),
+            "shape",
+            "--epochs",
+            "2",
+            *overrides,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    # Assert
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["skill"] == "shape" and result["train"] > 0 and result["test"] > 0
+    assert [row["epoch"] for row in result["curve"]] == [0, 1, 2]
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in result["curve"])
+    assert result["chance"] == 1 / len(result["answers"])
+
+
+def test_summarize_reports_confusion_of_stage_zero(tmp_path: Path) -> None:
+    # Prepare: two hand-made runs of one variant with answer_confusion rows
+    def run(seed: int, last: dict[str, dict[str, int]]) -> dict:
+        skill = {"metrics": {"AF": 0.1, "Last": 0.5}, "accuracy_matrix": [[1.0]]}
+        return {
+            "stages": ["a", "b"],
+            "seed": seed,
+            "Last": 0.5,
+            "AF": 0.1,
+            "metrics_type": {"Last": 0.5, "AF": 0.1},
+            "per_skill": {"type": {"count": skill}},
+            "accuracy_matrix": [[1.0, None], [0.5, 1.0]],
+            "answer_confusion": [
+                {
+                    "after_stage": 0,
+                    "stage": 0,
+                    "skills": {"count": {"two": {"two": 2}}},
+                },
+                {"after_stage": 1, "stage": 0, "skills": {"count": last}},
+            ],
+        }
+
+    for seed, last in ((0, {"two": {"one": 2}}), (1, {"two": {"one": 1, "two": 1}})):
+        folder = tmp_path / f"vanilla-s{seed}"
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(run(seed, last)))
+
+    # Execute
+    done = subprocess.run(
+        [
+            sys.executable,
+            "studies/scenes/summarize.py",
+            str(tmp_path),
+            "--confusion",
+            "count",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    # Assert: seeds summed, after stage 0 and after the last stage
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    confusion = summary["vanilla"]["confusion_count_stage0"]
+    assert confusion == {
+        "after_0": {"two": {"two": 4}},
+        "after_last": {"two": {"one": 3, "two": 1}},
+    }
