@@ -8,7 +8,8 @@ processor and narrow configs.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -98,100 +99,82 @@ def train_stage(
     start = time.perf_counter()
     if len(samples) == 0:
         return StageTrainResult(num_examples=0, steps=0, seconds=0.0)
+    with _only_what_the_method_optimizes(model, method):
+        device = model_device(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+        )
+        generator = torch.Generator().manual_seed(seed)
+        n_epochs = train_cfg.epochs if epochs is None else epochs
+        plan = [
+            b
+            for _ in range(n_epochs)
+            for b in _batches(len(samples), train_cfg.batch_size, generator)
+        ]
+        if train_cfg.max_steps_per_stage is not None:
+            plan = plan[: train_cfg.max_steps_per_stage]
+        if progress is not None:
+            progress.total = len(plan)
+        sums: dict[str, float] = {}
+        ratio_sums: dict[str, list[float]] = {}
+        method.before_training(model)
+        model.train()
+        for step, indices in enumerate(plan, start=1):
+            chunk = [samples[i] for i in indices]
+            batch = move_batch(collator(chunk), device)
+            probs = skill_probabilities(chunk, skills).to(device)
+            keys = [(sample.image, sample.question) for sample in chunk]
+            terms = _step_losses(
+                model, batch, probs, method, reg_cfg, capture_mode, keys
+            )
+            total = sum(terms.values())
+            assert isinstance(total, Tensor)
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"Non-finite loss at step {step}: "
+                    f"{ {k: float(v) for k, v in terms.items()} }"
+                )
+            penalties = {
+                k: v for k, v in terms.items() if k != "task" and v.requires_grad
+            }
+            if train_cfg.diagnostics and penalties and step % train_cfg.log_every == 1:
+                ratios = grad_norm_ratios(params, terms["task"], penalties)
+                for name, ratio in ratios.items():
+                    ratio_sums.setdefault(name, []).append(ratio)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+            optimizer.step()
+            for name, value in {**terms, "total": total}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            if progress is not None and (
+                step % train_cfg.log_every == 0 or step == len(plan)
+            ):
+                shown = " ".join(f"{k}={v / step:.4f}" for k, v in sums.items())
+                progress.update(step, shown)
+        model.eval()
+        losses = {name: value / len(plan) for name, value in sums.items()}
+        return StageTrainResult(
+            num_examples=len(samples),
+            steps=len(plan),
+            seconds=time.perf_counter() - start,
+            losses=losses,
+            grad_ratios={k: sum(v) / len(v) for k, v in ratio_sums.items()},
+        )
+
+
+@contextmanager
+def _only_what_the_method_optimizes(
+    model: torch.nn.Module, method: ContinualMethod
+) -> Iterator[None]:
+    """Freeze the trainable parameters ``method.optimizes`` declines; restore after."""
     with preserve_requires_grad(model):
         for name, param in model.named_parameters():
             if param.requires_grad and not method.optimizes(name):
                 param.requires_grad_(False)
-        return _train(
-            model,
-            collator,
-            samples,
-            skills,
-            method,
-            train_cfg,
-            reg_cfg,
-            capture_mode,
-            epochs,
-            seed,
-            progress,
-            start,
-        )
-
-
-def _train(
-    model: torch.nn.Module,
-    collator: VQACollator,
-    samples: Sequence[VQASample],
-    skills: Sequence[str],
-    method: ContinualMethod,
-    train_cfg: TrainConfig,
-    reg_cfg: RegularizerConfig,
-    capture_mode: str,
-    epochs: int | None,
-    seed: int,
-    progress: Progress | None,
-    start: float,
-) -> StageTrainResult:
-    """The optimisation loop of :func:`train_stage` (parameters already selected)."""
-    device = model_device(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
-    )
-    generator = torch.Generator().manual_seed(seed)
-    n_epochs = train_cfg.epochs if epochs is None else epochs
-    plan = [
-        b
-        for _ in range(n_epochs)
-        for b in _batches(len(samples), train_cfg.batch_size, generator)
-    ]
-    if train_cfg.max_steps_per_stage is not None:
-        plan = plan[: train_cfg.max_steps_per_stage]
-    if progress is not None:
-        progress.total = len(plan)
-    sums: dict[str, float] = {}
-    ratio_sums: dict[str, list[float]] = {}
-    method.before_training(model)
-    model.train()
-    for step, indices in enumerate(plan, start=1):
-        chunk = [samples[i] for i in indices]
-        batch = move_batch(collator(chunk), device)
-        probs = skill_probabilities(chunk, skills).to(device)
-        keys = [(sample.image, sample.question) for sample in chunk]
-        terms = _step_losses(model, batch, probs, method, reg_cfg, capture_mode, keys)
-        total = sum(terms.values())
-        assert isinstance(total, Tensor)
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"Non-finite loss at step {step}: "
-                f"{ {k: float(v) for k, v in terms.items()} }"
-            )
-        penalties = {k: v for k, v in terms.items() if k != "task" and v.requires_grad}
-        if train_cfg.diagnostics and penalties and step % train_cfg.log_every == 1:
-            ratios = grad_norm_ratios(params, terms["task"], penalties)
-            for name, ratio in ratios.items():
-                ratio_sums.setdefault(name, []).append(ratio)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
-        optimizer.step()
-        for name, value in {**terms, "total": total}.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
-        if progress is not None and (
-            step % train_cfg.log_every == 0 or step == len(plan)
-        ):
-            shown = " ".join(f"{k}={v / step:.4f}" for k, v in sums.items())
-            progress.update(step, shown)
-    model.eval()
-    losses = {name: value / len(plan) for name, value in sums.items()}
-    return StageTrainResult(
-        num_examples=len(samples),
-        steps=len(plan),
-        seconds=time.perf_counter() - start,
-        losses=losses,
-        grad_ratios={k: sum(v) / len(v) for k, v in ratio_sums.items()},
-    )
+        yield
 
 
 def _step_losses(
