@@ -193,8 +193,7 @@ def attention_maps(
         If a shape does not match.
     """
     check_choice("convention", convention, DESCRIPTOR_CONVENTIONS)
-    rows, weights = _query_rows(attn, grid, token_weights)  # (B,J,Tq,P), (B,Tq)
-    maps = _query_mean(rows, weights).clamp_min(0.0)  # (B, J, P)
+    maps = query_mean_attention(attn, grid, token_weights).clamp_min(0.0)  # (B,J,P)
     maps = maps.reshape(*maps.shape[:2], *grid)  # (B, J, Gh, Gw)
     if convention == "paper":
         return maps / maps.sum(dim=(-2, -1), keepdim=True).clamp_min(_EPS)
@@ -202,6 +201,18 @@ def attention_maps(
     # into the uniform map instead of 0 / 0.
     maps = maps + _EPS
     return maps / maps.sum(dim=(-2, -1), keepdim=True)
+
+
+def query_mean_attention(
+    attn: Tensor, grid: tuple[int, int], token_weights: Tensor | None = None
+) -> Tensor:
+    """(B, J, P) float32 attention averaged over the weighted queries, unnormalised.
+
+    Same arguments as :func:`attention_maps`; a map keeps the share of attention its
+    queries give the image (at most 1).
+    """
+    rows, weights = _query_rows(attn, grid, token_weights)  # (B,J,Tq,P), (B,Tq)
+    return _query_mean(rows, weights)
 
 
 def _query_rows(

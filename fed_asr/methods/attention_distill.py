@@ -21,6 +21,7 @@ from fed_asr.methods.base import StepContext, check_non_negative
 from fed_asr.methods.lwf import TEACHER_ADAPTER, LwF, active_adapter
 from fed_asr.methods.registry import register_method
 from fed_asr.query_tokens import query_token_weights
+from fed_asr.spectral import attention_maps, query_mean_attention
 
 _EPS = 1e-8
 
@@ -41,6 +42,9 @@ class AttentionDistillOptions:
 def query_weighted_maps(attn: Tensor, token_weights: Tensor) -> Tensor:
     """(B, L, H, P) attention maps averaged over the weighted query rows, sum 1.
 
+    ``fed_asr.spectral.attention_maps`` with the paper's normalisation; the cells'
+    layout does not matter here, so the map is taken as one row of P cells.
+
     Parameters
     ----------
     attn : Tensor
@@ -48,10 +52,9 @@ def query_weighted_maps(attn: Tensor, token_weights: Tensor) -> Tensor:
     token_weights : Tensor
         (B, Tq) non-negative query-row weights (``query_token_weights``).
     """
-    w = token_weights.to(attn.dtype)
-    w = w / w.sum(dim=1, keepdim=True).clamp_min(_EPS)  # (B, Tq)
-    maps = torch.einsum("blhtp,bt->blhp", attn, w)  # (B, L, H, P)
-    return maps / maps.sum(dim=-1, keepdim=True).clamp_min(_EPS)
+    b, n_layers, n_heads, _, p = attn.shape
+    maps = attention_maps(attn, (1, p), token_weights)  # (B, J, 1, P)
+    return maps.reshape(b, n_layers, n_heads, p)
 
 
 def with_rest_mass(attn: Tensor, token_weights: Tensor) -> Tensor:
@@ -61,9 +64,9 @@ def with_rest_mass(attn: Tensor, token_weights: Tensor) -> Tensor:
     cells (``fed_asr.models.capture``), so a row sums to at most 1; the last bin is
     the rest (text tokens, other images).
     """
-    w = token_weights.to(attn.dtype)
-    w = w / w.sum(dim=1, keepdim=True).clamp_min(_EPS)  # (B, Tq)
-    cells = torch.einsum("blhtp,bt->blhp", attn, w)  # (B, L, H, P)
+    b, n_layers, n_heads, _, p = attn.shape
+    cells = query_mean_attention(attn, (1, p), token_weights)  # (B, J, P)
+    cells = cells.reshape(b, n_layers, n_heads, p)
     rest = (1.0 - cells.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, L, H, 1)
     return torch.cat([cells, rest], dim=-1)
 
