@@ -174,6 +174,10 @@ class ModelConfig:
             )
 
 
+# Where `lora.target_modules` are matched (fed_asr.models.lora.lora_target_modules)
+LORA_SCOPES: tuple[str, ...] = ("language_model", "all")
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapter shape (peft) and how the server aggregates it."""
@@ -189,11 +193,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         check_positive("lora.r", self.r)
-        if self.scope not in ("language_model", "all"):
-            raise ValueError(
-                "`lora.scope` must be one of ['all', 'language_model'], "
-                f"got {self.scope!r}."
-            )
+        check_choice("lora.scope", self.scope, LORA_SCOPES)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`lora.dropout` must be in [0, 1), got {self.dropout}.")
         if not self.target_modules:

@@ -19,6 +19,10 @@ def check_positive(name: str, value: float) -> None:
         raise ValueError(f"`{name}` must be positive, got {value}.")
 
 
+# `regularizer.query_tokens` (fed_asr.query_tokens.query_token_weights)
+QUERY_TOKEN_MODES: tuple[str, ...] = ("function_words", "prompt", "readout")
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
     if value not in choices:
@@ -95,11 +99,7 @@ class RegularizerConfig:
                     f"`regularizer.{name}` must be >= 0, got {getattr(self, name)}."
                 )
         check_choice("regularizer.descriptor", self.descriptor, ("paper", "ours"))
-        check_choice(
-            "regularizer.query_tokens",
-            self.query_tokens,
-            ("function_words", "prompt", "readout"),
-        )
+        check_choice("regularizer.query_tokens", self.query_tokens, QUERY_TOKEN_MODES)
         check_choice("regularizer.sym_kl", self.sym_kl, ("mean", "sum"))
         check_choice("regularizer.geometry", self.geometry, ("paper", "token"))
         check_choice(

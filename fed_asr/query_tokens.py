@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fed_asr.config_sections import QUERY_TOKEN_MODES
+
 __all__ = [
     "FUNCTION_WORDS",
     "QUERY_TOKEN_MODES",
@@ -31,7 +33,6 @@ __all__ = [
     "query_token_weights",
 ]
 
-QUERY_TOKEN_MODES = ("function_words", "prompt", "readout")
 
 # Closed-class English words: question words, auxiliaries, determiners, pronouns,
 # prepositions, conjunctions and negation.

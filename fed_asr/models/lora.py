@@ -14,10 +14,9 @@ from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
-from fed_asr.config import LoraConfig
+from fed_asr.config import LORA_SCOPES, LoraConfig
 from fed_asr.models.modules import language_model_prefix
 
-LORA_SCOPES = ("language_model", "all")
 ADAPTER_NAME = "default"
 
 
