@@ -6,17 +6,12 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import TINY_MODEL_FIELDS
+from tiny_lora import small_stream, tiny_lora_model
 
-from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import (
-    DataConfig,
-    LoraConfig,
     MethodConfig,
-    ModelConfig,
     RegularizerConfig,
 )
-from fed_asr.data import build_stream
 from fed_asr.methods import (
     PREVIOUS_ADAPTER,
     StepContext,
@@ -28,10 +23,8 @@ from fed_asr.methods.attention_distill import (
     query_weighted_maps,
     with_rest_mass,
 )
-from fed_asr.models import VQACollator, adapter_state, forward_with_attention
-from fed_asr.models.tiny import build_tiny
+from fed_asr.models import adapter_state, forward_with_attention
 
-MODEL = ModelConfig(**TINY_MODEL_FIELDS)  # type: ignore[arg-type]
 REG = RegularizerConfig(l_sel=2)
 
 
@@ -69,10 +62,8 @@ def test_attention_distill_zero_against_itself_positive_and_differentiable_after
     image_mass: bool,
 ) -> None:
     # Prepare: the teacher is the current adapter
-    stream = build_stream(DataConfig(max_train_per_stage=8, max_test_per_stage=4), 0)
-    base, processor = build_tiny(MODEL, stream.vocabulary())
-    model = get_lora_aggregation("fedavg").attach(base, LoraConfig(r=4), seed=0)
-    collator = VQACollator(processor, MODEL.prompt_template, stream.answers)
+    stream = small_stream()
+    model, collator = tiny_lora_model(stream)
     method = build_method(
         MethodConfig(name="attention_distill", options={"image_mass": image_mass}), REG
     )

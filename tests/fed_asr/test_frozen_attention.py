@@ -10,23 +10,19 @@ import pytest
 import torch
 from flower_helpers import set_task_identity
 from flwr.app import Context, RecordDict
-from helpers import TINY_MODEL_FIELDS
 from safetensors.torch import load_file
+from tiny_lora import small_stream, tiny_lora_model
 
 from clients.app import make_client_app
 from clients.testing import LoopbackGrid
 from fed_asr import protocol as P
-from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import (
-    DataConfig,
     LoraConfig,
     MethodConfig,
-    ModelConfig,
     RegularizerConfig,
     TrainConfig,
     compose_config,
 )
-from fed_asr.data import build_stream
 from fed_asr.methods import (
     PREVIOUS_ADAPTER,
     MethodMemory,
@@ -35,12 +31,10 @@ from fed_asr.methods import (
     unregister_method,
 )
 from fed_asr.methods.frozen_attention import FrozenAttention, FrozenAttentionOptions
-from fed_asr.models import VQACollator, adapter_state
-from fed_asr.models.tiny import build_tiny
+from fed_asr.models import adapter_state
 from fed_asr.train import train_stage
 from server.run import FederatedRun
 
-MODEL = ModelConfig(**TINY_MODEL_FIELDS)  # type: ignore[arg-type]
 REG = RegularizerConfig(l_sel=2)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -53,12 +47,8 @@ def _is_frozen_key(key: str) -> bool:
 def test_frozen_attention_keeps_q_k_adapters_only_after_the_first_stage(
     later_stage: bool,
 ) -> None:
-    stream = build_stream(DataConfig(max_train_per_stage=8, max_test_per_stage=4), 0)
-    base, processor = build_tiny(MODEL, stream.vocabulary())
-    model = get_lora_aggregation("fedavg").attach(
-        base, LoraConfig(r=4, target_modules=TARGETS), seed=0
-    )
-    collator = VQACollator(processor, MODEL.prompt_template, stream.answers)
+    stream = small_stream()
+    model, collator = tiny_lora_model(stream, LoraConfig(r=4, target_modules=TARGETS))
     method = build_method(MethodConfig(name="frozen_attention"), REG)
     before = {k: v.clone() for k, v in adapter_state(model).items()}
     method.set_memory(model, {PREVIOUS_ADAPTER: before} if later_stage else {})

@@ -7,18 +7,15 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL_FIELDS
+from tiny_lora import small_stream, tiny_lora_model
 
 from fed_asr.adapter_aggregation import exact_lora_merge, get_lora_aggregation
 from fed_asr.config import (
-    DataConfig,
-    LoraConfig,
     MethodConfig,
-    ModelConfig,
     RegularizerConfig,
     SpectrumConfig,
 )
-from fed_asr.data import ContinualStream, build_stream
+from fed_asr.data import ContinualStream
 from fed_asr.methods import (
     METHODS,
     PREVIOUS_ADAPTER,
@@ -33,27 +30,21 @@ from fed_asr.methods import (
 )
 from fed_asr.methods.ewc import FISHER, accumulate_fisher, fisher_sums
 from fed_asr.methods.lwf import TEACHER_ADAPTER, distillation_loss
-from fed_asr.models import VQACollator, adapter_state, forward_with_attention
+from fed_asr.models import adapter_state, forward_with_attention
 from fed_asr.models.batching import MODEL_INPUT_KEYS
-from fed_asr.models.tiny import build_tiny
 from fed_asr.schedule import update_spectrum
 from fed_asr.spectrum import SkillStats
 
-MODEL = ModelConfig(**TINY_MODEL_FIELDS)  # type: ignore[arg-type]
 REG = RegularizerConfig(l_sel=2)
 
 
 @pytest.fixture(scope="module")
 def stream() -> ContinualStream:
-    data = DataConfig(max_train_per_stage=8, max_test_per_stage=4)
-    return build_stream(data, seed=0)
+    return small_stream()
 
 
 def _model(stream, aggregation: str = "fedavg"):  # type: ignore[no-untyped-def]
-    base, processor = build_tiny(MODEL, stream.vocabulary())
-    model = get_lora_aggregation(aggregation).attach(base, LoraConfig(r=4), seed=0)
-    collator = VQACollator(processor, MODEL.prompt_template, stream.answers)
-    return model, collator
+    return tiny_lora_model(stream, aggregation=aggregation)
 
 
 def _method(name: str, **options: object):  # type: ignore[no-untyped-def]

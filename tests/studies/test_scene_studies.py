@@ -12,6 +12,19 @@ from helpers import small_run_overrides
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _run_script(script: str, *args: str, timeout: int) -> None:
+    """Run ``studies/scenes/<script>`` from the repository root; fail on its stderr."""
+    done = subprocess.run(
+        [sys.executable, f"studies/scenes/{script}", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_skill_probe_trains_one_skill_and_writes_its_curve(
     model_cache: str, tmp_path: Path
 ) -> None:
@@ -20,25 +33,11 @@ def test_skill_probe_trains_one_skill_and_writes_its_curve(
     overrides = small_run_overrides(model_cache, str(tmp_path / "run"))
 
     # Execute
-    done = subprocess.run(
-        [
-            sys.executable,
-            "studies/scenes/skill_probe.py",
-            str(out),
-            "shape",
-            "--epochs",
-            "2",
-            *overrides,
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    _run_script(
+        "skill_probe.py", str(out), "shape", "--epochs", "2", *overrides, timeout=300
     )
 
     # Assert
-    assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["skill"] == "shape" and result["train"] > 0 and result["test"] > 0
     assert [row["epoch"] for row in result["curve"]] == [0, 1, 2]
@@ -74,23 +73,9 @@ def test_summarize_reports_confusion_of_stage_zero(tmp_path: Path) -> None:
         (folder / "metrics.json").write_text(json.dumps(run(seed, last)))
 
     # Execute
-    done = subprocess.run(
-        [
-            sys.executable,
-            "studies/scenes/summarize.py",
-            str(tmp_path),
-            "--confusion",
-            "count",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    _run_script("summarize.py", str(tmp_path), "--confusion", "count", timeout=60)
 
     # Assert: seeds summed, after stage 0 and after the last stage
-    assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     confusion = summary["vanilla"]["confusion_count_stage0"]
     assert confusion == {
