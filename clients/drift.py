@@ -1,8 +1,9 @@
 """A client's drift diagnostics (``query.drift``): its share of the drift rows.
 
 At the end of stage ``t`` the node records prototypes of its own share of stage
-``t``'s training data (kept in ``context.state``), then measures every seen stage's
-test split against that stage's prototypes and replies with poolable sums
+``t``'s training data, then measures every seen stage's test split against that
+stage's prototypes (and its maps against those kept when that stage ended; both kept
+in ``context.state``) and replies with poolable sums
 (``fed_asr.drift``). The server pools the sums of all clients into the rows a
 central run writes. Stages whose prototypes this node lost (a restarted node) are
 left out of its reply.
@@ -33,11 +34,12 @@ def drift_reply(site: Site, context: Context, stage: int) -> RecordDict:
     train = site.stream.stages[stage].train
     if train:
         monitor.record(stage, _probe(site, train))
-        context.state[_PROTOTYPES] = numpy_record(monitor.to_arrays())
     metrics: dict[str, float | int] = {P.PARTITION_ID_KEY: site.partition_id}
     for i, seen in enumerate(site.stream.stages[: stage + 1]):
         if i not in monitor.prototypes or not seen.test:
             continue
-        sums = monitor.sums(i, _probe(site, seen.test))
+        sums = monitor.sums(i, _probe(site, seen.test), after=stage)
         metrics.update(sums.to_metrics(i, site.stream.skills))
+    # prototypes and this stage's reference maps (recorded by its floor row)
+    context.state[_PROTOTYPES] = numpy_record(monitor.to_arrays())
     return RecordDict({P.METRICS_RECORD: MetricRecord(metrics)})

@@ -7,6 +7,13 @@ how far stage ``stage``'s test descriptors sit from the prototypes recorded at t
 end of ``stage`` (unweighted mean d2 / D per skill, ``fed_asr.diagnostics``) and the
 share of attention on the queried object next to the object's share of the image.
 ``after == stage`` is the in-distribution floor.
+
+A row also says how far the *maps* themselves moved (``map_shift``): the mean over
+samples and layer-heads of KL(map at the end of ``stage`` || map after ``after``),
+in nats, on the same test samples (0 on the floor row). The spectral descriptor is
+blind to where the attention sits (the power spectrum is shift-invariant), so
+``map_shift`` with a flat ``drift`` is attention that moved without changing its
+spectrum.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from torch import Tensor
 
 from fed_asr.diagnostics import mahalanobis_d2
 
-__all__ = ["DriftSums", "drift_row", "drift_sums"]
+__all__ = ["DriftSums", "drift_row", "drift_sums", "map_shift"]
+
+_EPS = 1e-8
 
 Prototypes = Mapping[str, tuple[Tensor, Tensor]]  # skill -> (mean (D,), var (D,))
 
@@ -34,10 +43,13 @@ class DriftSums:
     grounding: float = 0.0  # sum of grounding shares over samples with a region
     object_share: float = 0.0  # sum of the objects' area shares
     regions: int = 0  # samples with a region
+    map_kl: float = 0.0  # sum over samples of map_shift
+    map_n: int = 0  # samples with a reference map
 
     def add(self, other: DriftSums) -> DriftSums:
         """The sums of both (pooled over clients)."""
         out = DriftSums(dict(self.d2), dict(self.count))
+        out.map_kl, out.map_n = self.map_kl + other.map_kl, self.map_n + other.map_n
         for skill, value in other.d2.items():
             out.d2[skill] = out.d2.get(skill, 0.0) + value
             out.count[skill] = out.count.get(skill, 0) + other.count[skill]
@@ -56,6 +68,9 @@ class DriftSums:
         out[f"ground-{stage}"] = float(self.grounding)
         out[f"ground-object-{stage}"] = float(self.object_share)
         out[f"ground-n-{stage}"] = int(self.regions)
+        if self.map_n:
+            out[f"drift-mapkl-{stage}"] = float(self.map_kl)
+            out[f"drift-mapn-{stage}"] = int(self.map_n)
         return out
 
     @classmethod
@@ -85,6 +100,13 @@ class DriftSums:
                     f"{name} of stage {stage}: {value} for {regions} samples"
                 )
         sums.grounding, sums.object_share, sums.regions = grounding, share, regions
+        map_n = metrics.get(f"drift-mapn-{stage}", 0)
+        map_kl = float(metrics.get(f"drift-mapkl-{stage}", 0.0))
+        if not isinstance(map_n, int) or map_n < 0 or not math.isfinite(map_kl):
+            raise ValueError(f"map shift of stage {stage}: n={map_n!r}, kl={map_kl}")
+        if map_kl < 0 or (map_n == 0 and map_kl != 0):
+            raise ValueError(f"map shift of stage {stage}: kl={map_kl} for n={map_n}")
+        sums.map_kl, sums.map_n = map_kl, map_n
         return sums
 
 
@@ -112,6 +134,22 @@ def drift_sums(
     return sums
 
 
+def map_shift(reference: Tensor, current: Tensor) -> Tensor:
+    """(N,) mean over layer-heads of KL(reference map || current map), in nats.
+
+    ``reference`` and ``current`` are (N, J, P) maps of the same samples summing to
+    1 (``AttentionProbe.maps``); cells are clamped at 1e-8 before the logarithm.
+    """
+    if reference.shape != current.shape:
+        raise ValueError(
+            f"map shift needs maps of the same samples: {tuple(reference.shape)} vs "
+            f"{tuple(current.shape)}"
+        )
+    r = reference.float().clamp_min(_EPS)
+    c = current.float().clamp_min(_EPS)
+    return (r * (r.log() - c.log())).sum(dim=-1).mean(dim=-1)
+
+
 def drift_row(after: int, stage: int, sums: DriftSums) -> dict[str, Any]:
     """One ``metrics.json`` drift row (means) from pooled sums."""
     drift = {s: sums.d2[s] / sums.count[s] for s in sorted(sums.d2) if sums.count[s]}
@@ -122,4 +160,5 @@ def drift_row(after: int, stage: int, sums: DriftSums) -> dict[str, Any]:
         "drift_mean": sum(drift.values()) / len(drift) if drift else None,
         "grounding_share": sums.grounding / sums.regions if sums.regions else None,
         "object_share": sums.object_share / sums.regions if sums.regions else None,
+        "map_shift": sums.map_kl / sums.map_n if sums.map_n else None,
     }

@@ -26,7 +26,7 @@ from fed_asr.config import RegularizerConfig
 from fed_asr.data import VQASample
 from fed_asr.data.regions import region_masks
 from fed_asr.diagnostics import attention_grounding_share, spectrum_prototypes
-from fed_asr.drift import DriftSums, drift_row, drift_sums
+from fed_asr.drift import DriftSums, drift_row, drift_sums, map_shift
 from fed_asr.models import (
     VQACollator,
     forward_with_attention,
@@ -41,7 +41,7 @@ from fed_asr.models.scoring import (
 )
 from fed_asr.query_tokens import query_token_weights
 from fed_asr.regularizer import describe_capture
-from fed_asr.spectral import SpectralDescriptor, descriptor_dim
+from fed_asr.spectral import SpectralDescriptor, attention_maps, descriptor_dim
 from fed_asr.spectrum import SkillSpectrum, SkillStats
 
 
@@ -125,12 +125,14 @@ def _count_confusion(
 
 @dataclass
 class AttentionProbe:
-    """Descriptors, skills and grounding shares of a set of samples."""
+    """Descriptors, maps, skills and grounding shares of a set of samples."""
 
     descriptors: Tensor  # (N, D)
     skills: list[str]
     grounding: Tensor  # (M,) share on the queried object (samples with a region)
     uniform: Tensor  # (M,) the object's share of the image
+    # (N, J, P) query-weighted maps summing to 1 (the descriptor's maps); empty: none
+    maps: Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
 
 
 @torch.no_grad()
@@ -142,9 +144,9 @@ def probe_attention(
     batch_size: int,
     capture_mode: str = "selective",
 ) -> AttentionProbe:
-    """Capture the attention of ``samples``: descriptors and grounding shares."""
+    """Capture the attention of ``samples``: descriptors, maps, grounding shares."""
     dim = descriptor_dim(reg_cfg.n_radial, reg_cfg.n_angular)
-    descriptors, skills, shares, uniform = [], [], [], []
+    descriptors, skills, shares, uniform, maps = [], [], [], [], []
     device = model_device(model)
     model.eval()
     for rows in _batches(len(samples), batch_size):
@@ -153,11 +155,18 @@ def probe_attention(
         capture = forward_with_attention(model, batch, reg_cfg.l_sel, capture_mode)
         descriptors.append(describe_capture(capture, batch, reg_cfg).descriptor.cpu())
         skills.extend(sample_skill(s) for s in chunk)
+        weights = query_token_weights(
+            capture.query_mask, batch.get("function_mask"), reg_cfg.query_tokens
+        )
+        batch_maps = attention_maps(
+            capture.attn,
+            capture.grid,
+            weights.to(capture.attn.dtype),
+            reg_cfg.descriptor,
+        )
+        maps.append(batch_maps.flatten(start_dim=2).cpu())  # (B, J, P)
         masks, has = region_masks(chunk, capture.grid)  # (B, Gh, Gw), (B,)
         if bool(has.any()):
-            weights = query_token_weights(
-                capture.query_mask, batch.get("function_mask"), reg_cfg.query_tokens
-            )
             share = attention_grounding_share(
                 capture.attn,
                 capture.grid,
@@ -173,6 +182,7 @@ def probe_attention(
         skills=skills,
         grounding=torch.cat(shares) if shares else empty,
         uniform=torch.cat(uniform) if uniform else empty,
+        maps=torch.cat(maps) if maps else torch.zeros(0, 0, 0),
     )
 
 
@@ -193,20 +203,25 @@ def probe_run_samples(
     )
 
 
+_MAPS = "reference_maps"  # to_arrays name of a stage's reference test maps
+
+
 class DriftMonitor:
     """Old-skill spectral drift and grounding after each stage (any engine).
 
     After stage ``t``: ``record(t, train_probe)`` keeps prototypes of stage ``t``'s
-    own training data; ``sums(i, test_probe)`` gives the poolable sums of stage
-    ``i``'s test descriptors against stage ``i``'s prototypes and ``measure`` the
-    row (``fed_asr.drift``; ``i == t`` is the floor). A federated client keeps its
-    prototypes between messages with ``to_arrays`` / ``load_arrays``.
+    own training data; ``sums(i, test_probe, after=t)`` gives the poolable sums of
+    stage ``i``'s test descriptors against stage ``i``'s prototypes and ``measure``
+    the row (``fed_asr.drift``; ``i == t`` is the floor, whose maps become stage
+    ``i``'s reference for ``map_shift``). A federated client keeps its prototypes and
+    reference maps between messages with ``to_arrays`` / ``load_arrays``.
     """
 
     def __init__(self, skills: Sequence[str], cov_floor: float) -> None:
         self.skills = tuple(skills)
         self.cov_floor = cov_floor
         self.prototypes: dict[int, SkillSpectrum] = {}
+        self.reference_maps: dict[int, Tensor] = {}  # stage -> (N, J, P) test maps
         self.rows: list[dict[str, Any]] = []
 
     def record(self, stage: int, probe: AttentionProbe) -> None:
@@ -221,36 +236,53 @@ class DriftMonitor:
         stats = SkillStats.from_batch(desc, probs, self.skills, 0.5)
         self.prototypes[stage] = stats.to_prototypes(self.cov_floor)
 
-    def sums(self, stage: int, probe: AttentionProbe) -> DriftSums:
-        """Poolable drift sums of ``stage``'s probe against its own prototypes."""
-        return drift_sums(
+    def sums(self, stage: int, probe: AttentionProbe, *, after: int) -> DriftSums:
+        """Poolable drift sums of ``stage``'s test probe after training ``after``.
+
+        Descriptors against ``stage``'s prototypes; the maps against the reference
+        kept on the floor call (``after == stage``), when they are the same samples.
+        """
+        sums = drift_sums(
             probe.descriptors,
             probe.skills,
             spectrum_prototypes(self.prototypes[stage]),
             probe.grounding,
             probe.uniform,
         )
+        if after == stage and probe.maps.numel():
+            self.reference_maps[stage] = probe.maps.clone()
+        reference = self.reference_maps.get(stage)
+        if reference is not None and reference.shape == probe.maps.shape:
+            shift = map_shift(reference, probe.maps)
+            sums.map_kl, sums.map_n = float(shift.sum()), int(shift.numel())
+        return sums
 
     def measure(self, after: int, stage: int, probe: AttentionProbe) -> dict[str, Any]:
         """Drift of ``stage``'s test data after training ``after`` (one JSON row)."""
-        row = drift_row(after, stage, self.sums(stage, probe))
+        row = drift_row(after, stage, self.sums(stage, probe, after=after))
         self.rows.append(row)
         return row
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The recorded prototypes as named arrays (``<stage>/<array>``)."""
-        return {
+        """Prototypes and reference maps as named arrays (``<stage>/<array>``)."""
+        arrays = {
             f"{stage}/{name}": array
             for stage, spectrum in self.prototypes.items()
             for name, array in spectrum.to_arrays().items()
         }
+        for stage, maps in self.reference_maps.items():
+            arrays[f"{stage}/{_MAPS}"] = maps.numpy()
+        return arrays
 
     def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Restore prototypes written by ``to_arrays``."""
+        """Restore prototypes and reference maps written by ``to_arrays``."""
         stages = sorted({int(key.split("/", 1)[0]) for key in arrays})
         for stage in stages:
             prefix = f"{stage}/"
             own = {
                 k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)
             }
-            self.prototypes[stage] = SkillSpectrum.from_arrays(own, self.skills)
+            if _MAPS in own:
+                self.reference_maps[stage] = torch.from_numpy(np.array(own.pop(_MAPS)))
+            if own:
+                self.prototypes[stage] = SkillSpectrum.from_arrays(own, self.skills)

@@ -71,38 +71,43 @@ def plot_drift_curves(
     rows: Sequence[Mapping[str, object]],
     stage_names: Sequence[str],
     path: str | Path,
-    title: str = "Old-stage spectral drift and grounding",
+    title: str = "Old-stage spectral drift, map shift and grounding",
 ) -> Path:
-    """Drift (mean d2/D over skills) and grounding share of each stage over stages.
+    """Drift (mean d2/D), map shift and grounding share of each stage over stages.
 
     ``rows`` are ``fed_asr.evaluation.DriftMonitor.rows``; the point at the stage's
-    own end is its in-distribution floor (dotted line).
+    own end is its in-distribution floor (dotted line; 0 for the map shift, whose
+    reference is that stage's maps). Rows without a value (an older run, no regions)
+    leave their panel's point out.
     """
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (
+        ("drift_mean", "d2 / D to the stage's own prototypes"),
+        ("map_shift", "KL(maps at stage end || now), nats"),
+        ("grounding_share", "attention share on the queried object"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4))
     for i, name in enumerate(stage_names):
         own = [r for r in rows if r["stage"] == i]
-        drift = [(r["after_stage"] + 1, r["drift_mean"]) for r in own]
-        drift = [(x, y) for x, y in drift if y is not None]
-        if drift:
-            xs, ys = zip(*drift, strict=True)
-            line = left.plot(xs, ys, marker="o", label=name)[0]
-            left.axhline(ys[0], color=line.get_color(), linestyle=":", linewidth=1)
-        share = [(r["after_stage"] + 1, r["grounding_share"]) for r in own]
-        share = [(x, y) for x, y in share if y is not None]
-        if share:
-            xs, ys = zip(*share, strict=True)
-            right.plot(xs, ys, marker="o", label=name)
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            points = [(r["after_stage"] + 1, r.get(key)) for r in own]
+            points = [(x, y) for x, y in points if y is not None]
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            line = ax.plot(xs, ys, marker="o", label=name)[0]
+            if key == "drift_mean":
+                ax.axhline(ys[0], color=line.get_color(), linestyle=":", linewidth=1)
     objects = [r["object_share"] for r in rows if r.get("object_share") is not None]
     if objects:
-        right.axhline(
+        axes[-1].axhline(
             sum(objects) / len(objects), color="grey", linestyle="--", linewidth=1
         )
-    left.set_ylabel("d2 / D to the stage's own prototypes")
-    right.set_ylabel("attention share on the queried object")
-    for ax in (left, right):
+    for ax, (_, label) in zip(axes, panels, strict=True):
+        ax.set_ylabel(label)
         ax.set_xlabel("after training stage")
         ax.grid(alpha=0.3)
-        ax.legend(title="stage")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(title="stage")
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -277,7 +277,8 @@ def stage_scalars(
 
     Tags: ``loss/<term>`` (the stage's mean), ``accuracy/<stage>`` of every stage
     seen and ``accuracy/mean_seen``, ``accuracy_skill/<stage>/<skill>``,
-    ``drift/<stage>`` (mean spectral drift of an earlier stage's test data) and
+    ``drift/<stage>`` (mean spectral drift of an earlier stage's test data),
+    ``map_shift/<stage>`` (KL of its maps from those at its stage's end) and
     ``grounding/<stage>`` (grounding share).
     """
     out: dict[str, float] = {f"loss/{term}": v for term, v in losses.items()}
@@ -297,20 +298,25 @@ def stage_scalars(
 def drift_scalars(
     drift_rows: Sequence[Mapping[str, Any]], stage_names: Sequence[str], after: int
 ) -> dict[str, float]:
-    """``drift/<stage>`` and ``grounding/<stage>`` of the rows measured after ``after``.
+    """``drift/``, ``map_shift/`` and ``grounding/<stage>`` of the rows after ``after``.
 
     The rows are ``metrics.json``'s ``drift`` entries (``after_stage``, ``stage``,
-    ``drift_mean``, ``grounding_share``), from either engine.
+    ``drift_mean``, ``map_shift``, ``grounding_share``), from either engine; a value
+    a row lacks is left out.
     """
+    tags = (
+        ("drift", "drift_mean"),
+        ("map_shift", "map_shift"),
+        ("grounding", "grounding_share"),
+    )
     out: dict[str, float] = {}
     for row in drift_rows:
         if row.get("after_stage") != after:
             continue
         name = stage_names[row["stage"]]
-        if row.get("drift_mean") is not None:
-            out[f"drift/{name}"] = row["drift_mean"]
-        if row.get("grounding_share") is not None:
-            out[f"grounding/{name}"] = row["grounding_share"]
+        for tag, key in tags:
+            if row.get(key) is not None:
+                out[f"{tag}/{name}"] = row[key]
     return out
 
 

@@ -108,9 +108,10 @@ def test_federated_run_writes_tensorboard_scalars_after_each_round(
     assert up > 0 and scalars["bytes/up"][0] == (1, pytest.approx(up))
     assert scalars["bytes/down"][0][1] > 0 and scalars["clients/answered"][0] == (1, 2)
     assert any(t.startswith("accuracy_skill/color/") for t in scalars)
-    drift = {row["stage"]: row for row in metrics.get("drift", [])}
-    if drift:  # the pooled drift round (train.diagnostics) after each stage
-        assert series(scalars["drift/shape"])[0] == [1, 2]
+    # the pooled drift round (train.diagnostics, on by default) after each stage
+    assert {row["stage"] for row in metrics["drift"]} == {0, 1}
+    assert series(scalars["drift/shape"])[0] == [1, 2]
+    assert series(scalars["map_shift/shape"])[0] == [1, 2]
 
 
 def test_run_tracking_with_dp_logs_epsilon_spent(tmp_path: Path) -> None:

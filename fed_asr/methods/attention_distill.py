@@ -7,6 +7,13 @@ batch, and the student's text-to-image attention maps of the last
 layer and head), with KL(teacher || student). ASR keeps only per-skill spectral
 statistics of such maps; this keeps the maps themselves. If it does not reduce
 forgetting, no constraint on these maps computed from current data can.
+
+``method.options.match=spectrum`` keeps, per sample, only what ASR keeps of each map:
+its spectral descriptor (``fed_asr.spectral.describe`` with the ``regularizer``
+conventions), pulled to the teacher's descriptor of the same sample. It separates
+the two things ASR gives up against the map bound: the maps' phase (where the
+attention sits; the power spectrum is invariant under shifts) and per-sample
+targets (ASR has per-skill statistics only).
 """
 
 from __future__ import annotations
@@ -17,13 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fed_asr.config_sections import check_choice
 from fed_asr.methods.base import StepContext, check_non_negative
 from fed_asr.methods.lwf import TEACHER_ADAPTER, LwF, active_adapter
 from fed_asr.methods.registry import register_method
 from fed_asr.query_tokens import query_token_weights
-from fed_asr.spectral import attention_maps, query_mean_attention
+from fed_asr.regularizer import describe_capture
+from fed_asr.spectral import SpectralDescriptor, attention_maps, query_mean_attention
 
 _EPS = 1e-8
+DISTILL_TARGETS = ("maps", "spectrum")
 
 
 @dataclass
@@ -34,9 +44,17 @@ class AttentionDistillOptions:
     # Keep how much attention goes to the image at all: distil P + 1 bins (the image
     # cells unnormalised and the mass on every other key) instead of maps that sum to 1
     image_mass: bool = False
+    # "maps": the maps themselves; "spectrum": each map's spectral descriptor only
+    match: str = "maps"
 
     def __post_init__(self) -> None:
         check_non_negative("weight", self.weight)
+        check_choice("method.options.match", self.match, DISTILL_TARGETS)
+        if self.image_mass and self.match != "maps":
+            raise ValueError(
+                "method.options.image_mass applies to match=maps only "
+                f"(got match={self.match!r})"
+            )
 
 
 def query_weighted_maps(attn: Tensor, token_weights: Tensor) -> Tensor:
@@ -78,6 +96,21 @@ def map_distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return (t * (t.log() - s.log())).sum(dim=-1).mean()
 
 
+def spectral_distillation_loss(
+    student: SpectralDescriptor, teacher: SpectralDescriptor, floor: float
+) -> Tensor:
+    """Mean standardised squared descriptor difference, student vs teacher per sample.
+
+    Each of the D descriptor features is divided by its variance over the teacher's
+    batch (at least ``floor``, the ``regularizer.cov_floor`` that ASR's prototypes use)
+    so features on different scales weigh alike: the diagonal Mahalanobis distance of
+    ``fed_asr.regularizer`` with the teacher's sample as the mean, averaged over D.
+    """
+    target = teacher.descriptor.detach()  # (B, D)
+    scale = target.var(dim=0, unbiased=False).clamp_min(floor)  # (D,)
+    return ((student.descriptor - target).square() / scale).mean()
+
+
 class AttentionDistill(LwF):
     """Distil the previous adapter's attention maps on the current batch.
 
@@ -85,7 +118,9 @@ class AttentionDistill(LwF):
     penalty ``weight * mean KL(teacher map || student map)`` over the batch's
     samples and the selected layers' heads, maps weighted over the query tokens by
     ``regularizer.query_tokens``; with ``image_mass`` the maps keep their share of
-    the attention (plus one bin for the rest) instead of summing to 1.
+    the attention (plus one bin for the rest) instead of summing to 1; with
+    ``match=spectrum`` the maps' spectral descriptors instead
+    (``spectral_distillation_loss``).
     """
 
     needs_attention = True
@@ -102,6 +137,13 @@ class AttentionDistill(LwF):
             raise ValueError("`attention_distill` needs the step's attention capture.")
         with torch.no_grad(), active_adapter(ctx.model, TEACHER_ADAPTER):
             teacher = ctx.forward(hidden=False)
+        if self.options.match == "spectrum":
+            loss = spectral_distillation_loss(
+                describe_capture(student, ctx.batch, self.reg_cfg),
+                describe_capture(teacher, ctx.batch, self.reg_cfg),
+                self.reg_cfg.cov_floor,
+            )
+            return {"attn": self.options.weight * loss}
         weights = query_token_weights(
             student.query_mask,
             ctx.batch.get("function_mask"),

@@ -1,7 +1,9 @@
 """Summarise the scenes comparison (docs/findings.md): one JSON and a Markdown table.
 
-Usage: python studies/scenes/summarize.py OUT_DIR [--confusion SKILL]
+Usage: python studies/scenes/summarize.py OUT_DIR [--stage K] [--confusion SKILL]
 Reads OUT_DIR/<variant>-s<seed>/metrics.json; writes OUT_DIR/summary.{json,md}.
+Drift, map shift and grounding are those of stage K's test data (default 0): at its
+own end (the floor) and after the last stage.
 ``--confusion SKILL`` adds, per variant, how stage 0's SKILL questions were answered
 after its own stage and after the last one (central runs' ``answer_confusion``, type
 protocol, summed over seeds).
@@ -39,7 +41,14 @@ def _share(m: dict, stage: int, after: int) -> float | None:
     return None
 
 
-def main(out: Path, confusion_skill: str | None = None) -> None:
+def _map_shift(m: dict, stage: int, after: int) -> float | None:
+    for row in m.get("drift", []):
+        if row["stage"] == stage and row["after_stage"] == after:
+            return row.get("map_shift")
+    return None
+
+
+def main(out: Path, confusion_skill: str | None = None, stage: int = 0) -> None:
     runs: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(out.glob("*-s*/metrics.json")):
         variant = path.parent.name.rsplit("-s", 1)[0]
@@ -47,9 +56,10 @@ def main(out: Path, confusion_skill: str | None = None) -> None:
     rows, table = {}, []
     header = (
         "| variant | seeds | Last | AF | Last (type) | AF (type) | "
-        "drift stage 0: floor -> after last | grounding stage 0: own -> after last |"
+        f"drift stage {stage}: floor -> after last | map shift stage {stage} "
+        f"after last | grounding stage {stage}: own -> after last |"
     )
-    table += [header, "|" + "---|" * 8]
+    table += [header, "|" + "---|" * 9]
     for variant, ms in sorted(runs.items()):
         T = len(ms[0]["stages"])
         rec = {
@@ -58,10 +68,12 @@ def main(out: Path, confusion_skill: str | None = None) -> None:
             "AF": [m["AF"] for m in ms],
             "Last_type": [m["metrics_type"]["Last"] for m in ms],
             "AF_type": [m["metrics_type"]["AF"] for m in ms],
-            "drift_floor_0": [_drift(m, 0, 0) for m in ms],
-            "drift_last_0": [_drift(m, 0, T - 1) for m in ms],
-            "share_own_0": [_share(m, 0, 0) for m in ms],
-            "share_last_0": [_share(m, 0, T - 1) for m in ms],
+            "stage": stage,
+            "drift_floor": [_drift(m, stage, stage) for m in ms],
+            "drift_last": [_drift(m, stage, T - 1) for m in ms],
+            "map_shift_last": [_map_shift(m, stage, T - 1) for m in ms],
+            "share_own": [_share(m, stage, stage) for m in ms],
+            "share_last": [_share(m, stage, T - 1) for m in ms],
             "per_skill_type": {
                 skill: {
                     "AF": [
@@ -86,9 +98,9 @@ def main(out: Path, confusion_skill: str | None = None) -> None:
         table.append(
             f"| {variant} | {len(ms)} | {_mean_std(rec['Last'])} | "
             f"{_mean_std(rec['AF'])} | {_mean_std(rec['Last_type'])} | "
-            f"{_mean_std(rec['AF_type'])} | {_mean_std(rec['drift_floor_0'])} -> "
-            f"{_mean_std(rec['drift_last_0'])} | {_mean_std(rec['share_own_0'])} -> "
-            f"{_mean_std(rec['share_last_0'])} |"
+            f"{_mean_std(rec['AF_type'])} | {_mean_std(rec['drift_floor'])} -> "
+            f"{_mean_std(rec['drift_last'])} | {_mean_std(rec['map_shift_last'])} | "
+            f"{_mean_std(rec['share_own'])} -> {_mean_std(rec['share_last'])} |"
         )
     skills = sorted({s for r in rows.values() for s in r["per_skill_type"]})
     table += ["", "Per-skill AF / Last (type protocol):", ""]
@@ -149,9 +161,13 @@ def _confusion_table(runs: dict, skill: str, rows: dict) -> list[str]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    skill = None
+    skill, old_stage = None, 0
     if "--confusion" in args:
         at = args.index("--confusion")
         skill = args[at + 1]
         del args[at : at + 2]
-    main(Path(args[0]), skill)
+    if "--stage" in args:
+        at = args.index("--stage")
+        old_stage = int(args[at + 1])
+        del args[at : at + 2]
+    main(Path(args[0]), skill, old_stage)

@@ -21,9 +21,11 @@ from fed_asr.methods import (
 from fed_asr.methods.attention_distill import (
     map_distillation_loss,
     query_weighted_maps,
+    spectral_distillation_loss,
     with_rest_mass,
 )
 from fed_asr.models import adapter_state, forward_with_attention
+from fed_asr.spectral import SpectralDescriptor
 
 REG = RegularizerConfig(l_sel=2)
 
@@ -57,16 +59,34 @@ def test_with_rest_mass_keeps_the_image_share_and_adds_the_rest() -> None:
     torch.testing.assert_close(bins, torch.tensor([0.3, 0.1, 0.6]).reshape(1, 1, 1, 3))
 
 
-@pytest.mark.parametrize("image_mass", [False, True])
+def test_spectral_distillation_standardises_features_by_the_teacher_spread() -> None:
+    # Prepare: two samples, two features; the teacher's batch variance is 1 and 0
+    teacher = SpectralDescriptor(
+        torch.tensor([[0.0, 5.0], [2.0, 5.0]]), torch.zeros(2, 1)
+    )
+    student = SpectralDescriptor(
+        torch.tensor([[1.0, 5.1], [2.0, 5.0]]), torch.zeros(2, 1)
+    )
+
+    # Execute
+    loss = spectral_distillation_loss(student, teacher, floor=0.01)
+
+    # Assert: feature 0 (1^2 / 1) and feature 1 (0.1^2 / floor 0.01), mean of 4 cells
+    torch.testing.assert_close(loss, torch.tensor((1.0 + 1.0) / 4))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"image_mass": False}, {"image_mass": True}, {"match": "spectrum"}],
+    ids=["maps", "image_mass", "spectrum"],
+)
 def test_attention_distill_zero_against_itself_positive_and_differentiable_after(
-    image_mass: bool,
+    options: dict[str, object],
 ) -> None:
     # Prepare: the teacher is the current adapter
     stream = small_stream()
     model, collator = tiny_lora_model(stream)
-    method = build_method(
-        MethodConfig(name="attention_distill", options={"image_mass": image_mass}), REG
-    )
+    method = build_method(MethodConfig(name="attention_distill", options=options), REG)
     batch = collator(stream.stages[0].train[:4])
 
     def ctx() -> StepContext:
@@ -102,3 +122,17 @@ def test_attention_distill_refuses_a_negative_weight() -> None:
         build_method(
             MethodConfig(name="attention_distill", options={"weight": -1.0}), REG
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"match": "phase"}, "method.options.match"),
+        ({"match": "spectrum", "image_mass": True}, "image_mass applies to match=maps"),
+    ],
+)
+def test_attention_distill_refuses_bad_match_options(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_method(MethodConfig(name="attention_distill", options=options), REG)

@@ -76,3 +76,8 @@ def test_federated_run_pools_the_clients_drift_after_every_stage(
             v > 0 and np.isfinite(v) for v in row["drift"].values()
         )
         assert row["drift_mean"] == pytest.approx(np.mean(list(row["drift"].values())))
+    # the maps: 0 on each floor (the reference); stage 0's maps moved after stage 1
+    shifts = [row["map_shift"] for row in rows]
+    assert shifts[0] == pytest.approx(0.0, abs=1e-6)
+    assert shifts[2] == pytest.approx(0.0, abs=1e-6)
+    assert shifts[1] > 0 and np.isfinite(shifts[1])
