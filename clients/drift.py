@@ -22,8 +22,8 @@ from fed_asr.wire import record_arrays
 _PROTOTYPES = "drift-prototypes"  # ArrayRecord in context.state: <stage>/<array>
 
 
-def _probe(site: Site, samples: list) -> AttentionProbe:
-    return probe_run_samples(site.model, site.collator, samples, site.cfg)
+def _probe(site: Site, samples: list, keep_maps: bool = False) -> AttentionProbe:
+    return probe_run_samples(site.model, site.collator, samples, site.cfg, keep_maps)
 
 
 def drift_reply(site: Site, context: Context, stage: int) -> RecordDict:
@@ -38,7 +38,7 @@ def drift_reply(site: Site, context: Context, stage: int) -> RecordDict:
     for i, seen in enumerate(site.stream.stages[: stage + 1]):
         if i not in monitor.prototypes or not seen.test:
             continue
-        sums = monitor.sums(i, _probe(site, seen.test), after=stage)
+        sums = monitor.sums(i, _probe(site, seen.test, keep_maps=True), after=stage)
         metrics.update(sums.to_metrics(i, site.stream.skills))
     # prototypes and this stage's reference maps (recorded by its floor row)
     context.state[_PROTOTYPES] = numpy_record(monitor.to_arrays())

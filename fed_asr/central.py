@@ -170,7 +170,7 @@ class CentralEngine:
                 {"after_stage": stage, "stage": i, "skills": scores.confusion}
             )
             if cfg.train.diagnostics:
-                self.drift.measure(stage, i, self._probe(seen.test))
+                self.drift.measure(stage, i, self._probe(seen.test, keep_maps=True))
         for protocol, row in rows.items():
             self.matrices[protocol].set_row(stage, row)
         shown = " ".join(f"{a:.3f}" for a in rows["all"])
@@ -179,8 +179,10 @@ class CentralEngine:
             stage + 1, f"{self.names[stage]}: {shown} (type protocol: {typed})"
         )
 
-    def _probe(self, samples: Any) -> Any:
-        return probe_run_samples(self.model, self.collator, samples, self.cfg)
+    def _probe(self, samples: Any, keep_maps: bool = False) -> Any:
+        return probe_run_samples(
+            self.model, self.collator, samples, self.cfg, keep_maps
+        )
 
     def report(self) -> dict[str, Any]:
         """The mechanism's view for ``metrics.json`` (besides the ``all`` matrix)."""

@@ -143,8 +143,14 @@ def probe_attention(
     reg_cfg: RegularizerConfig,
     batch_size: int,
     capture_mode: str = "selective",
+    keep_maps: bool = False,
 ) -> AttentionProbe:
-    """Capture the attention of ``samples``: descriptors, maps, grounding shares."""
+    """Capture the attention of ``samples``: descriptors and grounding shares.
+
+    With ``keep_maps`` the probe also holds every sample's (J, P) maps, in float16
+    (J * P values a sample: keep them for test splits, whose map shift is measured,
+    not for training sets).
+    """
     dim = descriptor_dim(reg_cfg.n_radial, reg_cfg.n_angular)
     descriptors, skills, shares, uniform, maps = [], [], [], [], []
     device = model_device(model)
@@ -158,13 +164,14 @@ def probe_attention(
         weights = query_token_weights(
             capture.query_mask, batch.get("function_mask"), reg_cfg.query_tokens
         )
-        batch_maps = attention_maps(
-            capture.attn,
-            capture.grid,
-            weights.to(capture.attn.dtype),
-            reg_cfg.descriptor,
-        )
-        maps.append(batch_maps.flatten(start_dim=2).cpu())  # (B, J, P)
+        if keep_maps:
+            batch_maps = attention_maps(
+                capture.attn,
+                capture.grid,
+                weights.to(capture.attn.dtype),
+                reg_cfg.descriptor,
+            )
+            maps.append(batch_maps.flatten(start_dim=2).half().cpu())  # (B, J, P)
         masks, has = region_masks(chunk, capture.grid)  # (B, Gh, Gw), (B,)
         if bool(has.any()):
             share = attention_grounding_share(
@@ -191,6 +198,7 @@ def probe_run_samples(
     collator: VQACollator,
     samples: Sequence[VQASample],
     cfg: Any,
+    keep_maps: bool = False,
 ) -> AttentionProbe:
     """``probe_attention`` with a run's settings (``cfg``: an ``ExperimentConfig``)."""
     return probe_attention(
@@ -200,6 +208,7 @@ def probe_run_samples(
         cfg.regularizer,
         cfg.train.eval_batch_size,
         cfg.model.attn_capture,
+        keep_maps,
     )
 
 

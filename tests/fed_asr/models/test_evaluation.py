@@ -135,6 +135,28 @@ def test_probe_attention_grounding_only_for_samples_with_region(
     torch.testing.assert_close(probe.uniform, torch.tensor([0.25, 0.25]))
 
 
+def test_probe_attention_keeps_the_descriptors_maps_only_when_asked(
+    tiny,
+    labelled: list[VQASample],  # noqa: ANN001
+) -> None:
+    # Prepare
+    model, collator = tiny
+    reg = RegularizerConfig(l_sel=2)
+
+    # Execute
+    without = probe_attention(model, collator, labelled, reg, 3)
+    probe = probe_attention(model, collator, labelled, reg, 3, keep_maps=True)
+
+    # Assert: none by default; else (N, layers * heads, P) maps that sum to 1
+    assert without.maps.numel() == 0
+    heads = model.config.text_config.num_attention_heads
+    assert probe.maps.shape[:2] == (4, 2 * heads)
+    torch.testing.assert_close(
+        probe.maps.float().sum(-1), torch.ones(4, 2 * heads), atol=2e-3, rtol=0
+    )
+    torch.testing.assert_close(probe.descriptors, without.descriptors)
+
+
 def test_drift_monitor_floor_is_small_and_shift_is_large() -> None:
     # Prepare: stage-0 prototypes from N(0, 1); the same distribution, then shifted
     gen = torch.Generator().manual_seed(0)
