@@ -45,6 +45,40 @@ def test_skill_probe_trains_one_skill_and_writes_its_curve(
     assert result["chance"] == 1 / len(result["answers"])
 
 
+def test_vision_probe_fits_shape_and_colour_probes_at_three_depths(
+    model_cache: str, tmp_path: Path
+) -> None:
+    # Prepare: a tiny scenes slice (rendered under tmp_path) on the smallest model
+    out = tmp_path / "vision.json"
+    overrides = [
+        o
+        for o in small_run_overrides(model_cache, str(tmp_path / "run"))
+        if not o.startswith(("data.", "model.image_size"))
+    ]
+    overrides += [
+        "data=scenes",
+        f"data.cache_dir={tmp_path / 'data'}",
+        "data.max_train_per_stage=60",
+        "data.max_test_per_stage=30",
+        "model.image_size=32",
+    ]
+
+    # Execute
+    _run_script("vision_probe.py", str(out), *overrides, timeout=300)
+
+    # Assert: every probe scored on the stage's object questions; pixels decode it
+    result = json.loads(out.read_text())
+    assert result["train"] > 0 and result["test"] > 0
+    assert set(result["probes"]) == {
+        f"{target}/{depth}"
+        for target in ("shape", "color")
+        for depth in ("pixels", "vision", "projected")
+    }
+    for probe in result["probes"].values():
+        assert 0.0 <= probe["test"] <= 1.0 and 0.0 < probe["chance"] < 1.0
+    assert result["probes"]["color/pixels"]["train"] == 1.0
+
+
 def test_summarize_reports_confusion_of_stage_zero(tmp_path: Path) -> None:
     # Prepare: two hand-made runs of one variant with answer_confusion rows
     def run(seed: int, last: dict[str, dict[str, int]]) -> dict:
