@@ -1,7 +1,8 @@
 """Summarise the scenes comparison (docs/findings.md): one JSON and a Markdown table.
 
 Usage: python studies/scenes/summarize.py OUT_DIR [--stage K] [--confusion SKILL]
-Reads OUT_DIR/<variant>-s<seed>/metrics.json; writes OUT_DIR/summary.{json,md}.
+Reads OUT_DIR/<variant>-s<seed>/metrics.json (or flat OUT_DIR/<variant>-s<seed>.json
+copies of them); writes OUT_DIR/summary.{json,md}.
 Drift, map shift and grounding are those of stage K's test data (default 0): at its
 own end (the floor) and after the last stage.
 ``--confusion SKILL`` adds, per variant, how stage 0's SKILL questions were answered
@@ -52,6 +53,9 @@ def main(out: Path, confusion_skill: str | None = None, stage: int = 0) -> None:
     runs: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(out.glob("*-s*/metrics.json")):
         variant = path.parent.name.rsplit("-s", 1)[0]
+        runs[variant].append(json.loads(path.read_text()))
+    for path in sorted(out.glob("*-s*.json")):
+        variant = path.stem.rsplit("-s", 1)[0]
         runs[variant].append(json.loads(path.read_text()))
     rows, table = {}, []
     header = (

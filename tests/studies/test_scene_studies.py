@@ -101,16 +101,19 @@ def test_summarize_reports_confusion_of_stage_zero(tmp_path: Path) -> None:
             ],
         }
 
-    for seed, last in ((0, {"two": {"one": 2}}), (1, {"two": {"one": 1, "two": 1}})):
-        folder = tmp_path / f"vanilla-s{seed}"
-        folder.mkdir()
-        (folder / "metrics.json").write_text(json.dumps(run(seed, last)))
+    # seed 0 as a run folder, seed 1 as a flat copy of its metrics.json
+    folder = tmp_path / "vanilla-s0"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps(run(0, {"two": {"one": 2}})))
+    flat = run(1, {"two": {"one": 1, "two": 1}})
+    (tmp_path / "vanilla-s1.json").write_text(json.dumps(flat))
 
     # Execute
     _run_script("summarize.py", str(tmp_path), "--confusion", "count", timeout=60)
 
     # Assert: seeds summed, after stage 0 and after the last stage
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["vanilla"]["seeds"] == [0, 1]
     confusion = summary["vanilla"]["confusion_count_stage0"]
     assert confusion == {
         "after_0": {"two": {"two": 4}},
