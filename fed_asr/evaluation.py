@@ -189,8 +189,19 @@ def probe_attention(
         skills=skills,
         grounding=torch.cat(shares) if shares else empty,
         uniform=torch.cat(uniform) if uniform else empty,
-        maps=torch.cat(maps) if maps else torch.zeros(0, 0, 0),
+        maps=_stacked_maps(maps),
     )
+
+
+def _stacked_maps(parts: Sequence[Tensor]) -> Tensor:
+    """(N, J, P) maps of every batch; empty when none or when the grids differ.
+
+    Families whose grid depends on the image (e.g. Qwen2-VL at native resolution)
+    can give batches of different P; their map shift is then not measured.
+    """
+    if not parts or len({tuple(part.shape[1:]) for part in parts}) != 1:
+        return torch.zeros(0, 0, 0)
+    return torch.cat(list(parts))
 
 
 def probe_run_samples(

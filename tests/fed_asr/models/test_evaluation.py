@@ -10,6 +10,7 @@ from fed_asr.data import VQASample
 from fed_asr.evaluation import (
     AttentionProbe,
     DriftMonitor,
+    _stacked_maps,
     probe_attention,
     score_stage,
 )
@@ -155,6 +156,13 @@ def test_probe_attention_keeps_the_descriptors_maps_only_when_asked(
         probe.maps.float().sum(-1), torch.ones(4, 2 * heads), atol=2e-3, rtol=0
     )
     torch.testing.assert_close(probe.descriptors, without.descriptors)
+
+
+def test_maps_of_batches_on_different_grids_are_not_kept() -> None:
+    same = _stacked_maps([torch.ones(2, 3, 4) / 4, torch.ones(1, 3, 4) / 4])
+    assert same.shape == (3, 3, 4)
+    assert _stacked_maps([torch.ones(2, 3, 4), torch.ones(1, 3, 9)]).numel() == 0
+    assert _stacked_maps([]).numel() == 0
 
 
 def test_drift_monitor_floor_is_small_and_shift_is_large() -> None:
