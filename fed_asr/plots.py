@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_accuracy_matrix(
@@ -105,9 +106,19 @@ def plot_drift_curves(
     for ax, (_, label) in zip(axes, panels, strict=True):
         ax.set_ylabel(label)
         ax.set_xlabel("after training stage")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(title="stage")
+        else:  # e.g. grounding on a stream without object boxes
+            ax.text(
+                0.5,
+                0.5,
+                "not measured on this run",
+                ha="center",
+                transform=ax.transAxes,
+                color="grey",
+            )
     fig.suptitle(title)
     return _save(fig, path)
 
