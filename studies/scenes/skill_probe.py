@@ -20,12 +20,10 @@ import json
 import time
 from pathlib import Path
 
-from fed_asr.central import CentralEngine
-from fed_asr.config import compose_config
-from fed_asr.data import build_stream
+from base_engine import central_engine
+
 from fed_asr.evaluation import score_stage
 from fed_asr.models.scoring import sample_skill
-from fed_asr.outputs import seed_everything
 from fed_asr.train import train_stage
 
 
@@ -37,13 +35,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    cfg = compose_config(
-        "config",
-        ["engine=central", "progress=false", "method=vanilla", *args.overrides],
-    )
-    seed_everything(cfg.seed)
-    stream = build_stream(cfg.data, cfg.seed)
-    engine = CentralEngine(cfg, stream)
+    stream, engine = central_engine(args.overrides)
+    cfg = engine.cfg
     stage = stream.stages[args.stage]
     train = [s for s in stage.train if sample_skill(s) == args.skill]
     test = [s for s in stage.test if sample_skill(s) == args.skill]

@@ -31,16 +31,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from base_engine import central_engine
 from torch import Tensor
 
 from fed_asr.central import CentralEngine
-from fed_asr.config import compose_config
-from fed_asr.data import VQASample, build_stream
+from fed_asr.data import VQASample
 from fed_asr.data.regions import region_masks
 from fed_asr.data.scene_render import COLOR_NAMES, SHAPES
 from fed_asr.models.device import move_batch
 from fed_asr.models.scoring import sample_skill
-from fed_asr.outputs import seed_everything
 
 CROP = 16  # side of the resized object crop of the pixel probe
 
@@ -127,13 +126,7 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=0)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    cfg = compose_config(
-        "config",
-        ["engine=central", "progress=false", "method=vanilla", *args.overrides],
-    )
-    seed_everything(cfg.seed)
-    stream = build_stream(cfg.data, cfg.seed)
-    engine = CentralEngine(cfg, stream)
+    stream, engine = central_engine(args.overrides)
     engine.model.eval()
     stage = stream.stages[args.stage]
     split = {}
