@@ -8,6 +8,7 @@
   normalised map averaged over layers, heads and query tokens) that falls on a
   patch mask per sample, e.g. the queried object's box (``fed_asr.data.regions``).
   Uniform attention reaches the mask's area share.
+- ``map_kl``: KL(reference map || current map) of each attention map, in nats.
 - ``grad_norm_ratios``: ||grad of each regularizer term|| / ||grad of the task
   loss|| over the trainable parameters (DESIGN section 2 quotes ~2e-4 for the
   paper's L_geo against 0.08-0.28 for the token-level one).
@@ -27,10 +28,25 @@ from fed_asr.spectrum import SkillSpectrum
 __all__ = [
     "attention_grounding_share",
     "grad_norm_ratios",
+    "map_kl",
     "mahalanobis_d2",
     "spectral_drift",
     "spectrum_prototypes",
 ]
+
+
+_EPS = 1e-8
+
+
+def map_kl(reference: Tensor, current: Tensor) -> Tensor:
+    """(...) KL(reference || current) of each map over its last dim, in nats.
+
+    Both are maps summing to 1 over the last dim; cells are clamped at 1e-8 before
+    the logarithm. Computed in the inputs' dtype (differentiable).
+    """
+    r = reference.clamp_min(_EPS)
+    c = current.clamp_min(_EPS)
+    return (r * (r.log() - c.log())).sum(dim=-1)
 
 
 def mahalanobis_d2(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:

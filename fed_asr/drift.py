@@ -25,11 +25,9 @@ from typing import Any
 
 from torch import Tensor
 
-from fed_asr.diagnostics import mahalanobis_d2
+from fed_asr.diagnostics import mahalanobis_d2, map_kl
 
 __all__ = ["DriftSums", "drift_row", "drift_sums", "map_shift"]
-
-_EPS = 1e-8
 
 Prototypes = Mapping[str, tuple[Tensor, Tensor]]  # skill -> (mean (D,), var (D,))
 
@@ -138,16 +136,14 @@ def map_shift(reference: Tensor, current: Tensor) -> Tensor:
     """(N,) mean over layer-heads of KL(reference map || current map), in nats.
 
     ``reference`` and ``current`` are (N, J, P) maps of the same samples summing to
-    1 (``AttentionProbe.maps``); cells are clamped at 1e-8 before the logarithm.
+    1 (``AttentionProbe.maps``); ``fed_asr.diagnostics.map_kl`` in float32.
     """
     if reference.shape != current.shape:
         raise ValueError(
             f"map shift needs maps of the same samples: {tuple(reference.shape)} vs "
             f"{tuple(current.shape)}"
         )
-    r = reference.float().clamp_min(_EPS)
-    c = current.float().clamp_min(_EPS)
-    return (r * (r.log() - c.log())).sum(dim=-1).mean(dim=-1)
+    return map_kl(reference.float(), current.float()).mean(dim=-1)
 
 
 def drift_row(after: int, stage: int, sums: DriftSums) -> dict[str, Any]:

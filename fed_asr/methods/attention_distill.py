@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fed_asr.config_sections import check_choice
+from fed_asr.diagnostics import map_kl
 from fed_asr.methods.base import StepContext, check_non_negative
 from fed_asr.methods.lwf import TEACHER_ADAPTER, LwF, active_adapter
 from fed_asr.methods.registry import register_method
@@ -32,7 +33,6 @@ from fed_asr.query_tokens import query_token_weights
 from fed_asr.regularizer import describe_capture
 from fed_asr.spectral import SpectralDescriptor, attention_maps, query_mean_attention
 
-_EPS = 1e-8
 DISTILL_TARGETS = ("maps", "spectrum")
 
 
@@ -91,9 +91,7 @@ def with_rest_mass(attn: Tensor, token_weights: Tensor) -> Tensor:
 
 def map_distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Mean over maps of KL(teacher || student) for (..., P) maps that sum to 1."""
-    s = student.clamp_min(_EPS)
-    t = teacher.clamp_min(_EPS)
-    return (t * (t.log() - s.log())).sum(dim=-1).mean()
+    return map_kl(teacher, student).mean()
 
 
 def spectral_distillation_loss(
