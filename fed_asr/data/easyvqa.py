@@ -11,14 +11,18 @@ The package does not store the colour and shape of an image; they are derived fr
 questions (``image_labels``). Images whose shape cannot be derived are left out of the
 domain stream (about 4% of them) and images without both labels out of the captions.
 Samples keep ``skill=None`` so that ``skill_probabilities`` uses the soft parser.
+Every image shows one shape on a plain background, so every question is about that
+shape: samples carry its box (``region``, read from the pixels), which gives the
+grounding share of the drift rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
+from fed_asr.data.images import foreground_box
 from fed_asr.data.partition import make_rng, stratified_subsample
 from fed_asr.data.samples import (
     CAPTION_QUESTION,
@@ -203,7 +207,12 @@ def _stage_samples(
         records = [r for r in _records(split) if labels[r.image_id].shape == stage]
     rng = make_rng(seed, "easyvqa", stream, stage, split)
     keep = stratified_subsample([r.sample.answer for r in records], max_size, rng)
-    return [records[i].sample for i in keep]
+    return [_with_region(records[i].sample) for i in keep]
+
+
+def _with_region(sample: VQASample) -> VQASample:
+    """The sample with its image's shape box as ``region`` (the question's object)."""
+    return replace(sample, region=foreground_box(sample.image))
 
 
 def easyvqa_stream(

@@ -1,10 +1,11 @@
-"""Image loading with a per-process cache."""
+"""Image loading with a per-process cache, and the box of a plain-background image's object."""
 
 from __future__ import annotations
 
 import os
 from functools import lru_cache
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 # Bound in entries, not bytes: all 5,000 easy-VQA images (64x64 RGB, 12 kB each) fit
@@ -54,3 +55,48 @@ def _load_image_cached(path: str) -> Image.Image:
 def clear_image_cache() -> None:
     """Drop every cached image (e.g. after files changed on disk)."""
     _load_image_cached.cache_clear()
+    _foreground_box_cached.cache_clear()
+
+
+def foreground_box(
+    path: str, *, tolerance: int = 30
+) -> tuple[float, float, float, float] | None:
+    """Normalised box of the pixels that differ from a plain background.
+
+    The background colour is the top-left pixel; a pixel is foreground when the sum of
+    its absolute RGB differences from it exceeds ``tolerance`` (anti-aliased edges
+    fainter than that stay background). Meant for images of one object on a uniform
+    background (easy-VQA), where the box is the object's.
+
+    Parameters
+    ----------
+    path : str
+        Path of the image file (read through ``load_image``'s cache).
+    tolerance : int
+        Summed RGB difference (0..765) above which a pixel is foreground.
+
+    Returns
+    -------
+    tuple[float, float, float, float] | None
+        ``(x0, y0, x1, y1)`` in [0, 1] (half-open pixel box divided by the image
+        size, as ``VQASample.region``), or ``None`` when no pixel is foreground.
+    """
+    return _foreground_box_cached(os.fspath(path), tolerance)
+
+
+@lru_cache(maxsize=IMAGE_CACHE_SIZE)
+def _foreground_box_cached(
+    path: str, tolerance: int
+) -> tuple[float, float, float, float] | None:
+    pixels = np.asarray(load_image(path), dtype=np.int32)  # (H, W, 3)
+    height, width = pixels.shape[:2]
+    differs = np.abs(pixels - pixels[0, 0]).sum(axis=-1) > tolerance
+    rows, cols = np.nonzero(differs)
+    if rows.size == 0:
+        return None
+    return (
+        float(cols.min()) / width,
+        float(rows.min()) / height,
+        float(cols.max() + 1) / width,
+        float(rows.max() + 1) / height,
+    )

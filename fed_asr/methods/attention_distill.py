@@ -14,6 +14,11 @@ conventions), pulled to the teacher's descriptor of the same sample. It separate
 the two things ASR gives up against the map bound: the maps' phase (where the
 attention sits; the power spectrum is invariant under shifts) and per-sample
 targets (ASR has per-skill statistics only).
+
+``method.options.match=coherence`` keeps, per sample, only where each map sits
+relative to its image's content: the band coherences of ``fed_asr.coherence`` (how
+the map lines up with the image's non-background pixels, per spatial scale), pulled
+to the teacher's of the same sample.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fed_asr.coherence import coherence_descriptor
 from fed_asr.config_sections import check_choice
 from fed_asr.diagnostics import map_kl
 from fed_asr.methods.base import StepContext, check_non_negative
@@ -33,7 +39,7 @@ from fed_asr.query_tokens import query_token_weights
 from fed_asr.regularizer import describe_capture
 from fed_asr.spectral import SpectralDescriptor, attention_maps, query_mean_attention
 
-DISTILL_TARGETS = ("maps", "spectrum")
+DISTILL_TARGETS = ("maps", "spectrum", "coherence")
 
 
 @dataclass
@@ -44,7 +50,8 @@ class AttentionDistillOptions:
     # Keep how much attention goes to the image at all: distil P + 1 bins (the image
     # cells unnormalised and the mass on every other key) instead of maps that sum to 1
     image_mass: bool = False
-    # "maps": the maps themselves; "spectrum": each map's spectral descriptor only
+    # "maps": the maps themselves; "spectrum": each map's spectral descriptor only;
+    # "coherence": each map's band coherences with its image's content only
     match: str = "maps"
 
     def __post_init__(self) -> None:
@@ -104,9 +111,15 @@ def spectral_distillation_loss(
     so features on different scales weigh alike: the diagonal Mahalanobis distance of
     ``fed_asr.regularizer`` with the teacher's sample as the mean, averaged over D.
     """
-    target = teacher.descriptor.detach()  # (B, D)
+    return standardised_distance(student.descriptor, teacher.descriptor, floor)
+
+
+def standardised_distance(student: Tensor, teacher: Tensor, floor: float) -> Tensor:
+    """Mean of (student - teacher)^2 over (B, D) features, each divided by its variance
+    over the teacher's batch floored at ``floor``; the teacher is detached."""
+    target = teacher.detach()
     scale = target.var(dim=0, unbiased=False).clamp_min(floor)  # (D,)
-    return ((student.descriptor - target).square() / scale).mean()
+    return ((student - target).square() / scale).mean()
 
 
 class AttentionDistill(LwF):
@@ -118,7 +131,8 @@ class AttentionDistill(LwF):
     ``regularizer.query_tokens``; with ``image_mass`` the maps keep their share of
     the attention (plus one bin for the rest) instead of summing to 1; with
     ``match=spectrum`` the maps' spectral descriptors instead
-    (``spectral_distillation_loss``).
+    (``spectral_distillation_loss``), with ``match=coherence`` their band coherences
+    with the image's content (``fed_asr.coherence``).
     """
 
     needs_attention = True
@@ -147,6 +161,19 @@ class AttentionDistill(LwF):
             ctx.batch.get("function_mask"),
             self.reg_cfg.query_tokens,
         )
+        if self.options.match == "coherence":
+            coherences = [
+                coherence_descriptor(
+                    capture.attn,
+                    capture.grid,
+                    ctx.batch["pixel_values"],
+                    weights,
+                    self.reg_cfg.n_radial,
+                )
+                for capture in (student, teacher)
+            ]
+            loss = standardised_distance(*coherences, self.reg_cfg.cov_floor)
+            return {"attn": self.options.weight * loss}
         as_maps = with_rest_mass if self.options.image_mass else query_weighted_maps
         loss = map_distillation_loss(
             as_maps(student.attn, weights), as_maps(teacher.attn, weights)

@@ -77,8 +77,13 @@ def test_spectral_distillation_standardises_features_by_the_teacher_spread() -> 
 
 @pytest.mark.parametrize(
     "options",
-    [{"image_mass": False}, {"image_mass": True}, {"match": "spectrum"}],
-    ids=["maps", "image_mass", "spectrum"],
+    [
+        {"image_mass": False},
+        {"image_mass": True},
+        {"match": "spectrum"},
+        {"match": "coherence"},
+    ],
+    ids=["maps", "image_mass", "spectrum", "coherence"],
 )
 def test_attention_distill_zero_against_itself_positive_and_differentiable_after(
     options: dict[str, object],
@@ -129,6 +134,7 @@ def test_attention_distill_refuses_a_negative_weight() -> None:
     [
         ({"match": "phase"}, "method.options.match"),
         ({"match": "spectrum", "image_mass": True}, "image_mass applies to match=maps"),
+        ({"match": "coherence", "image_mass": True}, "image_mass applies"),
     ],
 )
 def test_attention_distill_refuses_bad_match_options(

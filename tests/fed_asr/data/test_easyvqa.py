@@ -230,3 +230,28 @@ def test_build_stream_dispatches_easyvqa_config() -> None:
             "domain", max_train_per_stage=30, max_test_per_stage=10, seed=0
         ).stages
     )
+
+
+def test_easyvqa_samples_carry_the_box_of_their_images_shape() -> None:
+    # Setup
+    import numpy as np
+
+    from fed_asr.data import load_image
+
+    stream = easyvqa_stream(
+        "ability", max_train_per_stage=20, max_test_per_stage=20, seed=0
+    )
+    samples = [s for stage in stream.stages for s in stage.train + stage.test]
+
+    # Assert: everything outside the box is background, and the box is small
+    for sample in samples:
+        assert sample.region is not None
+        x0, y0, x1, y1 = sample.region
+        assert 0.0 < (x1 - x0) * (y1 - y0) < 0.5
+        pixels = np.asarray(load_image(sample.image), dtype=np.int32)
+        h, w = pixels.shape[:2]
+        outside = np.ones((h, w), dtype=bool)
+        outside[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = False
+        differs = np.abs(pixels - pixels[0, 0]).sum(-1) > 30
+        assert not differs[outside].any()
+        assert differs[~outside].any()
