@@ -18,8 +18,8 @@ how the attention map lines up with the image's own content.
   moves off the content lowers it.
 
 ``coherence_descriptor`` gives, per sample, the mean and population variance over the
-layer-heads of the K band coherences, (B, 2K): the same layout as the spectral
-descriptor, so a skill's coherence can be summarised by the same per-skill statistics.
+layer-heads of the K band coherences, (B, 2K), the same layout as the spectral
+descriptor; or, per head, every layer-head's K coherences, (B, J * K).
 """
 
 from __future__ import annotations
@@ -111,8 +111,11 @@ def coherence_descriptor(
     pixel_values: Tensor,
     token_weights: Tensor | None = None,
     n_bands: int = 8,
+    per_head: bool = False,
 ) -> Tensor:
     """(B, 2K) mean then variance over layer-heads of the band coherences.
+
+    With ``per_head`` the coherences of every layer-head instead, (B, J * K).
 
     Parameters
     ----------
@@ -126,9 +129,13 @@ def coherence_descriptor(
         (B, Tq) query-token weights (``fed_asr.query_tokens``).
     n_bands : int
         Number K of radial bands.
+    per_head : bool
+        Keep each layer-head's coherences instead of pooling them.
     """
     maps = attention_maps(attn, grid, token_weights)  # (B, J, Gh, Gw)
     coherence = band_coherence(maps, content_maps(pixel_values, grid), n_bands)
+    if per_head:
+        return coherence.flatten(1)
     mean = coherence.mean(dim=1)
     var = (coherence - mean[:, None]).square().mean(dim=1)
     return torch.cat([mean, var], dim=-1)

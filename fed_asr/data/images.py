@@ -1,4 +1,4 @@
-"""Image loading with a per-process cache, and the box of a plain-background image's object."""
+"""Image loading with a per-process cache; a plain-background image's object box."""
 
 from __future__ import annotations
 

@@ -19,6 +19,10 @@ targets (ASR has per-skill statistics only).
 relative to its image's content: the band coherences of ``fed_asr.coherence`` (how
 the map lines up with the image's non-background pixels, per spatial scale), pulled
 to the teacher's of the same sample.
+
+``method.options.heads=each`` (with ``spectrum`` or ``coherence``) keeps those
+features for every layer-head instead of ASR's mean and variance over the heads: it
+asks whether what the maps carry is lost by reducing each map or by pooling the heads.
 """
 
 from __future__ import annotations
@@ -37,9 +41,15 @@ from fed_asr.methods.lwf import TEACHER_ADAPTER, LwF, active_adapter
 from fed_asr.methods.registry import register_method
 from fed_asr.query_tokens import query_token_weights
 from fed_asr.regularizer import describe_capture
-from fed_asr.spectral import SpectralDescriptor, attention_maps, query_mean_attention
+from fed_asr.spectral import (
+    SpectralDescriptor,
+    attention_maps,
+    layer_head_features,
+    query_mean_attention,
+)
 
 DISTILL_TARGETS = ("maps", "spectrum", "coherence")
+HEAD_LAYOUTS = ("pooled", "each")
 
 
 @dataclass
@@ -53,10 +63,19 @@ class AttentionDistillOptions:
     # "maps": the maps themselves; "spectrum": each map's spectral descriptor only;
     # "coherence": each map's band coherences with its image's content only
     match: str = "maps"
+    # for match=spectrum|coherence: "pooled" keeps the descriptor's mean and variance
+    # over the layer-heads (ASR's layout); "each" keeps every layer-head's features
+    heads: str = "pooled"
 
     def __post_init__(self) -> None:
         check_non_negative("weight", self.weight)
         check_choice("method.options.match", self.match, DISTILL_TARGETS)
+        check_choice("method.options.heads", self.heads, HEAD_LAYOUTS)
+        if self.heads == "each" and self.match == "maps":
+            raise ValueError(
+                "method.options.heads applies to match=spectrum|coherence (the maps "
+                "are always distilled head by head)"
+            )
         if self.image_mass and self.match != "maps":
             raise ValueError(
                 "method.options.image_mass applies to match=maps only "
@@ -132,7 +151,8 @@ class AttentionDistill(LwF):
     the attention (plus one bin for the rest) instead of summing to 1; with
     ``match=spectrum`` the maps' spectral descriptors instead
     (``spectral_distillation_loss``), with ``match=coherence`` their band coherences
-    with the image's content (``fed_asr.coherence``).
+    with the image's content (``fed_asr.coherence``); ``heads=each`` keeps those
+    features for every layer-head instead of their mean and variance over heads.
     """
 
     needs_attention = True
@@ -149,7 +169,7 @@ class AttentionDistill(LwF):
             raise ValueError("`attention_distill` needs the step's attention capture.")
         with torch.no_grad(), active_adapter(ctx.model, TEACHER_ADAPTER):
             teacher = ctx.forward(hidden=False)
-        if self.options.match == "spectrum":
+        if self.options.match == "spectrum" and self.options.heads == "pooled":
             loss = spectral_distillation_loss(
                 describe_capture(student, ctx.batch, self.reg_cfg),
                 describe_capture(teacher, ctx.batch, self.reg_cfg),
@@ -161,24 +181,36 @@ class AttentionDistill(LwF):
             ctx.batch.get("function_mask"),
             self.reg_cfg.query_tokens,
         )
-        if self.options.match == "coherence":
-            coherences = [
-                coherence_descriptor(
-                    capture.attn,
-                    capture.grid,
-                    ctx.batch["pixel_values"],
-                    weights,
-                    self.reg_cfg.n_radial,
-                )
+        if self.options.match != "maps":
+            features = [
+                self._features(capture, ctx.batch, weights)
                 for capture in (student, teacher)
             ]
-            loss = standardised_distance(*coherences, self.reg_cfg.cov_floor)
+            loss = standardised_distance(*features, self.reg_cfg.cov_floor)
             return {"attn": self.options.weight * loss}
         as_maps = with_rest_mass if self.options.image_mass else query_weighted_maps
         loss = map_distillation_loss(
             as_maps(student.attn, weights), as_maps(teacher.attn, weights)
         )
         return {"attn": self.options.weight * loss}
+
+    def _features(
+        self, capture: Any, batch: dict[str, Tensor], weights: Tensor
+    ) -> Tensor:
+        """(B, F) per-sample features distilled by ``match=spectrum|coherence``."""
+        cfg, per_head = self.reg_cfg, self.options.heads == "each"
+        if self.options.match == "coherence":
+            return coherence_descriptor(
+                capture.attn,
+                capture.grid,
+                batch["pixel_values"],
+                weights,
+                cfg.n_radial,
+                per_head=per_head,
+            )
+        maps = attention_maps(capture.attn, capture.grid, weights, cfg.descriptor)
+        feats = layer_head_features(maps, cfg.n_radial, cfg.n_angular, cfg.descriptor)
+        return feats.flatten(1)  # (B, J * (K + 2M + 3))
 
 
 register_method("attention_distill", AttentionDistill, AttentionDistillOptions)

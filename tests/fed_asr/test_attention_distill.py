@@ -82,8 +82,17 @@ def test_spectral_distillation_standardises_features_by_the_teacher_spread() -> 
         {"image_mass": True},
         {"match": "spectrum"},
         {"match": "coherence"},
+        {"match": "spectrum", "heads": "each"},
+        {"match": "coherence", "heads": "each"},
     ],
-    ids=["maps", "image_mass", "spectrum", "coherence"],
+    ids=[
+        "maps",
+        "image_mass",
+        "spectrum",
+        "coherence",
+        "spectrum_each",
+        "coherence_each",
+    ],
 )
 def test_attention_distill_zero_against_itself_positive_and_differentiable_after(
     options: dict[str, object],
@@ -135,6 +144,8 @@ def test_attention_distill_refuses_a_negative_weight() -> None:
         ({"match": "phase"}, "method.options.match"),
         ({"match": "spectrum", "image_mass": True}, "image_mass applies to match=maps"),
         ({"match": "coherence", "image_mass": True}, "image_mass applies"),
+        ({"heads": "each"}, "heads applies to match=spectrum"),
+        ({"match": "coherence", "heads": "all"}, "method.options.heads"),
     ],
 )
 def test_attention_distill_refuses_bad_match_options(

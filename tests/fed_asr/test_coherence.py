@@ -88,3 +88,19 @@ def test_coherence_descriptor_holds_mean_and_variance_and_is_differentiable() ->
     assert bool((descriptor[:, :3].abs() <= 1 + 1e-6).all())
     assert bool((descriptor[:, 3:] >= 0).all())
     assert attn.grad is not None and attn.grad.abs().sum() > 0
+
+
+def test_per_head_coherence_descriptor_keeps_every_layer_head() -> None:
+    # Setup
+    torch.manual_seed(3)
+    attn = torch.rand(2, 2, 3, 5, 16)
+    pixels = torch.rand(2, 3, 16, 16)
+    weights = torch.ones(2, 5)
+
+    # Execute
+    each = coherence_descriptor(attn, (4, 4), pixels, weights, 3, per_head=True)
+    pooled = coherence_descriptor(attn, (4, 4), pixels, weights, 3)
+
+    # Assert: J = 2 layers x 3 heads, K = 3; the pooled mean is their mean
+    assert each.shape == (2, 18)
+    torch.testing.assert_close(each.reshape(2, 6, 3).mean(1), pooled[:, :3])

@@ -1,4 +1,4 @@
-"""Tests of the image cache's foreground box (the object of a plain-background image)."""
+"""Tests of the foreground box (the object of a plain-background image)."""
 
 from __future__ import annotations
 
