@@ -29,6 +29,11 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}.")
 
 
+# what ASR's per-skill statistics summarise (fed_asr.descriptor_layout)
+DESCRIPTOR_FEATURES = ("spectrum", "coherence")
+HEAD_POOLING = ("pooled", "each")
+
+
 @dataclass
 class RegularizerConfig:
     """Attention-Spectrum Regularization (DESIGN section 2 defaults).
@@ -49,7 +54,12 @@ class RegularizerConfig:
       per-sample T x P token similarities (used with gamma 0.05, temperature 0.1);
     - ``spec_loss``: ``"paper"`` pulls descriptors to the prototype mean; ``"hinge"``
       only penalises d2 / D above 1 + ``hinge_margin``; ``"moment"`` matches the
-      batch's per-skill mean and variance to the prototype's.
+      batch's per-skill mean and variance to the prototype's;
+    - ``features``: ``"spectrum"`` (the maps' power-spectral features) or
+      ``"coherence"`` (their band coherences with the image's content, where the
+      attention sits relative to what the image shows; ``fed_asr.coherence``);
+    - ``heads``: ``"pooled"`` keeps the features' mean and variance over the captured
+      layer-heads; ``"each"`` every layer-head's features (D grows with the heads).
     """
 
     l_sel: int = 4
@@ -72,6 +82,8 @@ class RegularizerConfig:
     geometry: str = "paper"
     spec_loss: str = "paper"
     hinge_margin: float = 0.0
+    features: str = "spectrum"
+    heads: str = "pooled"
 
     def __post_init__(self) -> None:
         for name in (
@@ -105,6 +117,8 @@ class RegularizerConfig:
         check_choice(
             "regularizer.spec_loss", self.spec_loss, ("paper", "hinge", "moment")
         )
+        check_choice("regularizer.features", self.features, DESCRIPTOR_FEATURES)
+        check_choice("regularizer.heads", self.heads, HEAD_POOLING)
 
 
 @dataclass

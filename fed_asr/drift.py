@@ -136,14 +136,20 @@ def map_shift(reference: Tensor, current: Tensor) -> Tensor:
     """(N,) mean over layer-heads of KL(reference map || current map), in nats.
 
     ``reference`` and ``current`` are (N, J, P) maps of the same samples summing to
-    1 (``AttentionProbe.maps``); ``fed_asr.diagnostics.map_kl`` in float32.
+    1 (``AttentionProbe.maps``); ``fed_asr.diagnostics.map_kl`` in float32. The
+    maps are stored in float16, so each is renormalised to sum 1 first and the KL,
+    non-negative by definition, is clamped at 0: otherwise the rounding of two almost
+    equal maps gives a KL of about -1e-5, which the server rightly refuses.
     """
     if reference.shape != current.shape:
         raise ValueError(
             f"map shift needs maps of the same samples: {tuple(reference.shape)} vs "
             f"{tuple(current.shape)}"
         )
-    return map_kl(reference.float(), current.float()).mean(dim=-1)
+    reference, current = reference.float(), current.float()
+    reference = reference / reference.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    current = current / current.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return map_kl(reference, current).clamp_min(0.0).mean(dim=-1)
 
 
 def drift_row(after: int, stage: int, sums: DriftSums) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from torch import Tensor
 from fed_asr.config import RegularizerConfig
 from fed_asr.data import VQASample
 from fed_asr.data.regions import region_masks
+from fed_asr.descriptor_layout import model_descriptor_size
 from fed_asr.diagnostics import attention_grounding_share, spectrum_prototypes
 from fed_asr.drift import DriftSums, drift_row, drift_sums, map_shift
 from fed_asr.models import (
@@ -41,7 +42,7 @@ from fed_asr.models.scoring import (
 )
 from fed_asr.query_tokens import query_token_weights
 from fed_asr.regularizer import describe_capture
-from fed_asr.spectral import SpectralDescriptor, attention_maps, descriptor_dim
+from fed_asr.spectral import SpectralDescriptor, attention_maps
 from fed_asr.spectrum import SkillSpectrum, SkillStats
 
 
@@ -151,7 +152,7 @@ def probe_attention(
     (J * P values a sample: keep them for test splits, whose map shift is measured,
     not for training sets).
     """
-    dim = descriptor_dim(reg_cfg.n_radial, reg_cfg.n_angular)
+    dim = model_descriptor_size(model, reg_cfg)
     descriptors, skills, shares, uniform, maps = [], [], [], [], []
     device = model_device(model)
     model.eval()

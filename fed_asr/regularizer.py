@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fed_asr.config import RegularizerConfig
+from fed_asr.descriptor_layout import describe_batch
 from fed_asr.geometry import (
     batch_geometry_loss,
     geometry_loss,
@@ -34,8 +35,7 @@ from fed_asr.geometry import (
     pooled_embeddings,
     reference_log_similarity,
 )
-from fed_asr.query_tokens import query_token_weights
-from fed_asr.spectral import SpectralDescriptor, describe
+from fed_asr.spectral import SpectralDescriptor
 from fed_asr.spectrum import SkillSpectrum
 
 __all__ = [
@@ -344,15 +344,6 @@ def _zero_like_graph(*tensors: Tensor) -> Tensor:
 def describe_capture(
     capture: Any, batch: dict[str, Tensor], reg_cfg: RegularizerConfig
 ) -> SpectralDescriptor:
-    """Spectral descriptors of a captured batch with the configured conventions."""
-    weights = query_token_weights(
-        capture.query_mask, batch.get("function_mask"), reg_cfg.query_tokens
-    )
-    return describe(
-        capture.attn,
-        capture.grid,
-        token_weights=weights.to(capture.attn.dtype),
-        n_radial=reg_cfg.n_radial,
-        n_angular=reg_cfg.n_angular,
-        convention=reg_cfg.descriptor,
-    )
+    """Descriptors of a captured batch with the configured conventions, features and
+    head pooling (``fed_asr.descriptor_layout.describe_batch``)."""
+    return describe_batch(capture, batch, reg_cfg)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fed_asr.config import RegularizerConfig, TrainConfig
 from fed_asr.data import VQASample, skill_probabilities
+from fed_asr.descriptor_layout import model_descriptor_size
 from fed_asr.diagnostics import grad_norm_ratios
 from fed_asr.methods import ContinualMethod, StepContext, preserve_requires_grad
 from fed_asr.models import (
@@ -30,7 +31,7 @@ from fed_asr.models import (
 from fed_asr.progress import Progress
 from fed_asr.regularizer import describe_capture
 from fed_asr.security.dp import clip_angular, clip_descriptors
-from fed_asr.spectral import SpectralDescriptor, descriptor_dim
+from fed_asr.spectral import SpectralDescriptor
 from fed_asr.spectrum import SkillStats
 
 
@@ -228,7 +229,7 @@ def spectrum_statistics(
     most ``dp_clip`` and every angular distribution to L1 norm at most 1 first, which
     bounds one sample's effect on the statistics (``fed_asr.security.dp``).
     """
-    dim = descriptor_dim(reg_cfg.n_radial, reg_cfg.n_angular)
+    dim = model_descriptor_size(model, reg_cfg)
     stats = SkillStats.empty(tuple(skills), dim, reg_cfg.n_angular)
     if len(samples) == 0:
         return stats

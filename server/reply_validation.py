@@ -52,6 +52,26 @@ from server.example_caps import ExampleCaps
 ReplyCheck = Callable[[Message, ArrayRecord | None], str | None]
 
 
+def run_descriptor_bounds(
+    cfg: ExperimentConfig, layer_heads: int | None
+) -> DescriptorBounds | None:
+    """The configured descriptor's range (DP clipping included).
+
+    ``None`` for a per-head descriptor (``regularizer.heads=each``) while its J
+    (``layer_heads``) is not known yet.
+    """
+    reg = cfg.regularizer
+    if reg.heads == "each" and layer_heads is None:
+        return None
+    return descriptor_bounds(
+        reg.n_radial,
+        reg.n_angular,
+        cfg.privacy.dp_clip if cfg.privacy.dp else None,
+        features=reg.features,
+        layer_heads=layer_heads if reg.heads == "each" else None,
+    )
+
+
 def _is_zero(value: object) -> bool:
     return (
         isinstance(value, int | float)
@@ -114,6 +134,9 @@ class ReplyGuard:
         Most skills one sample counts toward (DP sensitivity); None: all skills.
     eval_skills : Sequence[str] | None
         Skills that may name evaluation counts; None: ``skills``.
+    per_head : bool
+        The descriptor is per layer-head (``regularizer.heads=each``): with no
+        ``bounds`` yet, statistics replies are refused instead of inferring a range.
     """
 
     def __init__(
@@ -126,6 +149,7 @@ class ReplyGuard:
         bounds: DescriptorBounds | None = None,
         skills_per_sample: int | None = None,
         eval_skills: Sequence[str] | None = None,
+        per_head: bool = False,
     ) -> None:
         self.security = security
         self.privacy = privacy
@@ -134,6 +158,8 @@ class ReplyGuard:
         self.bounds = bounds
         self.skills_per_sample = skills_per_sample or max(len(self.skills), 1)
         self.eval_skills = frozenset(eval_skills or self.skills)
+        # a per-head descriptor's range needs the model's J (``set_layer_heads``)
+        self.per_head = per_head
 
     @classmethod
     def for_run(
@@ -151,14 +177,15 @@ class ReplyGuard:
             cfg.privacy,
             stream.skills,
             caps=ExampleCaps.for_run(cfg, stream, method, simulated),
-            bounds=descriptor_bounds(
-                reg.n_radial,
-                reg.n_angular,
-                cfg.privacy.dp_clip if cfg.privacy.dp else None,
-            ),
+            bounds=run_descriptor_bounds(cfg, layer_heads=None),
             skills_per_sample=max_skills_per_sample(reg.tau_skill, len(stream.skills)),
             eval_skills=sorted(set(stream.skills) | test_skills),
+            per_head=reg.heads == "each",
         )
+
+    def set_layer_heads(self, cfg: ExperimentConfig, layer_heads: int) -> None:
+        """Fix the descriptor range once the model's J is known (``heads=each``)."""
+        self.bounds = run_descriptor_bounds(cfg, layer_heads)
 
     # -- train replies -------------------------------------------------------------
     def train_reason(self, msg: Message, stage: int, num_nodes: int) -> str | None:
@@ -195,6 +222,10 @@ class ReplyGuard:
     def _bounds(self, stats: Mapping[str, np.ndarray]) -> DescriptorBounds:
         if self.bounds is not None:
             return self.bounds
+        if self.per_head:
+            raise ValueError(
+                "the per-head descriptor's range is not set (`set_layer_heads`)."
+            )
         clip = self.privacy.dp_clip if self.privacy.dp else None
         dim, n_angular = np.shape(stats["sum"])[1], np.shape(stats["angular_sum"])[1]
         return bounds_for_shape(dim, n_angular, clip)

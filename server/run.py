@@ -23,6 +23,7 @@ from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import ExperimentConfig
 from fed_asr.data import build_stream
+from fed_asr.descriptor_layout import layer_heads
 from fed_asr.methods import build_method
 from fed_asr.models import load_run_base_model, resolve_device
 from fed_asr.outputs import seed_everything
@@ -77,7 +78,7 @@ class FederatedRun:
         self.stream = build_stream(cfg.data, cfg.seed)
         self.stage_names = [s.name for s in self.stream.stages]
         # Simulation: the server knows each partition's data (docs/security.md)
-        guard = ReplyGuard.for_run(
+        self.guard = guard = ReplyGuard.for_run(
             cfg, self.stream, self.method, simulated=engine == "simulation"
         )
         self.strategy = FedASR(
@@ -119,6 +120,8 @@ class FederatedRun:
         base, _ = load_run_base_model(
             cfg.model, cfg.data, self.stream.vocabulary(), resolve_device("cpu")
         )
+        if cfg.regularizer.heads == "each":
+            self.guard.set_layer_heads(cfg, layer_heads(base, cfg.regularizer.l_sel))
         self.model = self.lora.attach(base, cfg.lora, cfg.seed)
         self.arrays = ArrayRecord(
             torch_state_dict=self.lora.exchanged_state(self.model)

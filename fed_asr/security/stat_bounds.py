@@ -60,7 +60,12 @@ class DescriptorBounds:
 
 
 def descriptor_bounds(
-    n_radial: int, n_angular: int, dp_clip: float | None = None
+    n_radial: int,
+    n_angular: int,
+    dp_clip: float | None = None,
+    *,
+    features: str = "spectrum",
+    layer_heads: int | None = None,
 ) -> DescriptorBounds:
     """Range of each entry of the spectral descriptor ``describe`` returns.
 
@@ -79,6 +84,11 @@ def descriptor_bounds(
     ``(b - a)^2 / 4`` (Popoviciu's inequality): 1/4, 1/4, M^2/4, 1/4, pi^2, 1/4.
     Both conventions (``paper``, ``ours``) stay within these ranges.
 
+    ``features="coherence"`` (``fed_asr.coherence``): K band coherences per layer-head,
+    each a correlation in [-1, 1] (variance over heads at most 1). With
+    ``layer_heads`` = J (``regularizer.heads=each``) the descriptor is every
+    layer-head's features in turn, each in its range, instead of mean and variance.
+
     With DP (``dp_clip``), ``clip_descriptors`` scales each descriptor to L2 norm at
     most C, so every entry also lies in [-C, C]; scaling towards 0 keeps it in its
     range since every range holds 0.
@@ -89,11 +99,15 @@ def descriptor_bounds(
         K radial and M angular bins.
     dp_clip : float | None
         L2 bound C of a clipped descriptor (``privacy.dp_clip`` when DP is on).
+    features : str
+        ``"spectrum"`` or ``"coherence"`` (``regularizer.features``).
+    layer_heads : int | None
+        J for per-head descriptors; None: mean and variance over heads.
 
     Returns
     -------
     DescriptorBounds
-        ``low``/``high`` of shape (D,), D = 2 (K + 2M + 3).
+        ``low``/``high`` of shape (D,), D = 2 (K + 2M + 3) for the pooled spectrum.
 
     Raises
     ------
@@ -105,12 +119,20 @@ def descriptor_bounds(
             f"`n_radial` and `n_angular` must be positive, got {n_radial}, {n_angular}."
         )
     k, m = n_radial, n_angular
-    low = np.array([0.0] * (k + 2 * m) + [0.0, -math.pi, 0.0])  # (F,)
-    high = np.array([1.0] * (k + m) + [float(m)] * m + [1.0, math.pi, 1.0])  # (F,)
-    assert low.size == features_per_head(k, m)
-    variance_high = (high - low) ** 2 / 4  # (F,)
-    low = np.concatenate([low, np.zeros_like(low)])  # (D,)
-    high = np.concatenate([high, variance_high])  # (D,)
+    if features == "coherence":
+        low, high = np.full(k, -1.0), np.full(k, 1.0)  # (F,)
+    else:
+        low = np.array([0.0] * (k + 2 * m) + [0.0, -math.pi, 0.0])  # (F,)
+        high = np.array([1.0] * (k + m) + [float(m)] * m + [1.0, math.pi, 1.0])
+        assert low.size == features_per_head(k, m)
+    if layer_heads is not None:
+        if layer_heads < 1:
+            raise ValueError(f"`layer_heads` must be positive, got {layer_heads}.")
+        low, high = np.tile(low, layer_heads), np.tile(high, layer_heads)  # (D,)
+    else:
+        variance_high = (high - low) ** 2 / 4  # (F,)
+        low = np.concatenate([low, np.zeros_like(low)])  # (D,)
+        high = np.concatenate([high, variance_high])  # (D,)
     if dp_clip is not None:
         if not dp_clip > 0:
             raise ValueError(f"`dp_clip` must be positive, got {dp_clip}.")

@@ -172,3 +172,19 @@ def test_map_shift_metrics_round_trip_and_hostile_values_refused() -> None:
             DriftSums.from_metrics({**metrics, key: bad}, 1, SKILLS)
     with pytest.raises(ValueError, match="stage 1"):
         DriftSums.from_metrics({"drift-mapkl-1": 0.3}, 1, SKILLS)  # kl without samples
+
+
+def test_map_shift_of_almost_equal_float16_maps_is_never_negative() -> None:
+    # Setup: float16 copies of one map, one with a rounding-sized change, so that
+    # neither sums to exactly 1 (as a client's stored reference maps)
+    torch.manual_seed(4)
+    maps = torch.softmax(torch.randn(64, 4, 49), dim=-1)
+    reference = maps.half()
+    current = (maps * (1 + 1e-4 * torch.randn_like(maps))).half()
+
+    # Execute
+    shift = map_shift(reference, current)
+
+    # Assert
+    assert bool((shift >= 0).all())
+    assert float(shift.max()) < 1e-4

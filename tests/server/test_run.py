@@ -81,3 +81,32 @@ def test_federated_run_pools_the_clients_drift_after_every_stage(
     assert shifts[0] == pytest.approx(0.0, abs=1e-6)
     assert shifts[2] == pytest.approx(0.0, abs=1e-6)
     assert shifts[1] > 0 and np.isfinite(shifts[1])
+
+
+@pytest.mark.parametrize("features", ["spectrum", "coherence"])
+def test_federated_asr_with_per_head_descriptors_keeps_every_clients_statistics(
+    run_overrides, features: str
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: ASR whose per-skill statistics are per layer-head (D = J x F)
+    overrides = run_overrides(
+        f"heads-{features}",
+        method="asr",
+        **{
+            "train.max_steps_per_stage": 2,
+            "regularizer.heads": "each",
+            "regularizer.features": features,
+        },
+    )
+    cfg = compose_config("config", overrides)
+    grid = loopback_grid(overrides)
+    # Execute
+    run = FederatedRun(cfg, grid)
+    path = run.run()
+    # Assert: the server's range check knows the layout and refuses nothing
+    metrics = json.loads(Path(path).read_text())
+    assert metrics["dropped"] == []
+    assert run.guard.bounds is not None
+    j = cfg.regularizer.l_sel * run.model.config.text_config.num_attention_heads
+    per_head = {"spectrum": 8 + 2 * 8 + 3, "coherence": 8}[features]
+    assert run.guard.bounds.dim == j * per_head
+    assert len(metrics["drift"]) == 3
