@@ -15,6 +15,7 @@ from fed_asr.methods import (
     frozen_attention,
     joint,
     lwf,
+    spectral_distill,
     vanilla,
 )
 from fed_asr.methods.base import (
@@ -58,6 +59,7 @@ __all__ = [
     "method_entry",
     "method_options",
     "preserve_requires_grad",
+    "spectral_distill",
     "register_method",
     "trainable_parameters",
     "unregister_method",

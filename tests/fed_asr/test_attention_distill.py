@@ -153,3 +153,38 @@ def test_attention_distill_refuses_bad_match_options(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         build_method(MethodConfig(name="attention_distill", options=options), REG)
+
+
+def test_spectral_distill_is_attention_distill_of_per_head_spectra() -> None:
+    # Prepare: the same model, batch and teacher for both methods
+    stream = small_stream()
+    model, collator = tiny_lora_model(stream)
+    batch = collator(stream.stages[0].train[:4])
+    named = build_method(MethodConfig(name="spectral_distill"), REG)
+    spelled = build_method(
+        MethodConfig(
+            name="attention_distill", options={"match": "spectrum", "heads": "each"}
+        ),
+        REG,
+    )
+    memory = {PREVIOUS_ADAPTER: adapter_state(model)}
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(0.3 * torch.randn_like(p))
+    forward = partial(forward_with_attention, model, batch, REG.l_sel, "selective")
+
+    def penalty(method) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        method.set_memory(model, memory)
+        ctx = StepContext(
+            model=model,
+            batch=batch,
+            capture=forward(hidden=False),
+            skill_probs=torch.zeros(4, 1),
+            forward=forward,
+        )
+        return method.penalties(ctx)["attn"].detach()
+
+    # Execute / Assert
+    assert (named.options.match, named.options.heads) == ("spectrum", "each")
+    torch.testing.assert_close(penalty(named), penalty(spelled))
+    assert float(penalty(named)) > 0

@@ -22,7 +22,7 @@ def test_cli_help_lists_groups_with_choices_and_fields_with_defaults(
     assert code == 0
     methods = (
         "asr*, asr_local, attention_distill, ewc, fedprox, frozen_attention, joint, "
-        "lwf, vanilla"
+        "lwf, spectral_distill, vanilla"
     )
     assert f"  method     {methods}" in out
     assert "  tracking   mlflow, none, tensorboard*, wandb" in out
