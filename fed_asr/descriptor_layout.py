@@ -54,22 +54,22 @@ def per_head_size(reg_cfg: RegularizerConfig) -> int:
     return features_per_head(reg_cfg.n_radial, reg_cfg.n_angular)
 
 
-def descriptor_size(reg_cfg: RegularizerConfig, layer_heads: int | None) -> int:
-    """D of the configured descriptor (``layer_heads`` = J, needed for ``each``).
+def descriptor_size(reg_cfg: RegularizerConfig, num_layer_heads: int | None) -> int:
+    """D of the configured descriptor (``num_layer_heads`` = J, needed for ``each``).
 
     Raises
     ------
     ValueError
-        ``heads=each`` without a positive ``layer_heads``.
+        ``heads=each`` without a positive ``num_layer_heads``.
     """
     if reg_cfg.heads == "pooled":
         return 2 * per_head_size(reg_cfg)
-    if layer_heads is None or layer_heads < 1:
+    if num_layer_heads is None or num_layer_heads < 1:
         raise ValueError(
             "`regularizer.heads=each` needs the number of captured layer-heads, got "
-            f"{layer_heads!r}."
+            f"{num_layer_heads!r}."
         )
-    return layer_heads * per_head_size(reg_cfg)
+    return num_layer_heads * per_head_size(reg_cfg)
 
 
 def layer_heads(model: nn.Module, l_sel: int) -> int:
