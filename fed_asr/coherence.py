@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fed_asr.config_sections import check_positive
-from fed_asr.spectral import attention_maps, frequency_coordinates
+from fed_asr.spectral import attention_maps, frequency_coordinates, pool_layer_heads
 
 _EPS = 1e-12
 
@@ -134,8 +134,4 @@ def coherence_descriptor(
     """
     maps = attention_maps(attn, grid, token_weights)  # (B, J, Gh, Gw)
     coherence = band_coherence(maps, content_maps(pixel_values, grid), n_bands)
-    if per_head:
-        return coherence.flatten(1)
-    mean = coherence.mean(dim=1)
-    var = (coherence - mean[:, None]).square().mean(dim=1)
-    return torch.cat([mean, var], dim=-1)
+    return coherence.flatten(1) if per_head else pool_layer_heads(coherence)

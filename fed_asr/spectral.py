@@ -68,6 +68,7 @@ __all__ = [
     "features_per_head",
     "frequency_coordinates",
     "layer_head_features",
+    "pool_layer_heads",
 ]
 
 _EPS = 1e-8
@@ -418,11 +419,20 @@ def describe(
         return SpectralDescriptor(descriptor, angular)
     maps = attention_maps(attn, grid, token_weights, convention)
     feats = layer_head_features(maps, n_radial, n_angular, convention)
-    mean = feats.mean(dim=1)  # (B, F)
-    # Population variance, two-pass; several times faster than `var` over dim 1.
-    var = (feats - mean[:, None]).square().mean(dim=1)  # (B, F); 0 when J = 1
-    angular = mean[:, n_radial : n_radial + n_angular]  # (B, M)
-    return SpectralDescriptor(torch.cat([mean, var], dim=-1), angular)
+    descriptor = pool_layer_heads(feats)  # (B, 2F)
+    angular = descriptor[:, n_radial : n_radial + n_angular]  # (B, M) of the mean
+    return SpectralDescriptor(descriptor, angular)
+
+
+def pool_layer_heads(features: Tensor) -> Tensor:
+    """(B, 2F): mean then population variance over the J layer-heads of (B, J, F).
+
+    The variance is two-pass (several times faster than ``var`` over dim 1); 0 when
+    J = 1.
+    """
+    mean = features.mean(dim=1)  # (B, F)
+    var = (features - mean[:, None]).square().mean(dim=1)  # (B, F)
+    return torch.cat([mean, var], dim=-1)
 
 
 def _check_bins(n_radial: int, n_angular: int) -> None:

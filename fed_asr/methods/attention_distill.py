@@ -27,29 +27,24 @@ asks whether what the maps carry is lost by reducing each map or by pooling the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fed_asr.coherence import coherence_descriptor
-from fed_asr.config_sections import check_choice
+from fed_asr.config_sections import DESCRIPTOR_FEATURES, HEAD_POOLING, check_choice
+from fed_asr.descriptor_layout import describe_batch
 from fed_asr.diagnostics import map_kl
 from fed_asr.methods.base import StepContext, check_non_negative
 from fed_asr.methods.lwf import TEACHER_ADAPTER, LwF, active_adapter
 from fed_asr.methods.registry import register_method
 from fed_asr.query_tokens import query_token_weights
-from fed_asr.regularizer import describe_capture
-from fed_asr.spectral import (
-    SpectralDescriptor,
-    attention_maps,
-    layer_head_features,
-    query_mean_attention,
-)
+from fed_asr.spectral import SpectralDescriptor, attention_maps, query_mean_attention
 
-DISTILL_TARGETS = ("maps", "spectrum", "coherence")
-HEAD_LAYOUTS = ("pooled", "each")
+# "maps", or the per-sample features of a descriptor layout (fed_asr.descriptor_layout)
+DISTILL_TARGETS = ("maps", *DESCRIPTOR_FEATURES)
 
 
 @dataclass
@@ -70,7 +65,7 @@ class AttentionDistillOptions:
     def __post_init__(self) -> None:
         check_non_negative("weight", self.weight)
         check_choice("method.options.match", self.match, DISTILL_TARGETS)
-        check_choice("method.options.heads", self.heads, HEAD_LAYOUTS)
+        check_choice("method.options.heads", self.heads, HEAD_POOLING)
         if self.heads == "each" and self.match == "maps":
             raise ValueError(
                 "method.options.heads applies to match=spectrum|coherence (the maps "
@@ -130,15 +125,9 @@ def spectral_distillation_loss(
     so features on different scales weigh alike: the diagonal Mahalanobis distance of
     ``fed_asr.regularizer`` with the teacher's sample as the mean, averaged over D.
     """
-    return standardised_distance(student.descriptor, teacher.descriptor, floor)
-
-
-def standardised_distance(student: Tensor, teacher: Tensor, floor: float) -> Tensor:
-    """Mean of (student - teacher)^2 over (B, D) features, each divided by its variance
-    over the teacher's batch floored at ``floor``; the teacher is detached."""
-    target = teacher.detach()
+    target = teacher.descriptor.detach()  # (B, D)
     scale = target.var(dim=0, unbiased=False).clamp_min(floor)  # (D,)
-    return ((student - target).square() / scale).mean()
+    return ((student.descriptor - target).square() / scale).mean()
 
 
 class AttentionDistill(LwF):
@@ -159,6 +148,15 @@ class AttentionDistill(LwF):
 
     def __init__(self, options: AttentionDistillOptions, regularizer: Any) -> None:
         super().__init__(options, regularizer)  # type: ignore[arg-type]
+        # match=spectrum|coherence: the regularizer's descriptor with the layout the
+        # options name (not regularizer.features/heads, which are ASR's)
+        self.feature_cfg = (
+            None
+            if options.match == "maps"
+            else dataclasses.replace(
+                regularizer, features=options.match, heads=options.heads
+            )
+        )
 
     def penalties(self, ctx: StepContext) -> dict[str, Tensor]:
         """``attn``: weight * KL(teacher maps || student maps) (none in stage 0)."""
@@ -169,10 +167,10 @@ class AttentionDistill(LwF):
             raise ValueError("`attention_distill` needs the step's attention capture.")
         with torch.no_grad(), active_adapter(ctx.model, TEACHER_ADAPTER):
             teacher = ctx.forward(hidden=False)
-        if self.options.match == "spectrum" and self.options.heads == "pooled":
+        if self.feature_cfg is not None:
             loss = spectral_distillation_loss(
-                describe_capture(student, ctx.batch, self.reg_cfg),
-                describe_capture(teacher, ctx.batch, self.reg_cfg),
+                describe_batch(student, ctx.batch, self.feature_cfg),
+                describe_batch(teacher, ctx.batch, self.feature_cfg),
                 self.reg_cfg.cov_floor,
             )
             return {"attn": self.options.weight * loss}
@@ -181,36 +179,11 @@ class AttentionDistill(LwF):
             ctx.batch.get("function_mask"),
             self.reg_cfg.query_tokens,
         )
-        if self.options.match != "maps":
-            features = [
-                self._features(capture, ctx.batch, weights)
-                for capture in (student, teacher)
-            ]
-            loss = standardised_distance(*features, self.reg_cfg.cov_floor)
-            return {"attn": self.options.weight * loss}
         as_maps = with_rest_mass if self.options.image_mass else query_weighted_maps
         loss = map_distillation_loss(
             as_maps(student.attn, weights), as_maps(teacher.attn, weights)
         )
         return {"attn": self.options.weight * loss}
-
-    def _features(
-        self, capture: Any, batch: dict[str, Tensor], weights: Tensor
-    ) -> Tensor:
-        """(B, F) per-sample features distilled by ``match=spectrum|coherence``."""
-        cfg, per_head = self.reg_cfg, self.options.heads == "each"
-        if self.options.match == "coherence":
-            return coherence_descriptor(
-                capture.attn,
-                capture.grid,
-                batch["pixel_values"],
-                weights,
-                cfg.n_radial,
-                per_head=per_head,
-            )
-        maps = attention_maps(capture.attn, capture.grid, weights, cfg.descriptor)
-        feats = layer_head_features(maps, cfg.n_radial, cfg.n_angular, cfg.descriptor)
-        return feats.flatten(1)  # (B, J * (K + 2M + 3))
 
 
 register_method("attention_distill", AttentionDistill, AttentionDistillOptions)

@@ -188,3 +188,32 @@ def test_spectral_distill_is_attention_distill_of_per_head_spectra() -> None:
     assert (named.options.match, named.options.heads) == ("spectrum", "each")
     torch.testing.assert_close(penalty(named), penalty(spelled))
     assert float(penalty(named)) > 0
+
+
+def test_attention_distill_features_follow_its_options_not_asrs_layout() -> None:
+    # Prepare: the same teacher and batch; only ASR's regularizer layout differs
+    stream = small_stream()
+    model, collator = tiny_lora_model(stream)
+    batch = collator(stream.stages[0].train[:4])
+    memory = {PREVIOUS_ADAPTER: adapter_state(model)}
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(0.3 * torch.randn_like(p))
+    forward = partial(forward_with_attention, model, batch, REG.l_sel, "selective")
+    config = MethodConfig(name="attention_distill", options={"match": "spectrum"})
+
+    def penalty(reg: RegularizerConfig) -> torch.Tensor:
+        method = build_method(config, reg)
+        method.set_memory(model, memory)
+        ctx = StepContext(
+            model=model,
+            batch=batch,
+            capture=forward(hidden=False),
+            skill_probs=torch.zeros(4, 1),
+            forward=forward,
+        )
+        return method.penalties(ctx)["attn"].detach()
+
+    # Execute / Assert: match=spectrum is the pooled spectrum whatever ASR uses
+    asr_layout = RegularizerConfig(l_sel=2, features="coherence", heads="each")
+    torch.testing.assert_close(penalty(asr_layout), penalty(REG))
