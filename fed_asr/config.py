@@ -121,6 +121,14 @@ class ModelConfig:
     # preparation (1 = the default init); > 1 sharpens the initial attention and gets
     # small models off the uniform-attention plateau sooner (`model=scenes_cpu`)
     pretrain_qk_init: float = 1.0
+    # vision tower preparation before the above (`fed_asr.models.vision_pretrain`): the
+    # tower learns to tell the attributes (colour, shape) of the labelled objects of
+    # `pretrain_vision_size` stream images (`fed_asr.data.stream_objects`), the CPU
+    # stand-in for a pre-trained vision encoder; it stays frozen afterwards, as LLaVA
+    # keeps its CLIP frozen. 0 steps = none (the tower learns with everything else).
+    pretrain_vision_steps: int = 0
+    pretrain_vision_size: int = 4000
+    pretrain_vision_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         check_choice("model.name", self.name, ("tiny", "pretrained"))
@@ -166,12 +174,21 @@ class ModelConfig:
             "pretrain_batch_size",
             "pretrain_lr",
             "pretrain_qk_init",
+            "pretrain_vision_size",
+            "pretrain_vision_lr",
         ):
             check_positive(f"model.{name}", getattr(self, name))
-        if self.pretrain_steps < 0:
+        if self.name == "pretrained" and self.pretrain_vision_steps:
             raise ValueError(
-                f"`model.pretrain_steps` must be >= 0, got {self.pretrain_steps}."
+                "`model.pretrain_vision_steps` prepares the built-in tiny model's "
+                "vision tower; a pre-trained checkpoint's encoder is used as it is: "
+                "set it to 0."
             )
+        for name in ("pretrain_steps", "pretrain_vision_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"`model.{name}` must be >= 0, got {getattr(self, name)}."
+                )
 
 
 # Where `lora.target_modules` are matched (fed_asr.models.lora.lora_target_modules)

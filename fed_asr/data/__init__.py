@@ -3,6 +3,7 @@
 from fed_asr.data.easyvqa import caption_samples, easyvqa_stream, image_labels
 from fed_asr.data.images import clear_image_cache, load_image
 from fed_asr.data.manifest import manifest_stream, read_manifest
+from fed_asr.data.objects import LabelledObject, ObjectImage
 from fed_asr.data.partition import dirichlet_partition, partition_stream
 from fed_asr.data.regions import grounding_share, region_mask, region_masks, sample_mask
 from fed_asr.data.samples import (
@@ -12,6 +13,7 @@ from fed_asr.data.samples import (
     VQASample,
     tokenize,
 )
+from fed_asr.data.scene_objects import scenes_objects
 from fed_asr.data.scenes import SCENE_SKILLS, scenes_preparation, scenes_stream
 from fed_asr.data.skills import (
     EASYVQA_SKILLS,
@@ -26,6 +28,7 @@ from fed_asr.data.streams import (
     build_stream,
     get_stream,
     register_stream,
+    stream_objects,
     stream_preparation,
 )
 
@@ -35,6 +38,8 @@ __all__ = [
     "SCENE_SKILLS",
     "STREAMS",
     "ContinualStream",
+    "LabelledObject",
+    "ObjectImage",
     "Stage",
     "StreamEntry",
     "VQASample",
@@ -56,10 +61,12 @@ __all__ = [
     "region_masks",
     "register_stream",
     "sample_mask",
+    "scenes_objects",
     "scenes_preparation",
     "scenes_stream",
     "skill_distribution",
     "skill_probabilities",
+    "stream_objects",
     "stream_preparation",
     "tokenize",
 ]

@@ -154,7 +154,7 @@ def _place(
     return boxes
 
 
-def _scene_for(
+def scene_for(
     skill: str, answer: str, style: str, rng: np.random.Generator
 ) -> tuple[Scene, str, tuple[float, float, float, float] | None]:
     """A scene, question and region whose answer is ``answer``."""
@@ -219,7 +219,9 @@ def caption(scene: Scene) -> str:
     return f"{COUNT_WORDS[len(scene.objects)]} shapes : " + " , ".join(parts)
 
 
-def _materialise(scenes: Sequence[Scene], cache_dir: str | Path, tag: str) -> list[str]:
+def materialise_scenes(
+    scenes: Sequence[Scene], cache_dir: str | Path, tag: str
+) -> list[str]:
     """Render ``scenes`` once into a folder named by their hash; return the paths."""
     digest = hashlib.sha256(repr((FORMAT, tuple(scenes))).encode()).hexdigest()[:16]
     root = Path(cache_dir).expanduser() / "scenes"
@@ -258,9 +260,9 @@ def _generate(
     """(scene, question, answer, skill, region) for every planned (skill, answer)."""
     items: list[_Item] = []
     for skill, answer in plan:
-        scene, question, region = _scene_for(skill, answer, style, rng)
+        scene, question, region = scene_for(skill, answer, style, rng)
         while scene.objects in exclude:  # never a training layout in the test set
-            scene, question, region = _scene_for(skill, answer, style, rng)
+            scene, question, region = scene_for(skill, answer, style, rng)
         items.append((scene, question, answer, skill, region))
     return items
 
@@ -269,7 +271,7 @@ def _to_samples(
     items: Sequence[_Item], cache_dir: str | Path, tag: str
 ) -> list[VQASample]:
     """Render the items' scenes and pair them with their questions."""
-    paths = _materialise([it[0] for it in items], cache_dir, tag)
+    paths = materialise_scenes([it[0] for it in items], cache_dir, tag)
     return [
         VQASample(path, question, answer, skill, region)
         for path, (_, question, answer, skill, region) in zip(paths, items, strict=True)
@@ -399,7 +401,7 @@ def scenes_preparation(
     items = _generate(style, balanced_plan(n - n_caption, skill_list, rng), rng)
     for _ in range(n_caption):
         count = COUNT_WORDS[int(rng.integers(2, 5))]
-        scene, _, _ = _scene_for("count", count, style, rng)
+        scene, _, _ = scene_for("count", count, style, rng)
         items.append((scene, CAPTION_QUESTION, caption(scene), None, None))
     order = rng.permutation(len(items)).tolist()
     return _to_samples([items[i] for i in order], cache_dir, f"preparation-{style}")

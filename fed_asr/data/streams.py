@@ -4,7 +4,8 @@ A stream is a plug-in: one module with a builder ``(DataConfig, seed) ->
 ContinualStream`` and one ``register_stream`` line (below for the built-in ones, or
 in any module imported before the config is validated)::
 
-    register_stream("scenes", build_scenes_stream, preparation=scenes_preparation)
+    register_stream("scenes", build_scenes_stream, preparation=scenes_preparation,
+                    objects=scenes_objects)
 
 ``DataConfig.__post_init__`` validates ``data.stream`` against this registry, and
 ``data.name`` is the stream's ``source`` (e.g. ``easyvqa`` for ``ability`` and
@@ -19,13 +20,17 @@ from dataclasses import dataclass
 from fed_asr.config import DataConfig
 from fed_asr.data.easyvqa import caption_samples, easyvqa_stream
 from fed_asr.data.manifest import manifest_stream
+from fed_asr.data.objects import ObjectImage
 from fed_asr.data.samples import ContinualStream, VQASample
+from fed_asr.data.scene_objects import scenes_objects
 from fed_asr.data.scenes import scenes_preparation, scenes_stream
 from fed_asr.registry import SNAKE_CASE, check_new_name, lookup
 
 StreamBuilder = Callable[[DataConfig, int], ContinualStream]
 # (number of samples, seed, data config) -> base-model preparation samples
 PreparationBuilder = Callable[[int, int, DataConfig], list[VQASample]]
+# (number of images, seed, data config) -> images with labelled objects
+ObjectsBuilder = Callable[[int, int, DataConfig], list[ObjectImage]]
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,10 @@ class StreamEntry:
     preparation : PreparationBuilder | None
         The stream's own base-model preparation set (``model.pretrain_data=stream``),
         ``(n, seed, cfg) -> samples``; ``None`` when it has none.
+    objects : ObjectsBuilder | None
+        Images with labelled objects for the vision tower's preparation
+        (``model.pretrain_vision_steps``), ``(n, seed, cfg) -> images``; ``None``
+        when the stream does not know what its images show.
     """
 
     name: str
@@ -52,6 +61,7 @@ class StreamEntry:
     source: str
     needs_root: bool = False
     preparation: PreparationBuilder | None = None
+    objects: ObjectsBuilder | None = None
 
 
 STREAMS: dict[str, StreamEntry] = {}
@@ -64,6 +74,7 @@ def register_stream(
     source: str | None = None,
     needs_root: bool = False,
     preparation: PreparationBuilder | None = None,
+    objects: ObjectsBuilder | None = None,
 ) -> StreamEntry:
     """Register a continual stream under ``name``.
 
@@ -79,6 +90,8 @@ def register_stream(
         Whether the stream reads ``data.root``.
     preparation : PreparationBuilder | None
         Optional base-model preparation set of the stream.
+    objects : ObjectsBuilder | None
+        Optional labelled-object images of the stream (vision tower preparation).
 
     Returns
     -------
@@ -96,7 +109,7 @@ def register_stream(
     if not SNAKE_CASE.match(source):
         raise ValueError(f"Stream sources are snake_case, got {source!r}.")
     check_new_name(STREAMS, name, "stream")
-    entry = StreamEntry(name, builder, source, needs_root, preparation)
+    entry = StreamEntry(name, builder, source, needs_root, preparation, objects)
     STREAMS[name] = entry
     return entry
 
@@ -177,6 +190,26 @@ def stream_preparation(cfg: DataConfig, num_samples: int, seed: int) -> list[VQA
     return entry.preparation(num_samples, seed, cfg)
 
 
+def stream_objects(cfg: DataConfig, num_images: int, seed: int) -> list[ObjectImage]:
+    """Labelled-object images of the stream ``cfg.stream`` (vision preparation).
+
+    Raises
+    ------
+    ValueError
+        The stream does not provide labelled objects; the message names
+        ``model.pretrain_vision_steps`` and the streams that do.
+    """
+    entry = get_stream(cfg.stream)
+    if entry.objects is None:
+        with_set = sorted(n for n, e in STREAMS.items() if e.objects is not None)
+        raise ValueError(
+            f"`model.pretrain_vision_steps` > 0 needs images with labelled objects, "
+            f"and stream {cfg.stream!r} has none; streams with them: {with_set}. "
+            "Set `model.pretrain_vision_steps=0` (or use a pre-trained checkpoint)."
+        )
+    return entry.objects(num_images, seed, cfg)
+
+
 def _common(cfg: DataConfig, seed: int) -> dict[str, object]:
     """Keyword arguments every built-in builder takes."""
     return {
@@ -227,4 +260,13 @@ register_stream(
     "domain", _build_domain, source="easyvqa", preparation=_easyvqa_captions
 )
 register_stream("manifest", _build_manifest, needs_root=True)
-register_stream("scenes", _build_scenes, preparation=_scenes_preparation)
+
+
+def _scenes_objects(n: int, seed: int, cfg: DataConfig) -> list[ObjectImage]:
+    """Scene images of every style with each object's box, colour and shape."""
+    return scenes_objects(n, seed, cache_dir=cfg.cache_dir)
+
+
+register_stream(
+    "scenes", _build_scenes, preparation=_scenes_preparation, objects=_scenes_objects
+)

@@ -37,12 +37,17 @@ from fed_asr.models.capture import install_attention_capture
 from fed_asr.models.device import resolve_device, resolve_dtype
 from fed_asr.models.family import resolve_model_family
 from fed_asr.models.modules import bind_model_family
-from fed_asr.models.pretrain import preparation_samples, pretrain_base_model
+from fed_asr.models.pretrain import (
+    preparation_objects,
+    preparation_samples,
+    pretrain_base_model,
+)
 from fed_asr.models.processors import load_processor
 from fed_asr.models.tiny import build_tiny, tiny_tokens
+from fed_asr.models.vision_pretrain import pretrain_vision_tower
 
 if TYPE_CHECKING:
-    from fed_asr.data import VQASample
+    from fed_asr.data import ObjectImage, VQASample
 
 try:
     import fcntl
@@ -82,14 +87,33 @@ def _samples_fingerprint(samples: Sequence[VQASample] | None) -> str:
     return digest.hexdigest()
 
 
+def _vision_spec(
+    cfg: ModelConfig, objects: Sequence[ObjectImage] | None
+) -> dict[str, Any]:
+    """The vision preparation's part of the spec (empty without one: old hashes)."""
+    if cfg.pretrain_vision_steps == 0:
+        return {}
+    from fed_asr.data.objects import objects_fingerprint
+
+    return {
+        "vision": {
+            "pretrain_vision_steps": cfg.pretrain_vision_steps,
+            "pretrain_vision_lr": cfg.pretrain_vision_lr,
+            "objects": objects_fingerprint(objects or ()),
+        }
+    }
+
+
 def tiny_model_spec(
     cfg: ModelConfig,
     vocabulary: Sequence[str],
     seed: int = 0,
     samples: Sequence[VQASample] | None = None,
+    objects: Sequence[ObjectImage] | None = None,
 ) -> dict[str, Any]:
     """Everything that determines the cached tiny model's weights (hashed)."""
     return {
+        **_vision_spec(cfg, objects),
         "format": CACHE_FORMAT,
         "architecture": {f: getattr(cfg, f) for f in _ARCH_FIELDS},
         "pretrain": {
@@ -112,9 +136,10 @@ def tiny_model_dir(
     vocabulary: Sequence[str],
     seed: int = 0,
     samples: Sequence[VQASample] | None = None,
+    objects: Sequence[ObjectImage] | None = None,
 ) -> Path:
     """``<cfg.cache_dir>/tiny-<hash>`` for this configuration (may not exist yet)."""
-    spec = tiny_model_spec(cfg, vocabulary, seed, samples)
+    spec = tiny_model_spec(cfg, vocabulary, seed, samples, objects)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.cache_dir).expanduser() / f"tiny-{digest}"
 
@@ -138,8 +163,9 @@ def ensure_tiny_model(
     seed: int = 0,
     samples: Sequence[VQASample] | None = None,
     progress: bool = True,
+    objects: Sequence[ObjectImage] | None = None,
 ) -> Path:
-    """Build, caption-pretrain and save the tiny model unless it is cached.
+    """Build, prepare and save the tiny model unless it is cached.
 
     Parameters
     ----------
@@ -153,13 +179,26 @@ def ensure_tiny_model(
         Pre-training samples; ``fed_asr.data.caption_samples`` when None.
     progress : bool
         Print pre-training progress.
+    objects : Sequence[ObjectImage] | None
+        Labelled-object images of the vision tower preparation; required when
+        ``cfg.pretrain_vision_steps > 0`` (``preparation_objects``).
 
     Returns
     -------
     Path
         Directory loadable with ``from_pretrained`` (model + processor).
+
+    Raises
+    ------
+    ValueError
+        A vision preparation without ``objects``.
     """
-    final = tiny_model_dir(cfg, vocabulary, seed, samples)
+    if cfg.pretrain_vision_steps and not objects:
+        raise ValueError(
+            "`model.pretrain_vision_steps` > 0 needs labelled-object images: pass "
+            "`objects=preparation_objects(cfg, 0, data)`."
+        )
+    final = tiny_model_dir(cfg, vocabulary, seed, samples, objects)
     if (final / META_FILE).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -175,13 +214,26 @@ def ensure_tiny_model(
 
                 samples = caption_samples(PRETRAIN_IMAGES, seed)
             model, processor = build_tiny(cfg, vocabulary, seed)
-            result = pretrain_base_model(model, processor, samples, cfg, seed, progress)
+            meta: dict[str, Any] = {
+                "spec": tiny_model_spec(cfg, vocabulary, seed, samples, objects)
+            }
+            if cfg.pretrain_vision_steps:
+                vision = pretrain_vision_tower(
+                    model, processor, objects or (), cfg, seed, progress
+                )
+                meta["pretrain_vision"] = dataclasses.asdict(vision)
+            result = pretrain_base_model(
+                model,
+                processor,
+                samples,
+                cfg,
+                seed,
+                progress,
+                train_vision=not cfg.pretrain_vision_steps,
+            )
+            meta["pretrain"] = dataclasses.asdict(result)
             model.save_pretrained(str(tmp))
             processor.save_pretrained(str(tmp))
-            meta = {
-                "spec": tiny_model_spec(cfg, vocabulary, seed, samples),
-                "pretrain": dataclasses.asdict(result),
-            }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
             os.rename(tmp, final)
         finally:
@@ -235,6 +287,7 @@ def load_base_model(
     seed: int = 0,
     samples: Sequence[VQASample] | None = None,
     progress: bool = True,
+    objects: Sequence[ObjectImage] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load the frozen base MLLM and its processor.
 
@@ -253,6 +306,9 @@ def load_base_model(
         Tiny model only: pre-training samples (default: caption samples).
     progress : bool
         Print pre-training progress when the tiny model is built.
+    objects : Sequence[ObjectImage] | None
+        Tiny model only: images of the vision tower preparation
+        (``model.pretrain_vision_steps``).
 
     Returns
     -------
@@ -277,7 +333,7 @@ def load_base_model(
     dtype = resolve_dtype(cfg.dtype, target)
     quantization = four_bit_config(dtype, target) if cfg.load_in_4bit else None
     if cfg.name == "tiny":
-        path = ensure_tiny_model(cfg, vocabulary, seed, samples, progress)
+        path = ensure_tiny_model(cfg, vocabulary, seed, samples, progress, objects)
     else:
         path = _model_path(cfg)
     # Resolve the family before loading the weights, so a mismatch fails fast.
@@ -347,9 +403,11 @@ def load_run_base_model(
 ) -> tuple[nn.Module, Any]:
     """The base model of a run: ``load_base_model`` with its configured preparation.
 
-    ``model.pretrain_data`` picks the preparation samples (``preparation_samples``);
+    ``model.pretrain_data`` picks the preparation samples (``preparation_samples``),
+    ``model.pretrain_vision_steps`` the vision tower's (``preparation_objects``);
     the base is prepared with seed 0 for every run, so runs of different seeds
     share one base, as they would share one pretrained checkpoint.
     """
     samples = preparation_samples(model, 0, data)
-    return load_base_model(model, vocabulary, device, samples=samples)
+    objects = preparation_objects(model, 0, data)
+    return load_base_model(model, vocabulary, device, samples=samples, objects=objects)

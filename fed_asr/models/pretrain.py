@@ -31,7 +31,7 @@ from fed_asr.models.device import model_device, move_batch
 
 if TYPE_CHECKING:
     from fed_asr.config import DataConfig
-    from fed_asr.data import VQASample
+    from fed_asr.data import ObjectImage, VQASample
 
 LOG_EVERY = 50
 WARMUP_FRACTION = 0.05
@@ -96,7 +96,34 @@ def preparation_samples(
     return stream_preparation(data, cfg.pretrain_size, seed)
 
 
-def _lr_factor(step: int, total: int) -> float:
+def preparation_objects(
+    cfg: ModelConfig, seed: int = 0, data: DataConfig | None = None
+) -> list[ObjectImage] | None:
+    """Labelled-object images of the vision tower preparation, or None without one.
+
+    ``cfg.pretrain_vision_steps == 0`` gives None; otherwise
+    ``cfg.pretrain_vision_size`` images of the run's stream
+    (``fed_asr.data.stream_objects``).
+
+    Raises
+    ------
+    ValueError
+        A vision preparation without ``data``, or for a stream without labelled
+        objects (the message names ``model.pretrain_vision_steps``).
+    """
+    from fed_asr.data import stream_objects
+
+    if cfg.pretrain_vision_steps == 0 or cfg.name != "tiny":
+        return None
+    if data is None:
+        raise ValueError(
+            "`model.pretrain_vision_steps` > 0 needs the run's data config: pass "
+            "`data=cfg.data` to `preparation_objects`."
+        )
+    return stream_objects(data, cfg.pretrain_vision_size, seed)
+
+
+def lr_factor(step: int, total: int) -> float:
     """Linear warm-up, then cosine decay to ``MIN_LR_FRACTION``."""
     warmup = max(1, int(WARMUP_FRACTION * total))
     if step < warmup:
@@ -107,23 +134,28 @@ def _lr_factor(step: int, total: int) -> float:
     )
 
 
-def _index_stream(n: int, generator: torch.Generator):  # noqa: ANN202 - generator
+def index_stream(n: int, generator: torch.Generator):  # noqa: ANN202 - generator
     """Endless sample indices: one fresh permutation per epoch."""
     while True:
         yield from torch.randperm(n, generator=generator).tolist()
 
 
 @torch.no_grad()
-def scale_qk_init(model: nn.Module, factor: float) -> None:
+def scale_qk_init(
+    model: nn.Module, factor: float, *, trainable_only: bool = False
+) -> None:
     """Multiply every ``q_proj``/``k_proj`` weight of ``model`` by ``factor``.
 
     The default init (std 0.02) leaves the attention of a small model nearly uniform
     over the image tokens, so preparation first sits on a plateau where the answers
     ignore the image; larger query/key weights shorten it. ``factor == 1`` is a no-op.
+    ``trainable_only`` leaves frozen weights (a prepared vision tower) alone.
     """
     if factor == 1.0:
         return
     for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             param.mul_(factor)
 
@@ -135,8 +167,9 @@ def pretrain_base_model(
     cfg: ModelConfig,
     seed: int = 0,
     progress: bool = True,
+    train_vision: bool = True,
 ) -> PretrainResult:
-    """Train every weight of ``model`` on preparation samples (in place).
+    """Train the weights of ``model`` on preparation samples (in place).
 
     Parameters
     ----------
@@ -155,6 +188,9 @@ def pretrain_base_model(
         Seeds the batch order (weights are initialised by the caller).
     progress : bool
         Print a line with the loss and ETA every ``LOG_EVERY`` steps (stderr).
+    train_vision : bool
+        Train the vision tower too; False keeps it as it is (after
+        ``fed_asr.models.vision_pretrain``; its query/key init is left alone too).
 
     Returns
     -------
@@ -171,18 +207,21 @@ def pretrain_base_model(
     if len(samples) == 0:
         raise ValueError("`samples` for caption pre-training must not be empty.")
     steps = cfg.pretrain_steps
-    scale_qk_init(model, cfg.pretrain_qk_init)
     collator = VQACollator(processor, cfg.prompt_template, answers=[])
     device = model_device(model)
     model.requires_grad_(True)
+    if not train_vision:
+        from fed_asr.models.vision_pretrain import vision_tower
+
+        vision_tower(model).requires_grad_(False)
+    scale_qk_init(model, cfg.pretrain_qk_init, trainable_only=not train_vision)
     model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.pretrain_lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, steps)
+        optimizer, lambda step: lr_factor(step, steps)
     )
-    indices = _index_stream(len(samples), torch.Generator().manual_seed(seed))
+    indices = index_stream(len(samples), torch.Generator().manual_seed(seed))
     meter = Progress("pretrain tiny", steps, enabled=progress)
     start = time.perf_counter()
     losses: list[float] = []
@@ -194,7 +233,7 @@ def pretrain_base_model(
             raise ValueError(f"Non-finite caption pre-training loss at step {step}.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
