@@ -81,6 +81,10 @@ class MethodConfig:
             raise ValueError(f"`method.name`: {err.args[0]}") from None
 
 
+# Images of the vision tower preparation (`ModelConfig.pretrain_vision_styles`)
+VISION_STYLES: tuple[str, ...] = ("all", "base")
+
+
 @dataclass
 class ModelConfig:
     """Base MLLM: the built-in tiny LLaVA or a local checkpoint of a model family."""
@@ -129,6 +133,10 @@ class ModelConfig:
     pretrain_vision_steps: int = 0
     pretrain_vision_size: int = 4000
     pretrain_vision_lr: float = 1e-3
+    # its images: "all" visual conditions of the stream (its stages' too, as a
+    # pre-trained encoder has seen varied images) or "base", the preparation set's own
+    # neutral conditions only (every stage's visual shift is then new to the tower)
+    pretrain_vision_styles: str = "all"
 
     def __post_init__(self) -> None:
         check_choice("model.name", self.name, ("tiny", "pretrained"))
@@ -178,6 +186,9 @@ class ModelConfig:
             "pretrain_vision_lr",
         ):
             check_positive(f"model.{name}", getattr(self, name))
+        check_choice(
+            "model.pretrain_vision_styles", self.pretrain_vision_styles, VISION_STYLES
+        )
         if self.name == "pretrained" and self.pretrain_vision_steps:
             raise ValueError(
                 "`model.pretrain_vision_steps` prepares the built-in tiny model's "

@@ -23,14 +23,15 @@ from fed_asr.data.manifest import manifest_stream
 from fed_asr.data.objects import ObjectImage
 from fed_asr.data.samples import ContinualStream, VQASample
 from fed_asr.data.scene_objects import scenes_objects
-from fed_asr.data.scenes import scenes_preparation, scenes_stream
+from fed_asr.data.scenes import PREPARATION_STYLE, scenes_preparation, scenes_stream
 from fed_asr.registry import SNAKE_CASE, check_new_name, lookup
 
 StreamBuilder = Callable[[DataConfig, int], ContinualStream]
 # (number of samples, seed, data config) -> base-model preparation samples
 PreparationBuilder = Callable[[int, int, DataConfig], list[VQASample]]
-# (number of images, seed, data config) -> images with labelled objects
-ObjectsBuilder = Callable[[int, int, DataConfig], list[ObjectImage]]
+# (number of images, seed, data config, styles) -> images with labelled objects;
+# styles: "all" visual conditions of the stream or the preparation's "base" ones
+ObjectsBuilder = Callable[[int, int, DataConfig, str], list[ObjectImage]]
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,9 @@ class StreamEntry:
         ``(n, seed, cfg) -> samples``; ``None`` when it has none.
     objects : ObjectsBuilder | None
         Images with labelled objects for the vision tower's preparation
-        (``model.pretrain_vision_steps``), ``(n, seed, cfg) -> images``; ``None``
-        when the stream does not know what its images show.
+        (``model.pretrain_vision_steps``), ``(n, seed, cfg, styles) -> images``
+        (``styles``: ``model.pretrain_vision_styles``); ``None`` when the stream
+        does not know what its images show.
     """
 
     name: str
@@ -190,8 +192,13 @@ def stream_preparation(cfg: DataConfig, num_samples: int, seed: int) -> list[VQA
     return entry.preparation(num_samples, seed, cfg)
 
 
-def stream_objects(cfg: DataConfig, num_images: int, seed: int) -> list[ObjectImage]:
+def stream_objects(
+    cfg: DataConfig, num_images: int, seed: int, styles: str = "all"
+) -> list[ObjectImage]:
     """Labelled-object images of the stream ``cfg.stream`` (vision preparation).
+
+    ``styles`` is ``model.pretrain_vision_styles``: ``"all"`` visual conditions of
+    the stream or only those of its ``"base"`` preparation set.
 
     Raises
     ------
@@ -207,7 +214,7 @@ def stream_objects(cfg: DataConfig, num_images: int, seed: int) -> list[ObjectIm
             f"and stream {cfg.stream!r} has none; streams with them: {with_set}. "
             "Set `model.pretrain_vision_steps=0` (or use a pre-trained checkpoint)."
         )
-    return entry.objects(num_images, seed, cfg)
+    return entry.objects(num_images, seed, cfg, styles)
 
 
 def _common(cfg: DataConfig, seed: int) -> dict[str, object]:
@@ -262,9 +269,12 @@ register_stream(
 register_stream("manifest", _build_manifest, needs_root=True)
 
 
-def _scenes_objects(n: int, seed: int, cfg: DataConfig) -> list[ObjectImage]:
-    """Scene images of every style with each object's box, colour and shape."""
-    return scenes_objects(n, seed, cache_dir=cfg.cache_dir)
+def _scenes_objects(
+    n: int, seed: int, cfg: DataConfig, styles: str
+) -> list[ObjectImage]:
+    """Scene images (every style, or the preparation's) with labelled objects."""
+    chosen = None if styles == "all" else [PREPARATION_STYLE]
+    return scenes_objects(n, seed, cache_dir=cfg.cache_dir, styles=chosen)
 
 
 register_stream(

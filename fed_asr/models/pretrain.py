@@ -102,8 +102,8 @@ def preparation_objects(
     """Labelled-object images of the vision tower preparation, or None without one.
 
     ``cfg.pretrain_vision_steps == 0`` gives None; otherwise
-    ``cfg.pretrain_vision_size`` images of the run's stream
-    (``fed_asr.data.stream_objects``).
+    ``cfg.pretrain_vision_size`` images of the run's stream in
+    ``cfg.pretrain_vision_styles`` (``fed_asr.data.stream_objects``).
 
     Raises
     ------
@@ -120,7 +120,9 @@ def preparation_objects(
             "`model.pretrain_vision_steps` > 0 needs the run's data config: pass "
             "`data=cfg.data` to `preparation_objects`."
         )
-    return stream_objects(data, cfg.pretrain_vision_size, seed)
+    return stream_objects(
+        data, cfg.pretrain_vision_size, seed, cfg.pretrain_vision_styles
+    )
 
 
 def lr_factor(step: int, total: int) -> float:

@@ -121,6 +121,24 @@ def test_stream_objects_names_the_field_for_streams_without_objects(
     assert len(items) == 4 and all(isinstance(i, ObjectImage) for i in items)
 
 
+def test_stream_objects_base_styles_stay_in_the_preparation_conditions(
+    cache: str,
+) -> None:
+    # Prepare
+    data = DataConfig(stream="scenes", cache_dir=cache)
+
+    # Execute
+    every = stream_objects(data, 8, 0, "all")
+    base = stream_objects(data, 8, 0, "base")
+
+    # Assert: the base style is a plain background; "all" also draws textures
+    def corners(items: list[ObjectImage]) -> list[tuple[int, int, int]]:
+        return [Image.open(i.image).convert("RGB").getpixel((0, 0)) for i in items]
+
+    assert set(corners(base)) == {PLAIN_BACKGROUND}
+    assert set(corners(every)) != {PLAIN_BACKGROUND}
+
+
 def test_attribute_values_rejects_unlabelled_sets() -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="no labelled object"):

@@ -165,6 +165,7 @@ def test_preparation_objects_follow_the_config(tmp_path: Path) -> None:
         ({"pretrain_vision_steps": -1}, "model.pretrain_vision_steps"),
         ({"pretrain_vision_size": 0}, "model.pretrain_vision_size"),
         ({"pretrain_vision_lr": 0.0}, "model.pretrain_vision_lr"),
+        ({"pretrain_vision_styles": "stages"}, "model.pretrain_vision_styles"),
         (
             {"name": "pretrained", "path": "x", "pretrain_vision_steps": 5},
             "pre-trained checkpoint",
