@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 from fed_asr.config import DataConfig
 from fed_asr.data.easyvqa import caption_samples, easyvqa_stream
+from fed_asr.data.images import foreground_box
 from fed_asr.data.manifest import manifest_stream
-from fed_asr.data.objects import ObjectImage
+from fed_asr.data.objects import LabelledObject, ObjectImage
 from fed_asr.data.samples import ContinualStream, VQASample
 from fed_asr.data.scene_objects import scenes_objects
 from fed_asr.data.scenes import PREPARATION_STYLE, scenes_preparation, scenes_stream
@@ -255,17 +256,39 @@ def _easyvqa_captions(n: int, seed: int, cfg: DataConfig) -> list[VQASample]:
     return caption_samples(n, seed)
 
 
+def _easyvqa_objects(
+    n: int, seed: int, cfg: DataConfig, styles: str
+) -> list[ObjectImage]:
+    """easy-VQA training images with their one shape's colour, shape and box.
+
+    Colour and shape come from the image's questions (``caption_samples``), the box
+    from its pixels (``foreground_box``). easy-VQA has one visual style, so ``styles``
+    changes nothing.
+    """
+    items = []
+    for sample in caption_samples(n, seed):
+        box = foreground_box(sample.image)
+        if box is None:
+            continue
+        color, shape = sample.answer.split(" ", 1)
+        labels = (("color", color), ("shape", shape))
+        items.append(ObjectImage(sample.image, (LabelledObject(box, labels),)))
+    return items
+
+
 def _scenes_preparation(n: int, seed: int, cfg: DataConfig) -> list[VQASample]:
     """Scene captions and QA pairs in the neutral base style."""
     return scenes_preparation(n, seed, cache_dir=cfg.cache_dir, skills=cfg.skills)
 
 
-register_stream(
-    "ability", _build_ability, source="easyvqa", preparation=_easyvqa_captions
-)
-register_stream(
-    "domain", _build_domain, source="easyvqa", preparation=_easyvqa_captions
-)
+for _name, _builder in (("ability", _build_ability), ("domain", _build_domain)):
+    register_stream(
+        _name,
+        _builder,
+        source="easyvqa",
+        preparation=_easyvqa_captions,
+        objects=_easyvqa_objects,
+    )
 register_stream("manifest", _build_manifest, needs_root=True)
 
 

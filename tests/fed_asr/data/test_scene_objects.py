@@ -1,4 +1,4 @@
-"""Tests of the labelled-object images of ``scenes`` (vision tower preparation)."""
+"""Tests of the labelled-object images of the streams (vision tower preparation)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from fed_asr.data import (
     scenes_stream,
     stream_objects,
 )
+from fed_asr.data.easyvqa import caption_samples
+from fed_asr.data.images import foreground_box
 from fed_asr.data.objects import attribute_values, objects_fingerprint
 from fed_asr.data.scene_render import COLOR_NAMES, PLAIN_BACKGROUND, SHAPES
 
@@ -115,10 +117,27 @@ def test_stream_objects_names_the_field_for_streams_without_objects(
     cache: str,
 ) -> None:
     # Execute / Assert
-    with pytest.raises(ValueError, match=r"model\.pretrain_vision_steps.*'ability'"):
-        stream_objects(DataConfig(stream="ability"), 4, 0)
+    manifest = DataConfig(stream="manifest", root="any")
+    with pytest.raises(ValueError, match=r"model\.pretrain_vision_steps.*'manifest'"):
+        stream_objects(manifest, 4, 0)
     items = stream_objects(DataConfig(stream="scenes", cache_dir=cache), 4, 0)
     assert len(items) == 4 and all(isinstance(i, ObjectImage) for i in items)
+
+
+def test_stream_objects_easyvqa_label_its_one_shape_from_training_images() -> None:
+    # Execute
+    items = stream_objects(DataConfig(stream="ability"), 30, 0)
+    captions = {s.image: s.answer for s in caption_samples(30, 0)}
+
+    # Assert: one object per training image, named as its caption, boxed by its pixels
+    assert len(items) == 30
+    for item in items:
+        (obj,) = item.objects
+        labels = dict(obj.attributes)
+        assert f"{labels['color']} {labels['shape']}" == captions[item.image]
+        assert obj.region == foreground_box(item.image)
+        assert "/train/" in item.image.replace("\\", "/")
+    assert stream_objects(DataConfig(stream="domain"), 30, 0, "base") == items
 
 
 def test_stream_objects_base_styles_stay_in_the_preparation_conditions(

@@ -153,10 +153,9 @@ def test_preparation_objects_follow_the_config(tmp_path: Path) -> None:
     assert items is not None and len(items) == 6
     with pytest.raises(ValueError, match="data config"):
         preparation_objects(ModelConfig(pretrain_vision_steps=5))
-    with pytest.raises(ValueError, match=r"pretrain_vision_steps.*'ability'"):
-        load_run_base_model(
-            ModelConfig(pretrain_vision_steps=5), DataConfig(stream="ability"), WORDS
-        )
+    manifest = DataConfig(stream="manifest", root="any")
+    with pytest.raises(ValueError, match=r"pretrain_vision_steps.*'manifest'"):
+        load_run_base_model(ModelConfig(pretrain_vision_steps=5), manifest, WORDS)
 
 
 @pytest.mark.parametrize(
