@@ -161,6 +161,11 @@ def build_stream(cfg: DataConfig, seed: int) -> ContinualStream:
     return get_stream(cfg.stream).build(cfg, seed)
 
 
+def _streams_providing(builder: str) -> list[str]:
+    """Sorted names of the streams whose optional ``builder`` field is set."""
+    return sorted(n for n, e in STREAMS.items() if getattr(e, builder) is not None)
+
+
 def stream_preparation(cfg: DataConfig, num_samples: int, seed: int) -> list[VQASample]:
     """Base-model preparation samples of the stream ``cfg.stream``.
 
@@ -185,10 +190,10 @@ def stream_preparation(cfg: DataConfig, num_samples: int, seed: int) -> list[VQA
     """
     entry = get_stream(cfg.stream)
     if entry.preparation is None:
-        with_set = sorted(n for n, e in STREAMS.items() if e.preparation is not None)
         raise ValueError(
             f"Stream {cfg.stream!r} has no preparation set for "
-            f"`model.pretrain_data='stream'`; streams with one: {with_set}."
+            "`model.pretrain_data='stream'`; streams with one: "
+            f"{_streams_providing('preparation')}."
         )
     return entry.preparation(num_samples, seed, cfg)
 
@@ -209,10 +214,10 @@ def stream_objects(
     """
     entry = get_stream(cfg.stream)
     if entry.objects is None:
-        with_set = sorted(n for n, e in STREAMS.items() if e.objects is not None)
         raise ValueError(
             f"`model.pretrain_vision_steps` > 0 needs images with labelled objects, "
-            f"and stream {cfg.stream!r} has none; streams with them: {with_set}. "
+            f"and stream {cfg.stream!r} has none; streams with them: "
+            f"{_streams_providing('objects')}. "
             "Set `model.pretrain_vision_steps=0` (or use a pre-trained checkpoint)."
         )
     return entry.objects(num_images, seed, cfg, styles)

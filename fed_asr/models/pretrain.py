@@ -113,7 +113,7 @@ def preparation_objects(
     """
     from fed_asr.data import stream_objects
 
-    if cfg.pretrain_vision_steps == 0 or cfg.name != "tiny":
+    if cfg.pretrain_vision_steps == 0:  # `ModelConfig` refuses it for checkpoints
         return None
     if data is None:
         raise ValueError(
@@ -134,6 +134,48 @@ def lr_factor(step: int, total: int) -> float:
     return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (
         1 + math.cos(math.pi * progress)
     )
+
+
+def preparation_optimizer(
+    params: Sequence[nn.Parameter], lr: float, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay) with ``lr_factor``'s warm-up and cosine schedule."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps)
+    )
+    return optimizer, scheduler
+
+
+def preparation_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    params: Sequence[nn.Parameter],
+    step: int,
+    what: str,
+) -> float:
+    """One clipped optimiser step on ``loss``; returns it as a float.
+
+    Raises
+    ------
+    ValueError
+        A non-finite loss (``what`` names the preparation in the message).
+    """
+    if not torch.isfinite(loss):
+        raise ValueError(f"Non-finite {what} loss at step {step}.")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def recent_mean(values: Sequence[float]) -> float:
+    """Mean of the last ``LOG_EVERY`` values (NaN when there are none)."""
+    tail = values[-LOG_EVERY:]
+    return sum(tail) / len(tail) if tail else math.nan
 
 
 def index_stream(n: int, generator: torch.Generator):  # noqa: ANN202 - generator
@@ -219,10 +261,7 @@ def pretrain_base_model(
     scale_qk_init(model, cfg.pretrain_qk_init, trainable_only=not train_vision)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.pretrain_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps)
-    )
+    optimizer, scheduler = preparation_optimizer(trainable, cfg.pretrain_lr, steps)
     indices = index_stream(len(samples), torch.Generator().manual_seed(seed))
     meter = Progress("pretrain tiny", steps, enabled=progress)
     start = time.perf_counter()
@@ -231,23 +270,18 @@ def pretrain_base_model(
         chunk = [samples[next(indices)] for _ in range(cfg.pretrain_batch_size)]
         batch = move_batch(collator(chunk), device)
         loss = model(**{k: batch[k] for k in MODEL_INPUT_KEYS}).loss
-        if not torch.isfinite(loss):
-            raise ValueError(f"Non-finite caption pre-training loss at step {step}.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
+        losses.append(
+            preparation_step(
+                loss, optimizer, scheduler, trainable, step, "caption pre-training"
+            )
+        )
         if step % LOG_EVERY == 0 or step == steps:
-            recent = losses[-LOG_EVERY:]
-            meter.update(step, f"loss={sum(recent) / len(recent):.4f}")
+            meter.update(step, f"loss={recent_mean(losses):.4f}")
     model.eval()
     model.requires_grad_(False)
-    tail = losses[-LOG_EVERY:] or [math.nan]
     return PretrainResult(
         steps=steps,
         seconds=time.perf_counter() - start,
         first_loss=losses[0] if losses else math.nan,
-        final_loss=sum(tail) / len(tail),
+        final_loss=recent_mean(losses),
     )

@@ -29,7 +29,13 @@ from fed_asr.data.images import load_image
 from fed_asr.data.objects import ObjectImage, attribute_values
 from fed_asr.data.regions import region_mask
 from fed_asr.models.device import model_device
-from fed_asr.models.pretrain import GRAD_CLIP, LOG_EVERY, index_stream, lr_factor
+from fed_asr.models.pretrain import (
+    LOG_EVERY,
+    index_stream,
+    preparation_optimizer,
+    preparation_step,
+    recent_mean,
+)
 
 # A patch belongs to an object when the box covers more than this share of it.
 MIN_PATCH_OVERLAP = 0.25
@@ -164,11 +170,9 @@ def pretrain_vision_tower(
     tower.requires_grad_(True)
     tower.train()
     params = [*tower.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.pretrain_vision_lr, weight_decay=0.0)
     steps = cfg.pretrain_vision_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps)
-    )
+    optimizer, scheduler = preparation_optimizer(params, cfg.pretrain_vision_lr, steps)
+    dtype = next(tower.parameters()).dtype
     indices = index_stream(len(items), torch.Generator().manual_seed(seed))
     meter = Progress("prepare vision tower", steps, enabled=progress)
     start = time.perf_counter()
@@ -177,7 +181,6 @@ def pretrain_vision_tower(
     for step in range(1, steps + 1):
         chunk = [items[next(indices)] for _ in range(cfg.pretrain_batch_size)]
         pixels, masks, owners, targets = _batch(chunk, processor, grid, values)
-        dtype = next(tower.parameters()).dtype
         hidden = tower(pixels.to(device, dtype)).last_hidden_state[:, 1:]  # (B, P, D)
         pooled = object_patch_features(hidden, masks.to(device), owners.to(device))
         loss = pooled.new_zeros(())
@@ -189,31 +192,20 @@ def pretrain_vision_tower(
             hits[name].append(
                 (logits.argmax(1)[labelled] == target[labelled]).float().mean().item()
             )
-        if not torch.isfinite(loss):
-            raise ValueError(f"Non-finite vision preparation loss at step {step}.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-        if step % LOG_EVERY == 0 or step == steps:
-            recent = losses[-LOG_EVERY:]
-            accuracy = " ".join(
-                f"{name}={sum(h[-LOG_EVERY:]) / len(h[-LOG_EVERY:]):.3f}"
-                for name, h in hits.items()
+        losses.append(
+            preparation_step(
+                loss, optimizer, scheduler, params, step, "vision preparation"
             )
-            meter.update(step, f"loss={sum(recent) / len(recent):.4f} {accuracy}")
+        )
+        if step % LOG_EVERY == 0 or step == steps:
+            accuracy = " ".join(f"{n}={recent_mean(h):.3f}" for n, h in hits.items())
+            meter.update(step, f"loss={recent_mean(losses):.4f} {accuracy}")
     tower.eval()
     tower.requires_grad_(False)
-    tail = losses[-LOG_EVERY:] or [math.nan]
     return VisionPretrainResult(
         steps=steps,
         seconds=time.perf_counter() - start,
         first_loss=losses[0] if losses else math.nan,
-        final_loss=sum(tail) / len(tail),
-        final_accuracy={
-            name: sum(h[-LOG_EVERY:]) / max(1, len(h[-LOG_EVERY:]))
-            for name, h in hits.items()
-        },
+        final_loss=recent_mean(losses),
+        final_accuracy={name: recent_mean(h) for name, h in hits.items()},
     )

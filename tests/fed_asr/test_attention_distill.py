@@ -30,6 +30,25 @@ from fed_asr.spectral import SpectralDescriptor
 REG = RegularizerConfig(l_sel=2)
 
 
+def _step_context(model: torch.nn.Module, batch: dict) -> StepContext:
+    """A training step's context: the batch's attention under the current adapter."""
+    forward = partial(forward_with_attention, model, batch, REG.l_sel, "selective")
+    return StepContext(
+        model=model,
+        batch=batch,
+        capture=forward(hidden=False),
+        skill_probs=torch.zeros(4, 1),
+        forward=forward,
+    )
+
+
+def _perturb_adapter(model: torch.nn.Module) -> None:
+    """Move every trainable (LoRA) weight, so the student differs from its teacher."""
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(0.3 * torch.randn_like(p))
+
+
 def test_query_weighted_maps_average_the_weighted_rows_and_sum_to_one() -> None:
     # Prepare: one sample, one layer-head, two query rows over 2 cells
     attn = torch.tensor([[0.6, 0.2], [0.1, 0.3]]).reshape(1, 1, 1, 2, 2)
@@ -103,25 +122,13 @@ def test_attention_distill_zero_against_itself_positive_and_differentiable_after
     method = build_method(MethodConfig(name="attention_distill", options=options), REG)
     batch = collator(stream.stages[0].train[:4])
 
-    def ctx() -> StepContext:
-        forward = partial(forward_with_attention, model, batch, REG.l_sel, "selective")
-        return StepContext(
-            model=model,
-            batch=batch,
-            capture=forward(hidden=False),
-            skill_probs=torch.zeros(4, 1),
-            forward=forward,
-        )
-
-    assert method.penalties(ctx()) == {}  # no teacher in the first stage
+    assert method.penalties(_step_context(model, batch)) == {}  # no teacher yet
     method.set_memory(model, {PREVIOUS_ADAPTER: adapter_state(model)})
 
     # Execute
-    same = method.penalties(ctx())["attn"]
-    with torch.no_grad():
-        for p in trainable_parameters(model).values():
-            p.add_(0.3 * torch.randn_like(p))
-    differs = method.penalties(ctx())["attn"]
+    same = method.penalties(_step_context(model, batch))["attn"]
+    _perturb_adapter(model)
+    differs = method.penalties(_step_context(model, batch))["attn"]
     differs.backward()
 
     # Assert
@@ -168,21 +175,11 @@ def test_spectral_distill_is_attention_distill_of_per_head_spectra() -> None:
         REG,
     )
     memory = {PREVIOUS_ADAPTER: adapter_state(model)}
-    with torch.no_grad():
-        for p in trainable_parameters(model).values():
-            p.add_(0.3 * torch.randn_like(p))
-    forward = partial(forward_with_attention, model, batch, REG.l_sel, "selective")
+    _perturb_adapter(model)
 
     def penalty(method) -> torch.Tensor:  # type: ignore[no-untyped-def]
         method.set_memory(model, memory)
-        ctx = StepContext(
-            model=model,
-            batch=batch,
-            capture=forward(hidden=False),
-            skill_probs=torch.zeros(4, 1),
-            forward=forward,
-        )
-        return method.penalties(ctx)["attn"].detach()
+        return method.penalties(_step_context(model, batch))["attn"].detach()
 
     # Execute / Assert
     assert (named.options.match, named.options.heads) == ("spectrum", "each")
@@ -196,23 +193,13 @@ def test_attention_distill_features_follow_its_options_not_asrs_layout() -> None
     model, collator = tiny_lora_model(stream)
     batch = collator(stream.stages[0].train[:4])
     memory = {PREVIOUS_ADAPTER: adapter_state(model)}
-    with torch.no_grad():
-        for p in trainable_parameters(model).values():
-            p.add_(0.3 * torch.randn_like(p))
-    forward = partial(forward_with_attention, model, batch, REG.l_sel, "selective")
+    _perturb_adapter(model)
     config = MethodConfig(name="attention_distill", options={"match": "spectrum"})
 
     def penalty(reg: RegularizerConfig) -> torch.Tensor:
         method = build_method(config, reg)
         method.set_memory(model, memory)
-        ctx = StepContext(
-            model=model,
-            batch=batch,
-            capture=forward(hidden=False),
-            skill_probs=torch.zeros(4, 1),
-            forward=forward,
-        )
-        return method.penalties(ctx)["attn"].detach()
+        return method.penalties(_step_context(model, batch))["attn"].detach()
 
     # Execute / Assert: match=spectrum is the pooled spectrum whatever ASR uses
     asr_layout = RegularizerConfig(l_sel=2, features="coherence", heads="each")
