@@ -16,6 +16,7 @@ from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import ExperimentConfig
 from fed_asr.data import ContinualStream, build_stream
 from fed_asr.evaluation import DriftMonitor, probe_run_samples, score_stage
+from fed_asr.learned import unlearned_skills, warn_unlearned
 from fed_asr.methods import ContinualMethod, build_method
 from fed_asr.metrics import AccuracyMatrix, SkillAccuracyMatrices
 from fed_asr.models import (
@@ -187,8 +188,13 @@ class CentralEngine:
     def report(self) -> dict[str, Any]:
         """The mechanism's view for ``metrics.json`` (besides the ``all`` matrix)."""
         done = self.matrices["all"].completed_rows
+        unlearned = unlearned_skills(
+            self.per_skill["type"], self.skill_answers, self.names[:done]
+        )
+        warn_unlearned(unlearned)
         return {
             "accuracy_matrix_type": self.matrices["type"].to_list(),
+            "unlearned_skills": unlearned,
             "metrics_type": self.matrices["type"].summary().as_dict(),
             "per_skill": {
                 p: m.to_json(done) for p, m in self.per_skill.items() if m.skills

@@ -228,6 +228,14 @@ class SkillAccuracyMatrices:
         """Skills seen so far, sorted."""
         return sorted(self._counts)
 
+    def counts(self, skill: str, stage: int, evaluated: int) -> tuple[int, int]:
+        """(correct, total) of ``skill`` on stage ``evaluated`` after ``stage``."""
+        table = self._counts.get(skill)
+        if table is None:
+            return 0, 0
+        hit, total = table[stage, evaluated]
+        return int(hit), int(total)
+
     def matrix(self, skill: str) -> np.ndarray:
         """(T, T) accuracies of ``skill`` (NaN where it was never scored)."""
         table = self._counts[skill]

@@ -9,8 +9,9 @@ import numpy as np
 
 from fed_asr import protocol as P
 from fed_asr.config import ExperimentConfig
+from fed_asr.learned import unlearned_skills, warn_unlearned
 from fed_asr.metrics import AccuracyMatrix, SkillAccuracyMatrices
-from fed_asr.models.scoring import EVAL_PROTOCOLS
+from fed_asr.models.scoring import EVAL_PROTOCOLS, skill_answer_sets
 from fed_asr.outputs import write_run_outputs
 from fed_asr.schedule import ContinualState, stage_outcome
 from fed_asr.security.dp import max_skills_per_sample
@@ -81,6 +82,12 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
             }
         )
     logs = run.ledger.to_list()
+    unlearned = unlearned_skills(
+        per_skill["type"],
+        skill_answer_sets(s for stage in run.stream.stages for s in stage.train),
+        names[: matrix.completed_rows],
+    )
+    warn_unlearned(unlearned)
     extra = {
         "engine": run.engine,
         "method": cfg.method.name,
@@ -90,6 +97,7 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
         "round_schedule": cfg.federation.schedule,
         "stage_rounds": stages,
         "underfit_stages": [s["stage"] for s in stages if s["underfit"]],
+        "unlearned_skills": unlearned,
         "accuracy_matrix_type": typed.to_list(),
         "metrics_type": typed.summary().as_dict() if typed.completed_rows else {},
         "per_skill": {
