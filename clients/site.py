@@ -34,7 +34,7 @@ from fed_asr.models import (
     model_family,
     resolve_device,
 )
-from fed_asr.models.scoring import skill_answer_sets
+from fed_asr.models.scoring import stream_skill_answers
 from fed_asr.protocol import NODE_DATA_ROOT, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 
 
@@ -171,7 +171,7 @@ def _client_stream(
         # A site with its own data folder: all of it is this client's.
         own = dataclasses.replace(cfg.data, name="manifest", root=data_root)
         stream = build_stream(own, cfg.seed)
-        return stream, tuple(stream.vocabulary()), _skill_answers(stream)
+        return stream, tuple(stream.vocabulary()), stream_skill_answers(stream)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
             f"Node config `{NODE_PARTITION_ID}`={partition_id} is outside "
@@ -195,11 +195,7 @@ def _stream_shares(
     shares = partition_stream(
         stream, num_partitions, cfg.data.dirichlet_alpha, cfg.seed
     )
-    return shares, tuple(stream.vocabulary()), _skill_answers(stream)
-
-
-def _skill_answers(stream: ContinualStream) -> dict[str, list[str]]:
-    return skill_answer_sets(s for stage in stream.stages for s in stage.train)
+    return shares, tuple(stream.vocabulary()), stream_skill_answers(stream)
 
 
 def _shared_model(

@@ -26,7 +26,7 @@ from fed_asr.models import (
     model_family,
     resolve_device,
 )
-from fed_asr.models.scoring import EVAL_PROTOCOLS, skill_answer_sets
+from fed_asr.models.scoring import EVAL_PROTOCOLS, stream_skill_answers
 from fed_asr.outputs import seed_everything, write_run_outputs
 from fed_asr.progress import Progress
 from fed_asr.schedule import ContinualState, StageEndInputs, StageSchedule
@@ -65,9 +65,7 @@ class CentralEngine:
         T = len(stream.stages)
         self.matrices = {p: AccuracyMatrix(T) for p in EVAL_PROTOCOLS}
         self.per_skill = {p: SkillAccuracyMatrices(T) for p in EVAL_PROTOCOLS}
-        self.skill_answers = skill_answer_sets(
-            s for st in stream.stages for s in st.train
-        )
+        self.skill_answers = stream_skill_answers(stream)
         self.drift = DriftMonitor(stream.skills, cfg.regularizer.cov_floor)
         self.curves: dict[str, list[tuple[float, float]]] = {n: [] for n in self.names}
         self.stage_log: list[dict[str, Any]] = []

@@ -11,7 +11,7 @@ from fed_asr import protocol as P
 from fed_asr.config import ExperimentConfig
 from fed_asr.learned import unlearned_skills, warn_unlearned
 from fed_asr.metrics import AccuracyMatrix, SkillAccuracyMatrices
-from fed_asr.models.scoring import EVAL_PROTOCOLS, skill_answer_sets
+from fed_asr.models.scoring import EVAL_PROTOCOLS, stream_skill_answers
 from fed_asr.outputs import write_run_outputs
 from fed_asr.schedule import ContinualState, stage_outcome
 from fed_asr.security.dp import max_skills_per_sample
@@ -84,7 +84,7 @@ def write_federated_outputs(run: FederatedRun, state: ContinualState) -> Path:
     logs = run.ledger.to_list()
     unlearned = unlearned_skills(
         per_skill["type"],
-        skill_answer_sets(s for stage in run.stream.stages for s in stage.train),
+        stream_skill_answers(run.stream),
         names[: matrix.completed_rows],
     )
     warn_unlearned(unlearned)

@@ -34,7 +34,7 @@ from fed_asr.models.device import model_dtype
 from fed_asr.models.modules import model_family, text_config, unwrap
 
 if TYPE_CHECKING:
-    from fed_asr.data import VQASample
+    from fed_asr.data import ContinualStream, VQASample
 
 SCORING_METHODS = ("auto", "packed", "teacher_forcing")
 EVAL_PROTOCOLS = ("all", "type")
@@ -382,6 +382,15 @@ def skill_answer_sets(
     for sample in samples:
         sets.setdefault(get_skill(sample), set()).add(sample.answer)
     return {skill: sorted(answers) for skill, answers in sorted(sets.items())}
+
+
+def stream_skill_answers(stream: ContinualStream) -> dict[str, list[str]]:
+    """``skill_answer_sets`` of every training row of ``stream``.
+
+    The ``type`` protocol's candidates for a whole run: the central engine, every
+    client and the server's ``unlearned_skills`` check read the same sets.
+    """
+    return skill_answer_sets(s for stage in stream.stages for s in stage.train)
 
 
 def sample_skill(sample: VQASample) -> str:

@@ -15,7 +15,7 @@ from fed_asr.config import compose_config
 from fed_asr.data import build_stream
 from fed_asr.learned import unlearned_skills, warn_unlearned
 from fed_asr.metrics import SkillAccuracyMatrices
-from fed_asr.models.scoring import skill_answer_sets
+from fed_asr.models.scoring import stream_skill_answers
 from server.run import FederatedRun
 
 ANSWERS = {"color": ["blue", "green", "red", "yellow"], "existence": ["no", "yes"]}
@@ -112,7 +112,7 @@ def test_runs_report_unlearned_skills_from_their_own_counts(
 
     # Assert: the report is the one the run's own type-protocol counts give
     stream = build_stream(cfg.data, cfg.seed)
-    answers = skill_answer_sets(s for st in stream.stages for s in st.train)
+    answers = stream_skill_answers(stream)
     per_skill = SkillAccuracyMatrices.from_json(metrics["per_skill"]["type"])
     names = [st.name for st in stream.stages]
     assert metrics["unlearned_skills"] == unlearned_skills(per_skill, answers, names)
