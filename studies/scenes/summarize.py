@@ -1,10 +1,15 @@
 """Summarise the scenes comparison (docs/findings.md): one JSON and a Markdown table.
 
-Usage: python studies/scenes/summarize.py OUT_DIR [--stage K] [--confusion SKILL]
+Usage: python studies/scenes/summarize.py OUT_DIR [--stage K] [--upto N]
+                                                  [--confusion SKILL]
 Reads OUT_DIR/<variant>-s<seed>/metrics.json (or flat OUT_DIR/<variant>-s<seed>.json
 copies of them); writes OUT_DIR/summary.{json,md}.
 Drift, map shift and grounding are those of stage K's test data (default 0): at its
 own end (the floor) and after the last stage.
+``--upto N`` reads every run as if it had stopped after its first N stages (the
+matrices cut to N x N and their metrics recomputed; drift rows after stage N-1
+dropped): what a run of those N stages alone gives, as the schedule of a stage does
+not depend on the stages after it.
 ``--confusion SKILL`` adds, per variant, how stage 0's SKILL questions were answered
 after its own stage and after the last one (central runs' ``answer_confusion``, type
 protocol, summed over seeds).
@@ -17,6 +22,8 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from fed_asr.metrics import continual_metrics
 
 
 def _mean_std(values: list[float]) -> str:
@@ -49,7 +56,50 @@ def _map_shift(m: dict, stage: int, after: int) -> float | None:
     return None
 
 
-def main(out: Path, confusion_skill: str | None = None, stage: int = 0) -> None:
+def _metrics_of(matrix: list[list[float | None]]) -> dict[str, float | None]:
+    nan = float("nan")
+    rows = [[nan if v is None else v for v in row] for row in matrix]
+    values = continual_metrics(rows, allow_missing=True).as_dict()
+    return {k: None if v != v else v for k, v in values.items()}
+
+
+def first_stages(m: dict, n: int) -> dict:
+    """``m`` (a metrics.json) as if the run had stopped after its first ``n`` stages."""
+    if not 1 <= n <= len(m["stages"]):
+        raise ValueError(f"--upto must be in 1..{len(m['stages'])}, got {n}.")
+
+    def cut(matrix: list[list]) -> list[list]:
+        return [row[:n] for row in matrix[:n]]
+
+    out = dict(m, stages=m["stages"][:n])
+    out["accuracy_matrix"] = cut(m["accuracy_matrix"])
+    out["accuracy_matrix_type"] = cut(m["accuracy_matrix_type"])
+    out.update(_metrics_of(out["accuracy_matrix"]))
+    out["metrics_type"] = _metrics_of(out["accuracy_matrix_type"])
+    out["per_skill"] = {
+        protocol: {
+            skill: {
+                "accuracy_matrix": cut(entry["accuracy_matrix"]),
+                "metrics": _metrics_of(cut(entry["accuracy_matrix"])),
+            }
+            for skill, entry in skills.items()
+            if any(v is not None for row in cut(entry["accuracy_matrix"]) for v in row)
+        }
+        for protocol, skills in m["per_skill"].items()
+    }
+    out["drift"] = [r for r in m.get("drift", []) if r["after_stage"] < n]
+    out["answer_confusion"] = [
+        r for r in m.get("answer_confusion", []) if r["after_stage"] < n
+    ]
+    return out
+
+
+def main(
+    out: Path,
+    confusion_skill: str | None = None,
+    stage: int = 0,
+    upto: int | None = None,
+) -> None:
     runs: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(out.glob("*-s*/metrics.json")):
         variant = path.parent.name.rsplit("-s", 1)[0]
@@ -57,6 +107,10 @@ def main(out: Path, confusion_skill: str | None = None, stage: int = 0) -> None:
     for path in sorted(out.glob("*-s*.json")):
         variant = path.stem.rsplit("-s", 1)[0]
         runs[variant].append(json.loads(path.read_text()))
+    if upto is not None:
+        runs = defaultdict(
+            list, {v: [first_stages(m, upto) for m in ms] for v, ms in runs.items()}
+        )
     rows, table = {}, []
     header = (
         "| variant | seeds | Last | AF | Last (type) | AF (type) | "
@@ -174,4 +228,9 @@ if __name__ == "__main__":
         at = args.index("--stage")
         old_stage = int(args[at + 1])
         del args[at : at + 2]
-    main(Path(args[0]), skill, old_stage)
+    upto = None
+    if "--upto" in args:
+        at = args.index("--upto")
+        upto = int(args[at + 1])
+        del args[at : at + 2]
+    main(Path(args[0]), skill, old_stage, upto)

@@ -119,3 +119,37 @@ def test_summarize_reports_confusion_of_stage_zero(tmp_path: Path) -> None:
         "after_0": {"two": {"two": 4}},
         "after_last": {"two": {"one": 3, "two": 1}},
     }
+
+
+def test_summarize_upto_reads_runs_as_if_stopped_after_n_stages(
+    tmp_path: Path,
+) -> None:
+    # Prepare: one hand-made 3-stage run; stage 0 learned 0.9, 0.5 after stage 1
+    matrix = [[0.9, None, None], [0.5, 1.0, None], [0.3, 0.2, 0.8]]
+    skill = {"metrics": {"AF": 0.6, "Last": 0.3}, "accuracy_matrix": matrix}
+    drift = [
+        {"stage": 0, "after_stage": a, "drift_mean": d, "grounding_share": g}
+        for a, d, g in ((0, 0.6, 0.6), (1, 2.0, 0.5), (2, 3.0, 0.4))
+    ]
+    run = {
+        "stages": ["shape", "color", "existence"],
+        "seed": 0,
+        "Last": 0.43,
+        "AF": 0.65,
+        "metrics_type": {"Last": 0.43, "AF": 0.65},
+        "accuracy_matrix": matrix,
+        "accuracy_matrix_type": matrix,
+        "per_skill": {"type": {"shape": skill}, "all": {"shape": skill}},
+        "drift": drift,
+    }
+    (tmp_path / "vanilla-s0.json").write_text(json.dumps(run))
+
+    # Execute
+    _run_script("summarize.py", str(tmp_path), "--upto", "2", timeout=60)
+
+    # Assert: metrics of the 2 x 2 matrix; drift read after stage 1, not stage 2
+    rec = json.loads((tmp_path / "summary.json").read_text())["vanilla"]
+    assert rec["AF_type"] == [0.4] and rec["AF"] == [0.4]
+    assert rec["Last_type"] == [0.75]
+    assert rec["per_skill_type"]["shape"]["AF"] == [0.4]
+    assert rec["drift_last"] == [2.0] and rec["share_last"] == [0.5]
