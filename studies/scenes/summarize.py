@@ -17,9 +17,9 @@ protocol, summed over seeds).
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -76,17 +76,18 @@ def first_stages(m: dict, n: int) -> dict:
     out["accuracy_matrix_type"] = cut(m["accuracy_matrix_type"])
     out.update(_metrics_of(out["accuracy_matrix"]))
     out["metrics_type"] = _metrics_of(out["accuracy_matrix_type"])
-    out["per_skill"] = {
-        protocol: {
-            skill: {
-                "accuracy_matrix": cut(entry["accuracy_matrix"]),
-                "metrics": _metrics_of(cut(entry["accuracy_matrix"])),
-            }
-            for skill, entry in skills.items()
-            if any(v is not None for row in cut(entry["accuracy_matrix"]) for v in row)
-        }
-        for protocol, skills in m["per_skill"].items()
-    }
+    out["per_skill"] = {}
+    for protocol, skills in m["per_skill"].items():
+        kept = {}
+        for skill, entry in skills.items():
+            matrix = cut(entry["accuracy_matrix"])
+            # only skills asked within the first n stages
+            if any(v is not None for row in matrix for v in row):
+                kept[skill] = {
+                    "accuracy_matrix": matrix,
+                    "metrics": _metrics_of(matrix),
+                }
+        out["per_skill"][protocol] = kept
     out["drift"] = [r for r in m.get("drift", []) if r["after_stage"] < n]
     out["answer_confusion"] = [
         r for r in m.get("answer_confusion", []) if r["after_stage"] < n
@@ -218,19 +219,10 @@ def _confusion_table(runs: dict, skill: str, rows: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    skill, old_stage = None, 0
-    if "--confusion" in args:
-        at = args.index("--confusion")
-        skill = args[at + 1]
-        del args[at : at + 2]
-    if "--stage" in args:
-        at = args.index("--stage")
-        old_stage = int(args[at + 1])
-        del args[at : at + 2]
-    upto = None
-    if "--upto" in args:
-        at = args.index("--upto")
-        upto = int(args[at + 1])
-        del args[at : at + 2]
-    main(Path(args[0]), skill, old_stage, upto)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="folder of the runs (see above)")
+    parser.add_argument("--stage", type=int, default=0, help="old stage K")
+    parser.add_argument("--upto", type=int, help="read runs as N-stage runs")
+    parser.add_argument("--confusion", metavar="SKILL", help="stage 0's answers")
+    args = parser.parse_args()
+    main(args.out, args.confusion, args.stage, args.upto)
