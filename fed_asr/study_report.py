@@ -18,8 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from fed_asr.paired import PairedComparison, format_comparison, paired_comparison
+
 METRIC_NAMES = ("Last", "Avg", "AF", "BWT")
 NO_STRATEGY = "-"  # methods that do not share a spectrum
+BASELINE_METHOD = "vanilla"  # FedAvg-LoRA / plain LoRA: every method is paired with it
+PAIRED_METRICS = ("AF", "Last")
 
 
 @dataclass
@@ -132,6 +136,67 @@ def summarize(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
     return out
 
 
+def paired_against_baseline(
+    cells: Sequence[CellResult], baseline: str = BASELINE_METHOD
+) -> list[dict[str, Any]]:
+    """Every group against ``baseline`` (same stream) on the seeds both finished.
+
+    One entry per (stream, method, strategy) other than the baseline, with a
+    ``fed_asr.paired.PairedComparison`` per metric of ``PAIRED_METRICS`` (``None``
+    with fewer than two shared seeds). Streams without the baseline give nothing.
+    """
+    done = [c for c in cells if c.status != "failed"]
+    out = []
+    for stream in dict.fromkeys(c.stream for c in done):
+        base = [c for c in done if c.stream == stream and c.method == baseline]
+        if not base:
+            continue
+        for group in dict.fromkeys(
+            c.group for c in done if c.stream == stream and c.method != baseline
+        ):
+            members = [c for c in done if c.group == group]
+            entry: dict[str, Any] = {
+                "stream": stream,
+                "method": group[1],
+                "strategy": group[2],
+                "baseline": baseline,
+            }
+            for name in PAIRED_METRICS:
+                comparison = paired_comparison(
+                    {c.seed: c.metrics.get(name) for c in members},
+                    {c.seed: c.metrics.get(name) for c in base},
+                )
+                entry[name] = comparison
+            out.append(entry)
+    return out
+
+
+def paired_table(paired: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: each method against the baseline, seed by seed."""
+    if not paired:
+        return ""
+    lines = [
+        f"### Paired against `{paired[0]['baseline']}` (same seeds)",
+        "",
+        "Ratio of the means, mean ± std of the per-seed differences, paired t and "
+        "its two-sided p, seeds where the method is lower.",
+        "",
+        "| stream | method | spectrum strategy | " + " | ".join(PAIRED_METRICS) + " |",
+        "|---|---|---|" + "---|" * len(PAIRED_METRICS),
+    ]
+    for entry in paired:
+        cells = []
+        for name in PAIRED_METRICS:
+            c = entry[name]
+            cells.append("–" if c is None else format_comparison(c))
+        lines.append(
+            f"| {entry['stream']} | {entry['method']} | {entry['strategy']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines + [""])
+
+
 def _fmt(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "–"
@@ -173,8 +238,10 @@ def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
+    if isinstance(value, PairedComparison):
+        return _json_safe(value.as_dict())
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -209,13 +276,14 @@ def write_report(
     """
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(cells)
+    paired = paired_against_baseline(cells)
     rows = [c.row() for c in cells]
     paths = {
         "json": out / "study.json",
         "csv": out / "study.csv",
         "md": out / "study.md",
     }
-    document = {**header, "groups": summary, "cells": rows}
+    document = {**header, "groups": summary, "paired": paired, "cells": rows}
     paths["json"].write_text(json.dumps(_json_safe(document), indent=2))
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.DictWriter(
@@ -235,6 +303,7 @@ def write_report(
         "traffic (down + up, every client) per global round.",
         "",
         markdown_table(summary),
+        paired_table(paired),
     ]
     if failed:
         text += ["Failed cells:", ""] + [

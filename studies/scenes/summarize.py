@@ -1,6 +1,6 @@
 """Summarise the scenes comparison (docs/findings.md): one JSON and a Markdown table.
 
-Usage: python studies/scenes/summarize.py OUT_DIR [--stage K] [--upto N]
+Usage: python studies/scenes/summarize.py OUT_DIR [--stage K] [--upto N] [--against V]
                                                   [--confusion SKILL]
 Reads OUT_DIR/<variant>-s<seed>/metrics.json (or flat OUT_DIR/<variant>-s<seed>.json
 copies of them); writes OUT_DIR/summary.{json,md}.
@@ -10,6 +10,9 @@ own end (the floor) and after the last stage.
 matrices cut to N x N and their metrics recomputed; drift rows after stage N-1
 dropped): what a run of those N stages alone gives, as the schedule of a stage does
 not depend on the stages after it.
+``--against VARIANT`` pairs every other variant with VARIANT on the seeds both have
+(ratio of means, per-seed differences, paired t and p: ``fed_asr.paired``) for AF and
+Last under ``type`` and AF under ``all``.
 ``--confusion SKILL`` adds, per variant, how stage 0's SKILL questions were answered
 after its own stage and after the last one (central runs' ``answer_confusion``, type
 protocol, summed over seeds).
@@ -24,6 +27,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from fed_asr.metrics import continual_metrics
+from fed_asr.paired import format_comparison, paired_comparison
+
+PAIRED = (("AF_type", "AF (type)"), ("Last_type", "Last (type)"), ("AF", "AF (all)"))
 
 
 def _mean_std(values: list[float]) -> str:
@@ -100,6 +106,7 @@ def main(
     confusion_skill: str | None = None,
     stage: int = 0,
     upto: int | None = None,
+    against: str | None = None,
 ) -> None:
     runs: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(out.glob("*-s*/metrics.json")):
@@ -176,11 +183,41 @@ def main(
             for s in skills
         ]
         table.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if against:
+        table += _paired_table(rows, against)
     if confusion_skill:
         table += _confusion_table(runs, confusion_skill, rows)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "summary.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
+
+
+def _paired_table(rows: dict, baseline: str) -> list[str]:
+    """Every variant against ``baseline``, seed by seed (also into ``rows``)."""
+    if baseline not in rows:
+        raise SystemExit(f"--against {baseline}: no such variant in {sorted(rows)}")
+    base = rows[baseline]
+    lines = [
+        "",
+        f"Paired against {baseline} (same seeds): ratio of the means, per-seed "
+        "difference mean ± std, paired t, two-sided p, seeds where lower:",
+        "",
+        "| variant | " + " | ".join(label for _, label in PAIRED) + " |",
+        "|" + "---|" * (len(PAIRED) + 1),
+    ]
+    for variant, rec in sorted(rows.items()):
+        if variant == baseline:
+            continue
+        cells, rec["paired_against"] = [], {"baseline": baseline}
+        for key, _ in PAIRED:
+            c = paired_comparison(
+                dict(zip(rec["seeds"], rec[key], strict=True)),
+                dict(zip(base["seeds"], base[key], strict=True)),
+            )
+            rec["paired_against"][key] = c.as_dict() if c else None
+            cells.append(format_comparison(c) if c else "-")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _pooled_confusion(ms: list[dict], skill: str, after: int) -> dict[str, dict]:
@@ -224,5 +261,6 @@ if __name__ == "__main__":
     parser.add_argument("--stage", type=int, default=0, help="old stage K")
     parser.add_argument("--upto", type=int, help="read runs as N-stage runs")
     parser.add_argument("--confusion", metavar="SKILL", help="stage 0's answers")
+    parser.add_argument("--against", metavar="VARIANT", help="pair with VARIANT")
     args = parser.parse_args()
-    main(args.out, args.confusion, args.stage, args.upto)
+    main(args.out, args.confusion, args.stage, args.upto, args.against)

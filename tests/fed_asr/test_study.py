@@ -127,6 +127,15 @@ def test_run_study_aggregates_mean_and_std_over_seeds(tmp_path: Path) -> None:
     table = (spec.out / "study.md").read_text()
     assert "| asr | pooled | 2 | 0.600 ± 0.141 |" in table
     assert "| vanilla | - | 2 | 0.300 ± 0.141 |" in table
+    # every method is paired with vanilla on shared seeds (AF .10/.14 vs .04/.08)
+    (paired,) = study["paired"]
+    assert (paired["method"], paired["baseline"]) == ("asr", "vanilla")
+    assert paired["AF"]["ratio"] == pytest.approx(2.0)
+    assert paired["AF"]["diff_mean"] == pytest.approx(0.06)
+    assert paired["AF"]["seeds"] == [0, 1] and paired["AF"]["n_lower"] == 0
+    assert paired["AF"]["t"] is None  # equal differences: t is infinite, stored as null
+    assert paired["AF"]["p"] == 0.0
+    assert "Paired against `vanilla`" in table and "2.00x, +0.060" in table
 
 
 def test_run_study_skips_finished_cells_and_reruns_changed_config(

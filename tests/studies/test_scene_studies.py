@@ -153,3 +153,55 @@ def test_summarize_upto_reads_runs_as_if_stopped_after_n_stages(
     assert rec["Last_type"] == [0.75]
     assert rec["per_skill_type"]["shape"]["AF"] == [0.4]
     assert rec["drift_last"] == [2.0] and rec["share_last"] == [0.5]
+
+
+def _two_stage_run(seed: int, af: float, last: float) -> dict:
+    """A hand-made two-stage metrics.json with this AF and Last (both protocols)."""
+    matrix = [[last + af, None], [last, last]]
+    skill = {"metrics": {"AF": af, "Last": last}, "accuracy_matrix": matrix}
+    return {
+        "stages": ["shape", "color"],
+        "seed": seed,
+        "Last": last,
+        "AF": af,
+        "metrics_type": {"Last": last, "AF": af},
+        "accuracy_matrix": matrix,
+        "per_skill": {"type": {"shape": skill}, "all": {"shape": skill}},
+    }
+
+
+def test_summarize_against_pairs_variants_on_shared_seeds(tmp_path: Path) -> None:
+    # Prepare: asr on seeds 0-2, vanilla on seeds 0-3 (seed 3 has no partner)
+    for seed, (af_asr, af_van) in enumerate(((0.3, 0.5), (0.2, 0.45), (0.25, 0.4))):
+        (tmp_path / f"asr-s{seed}.json").write_text(
+            json.dumps(_two_stage_run(seed, af_asr, 0.8))
+        )
+        (tmp_path / f"vanilla-s{seed}.json").write_text(
+            json.dumps(_two_stage_run(seed, af_van, 0.7))
+        )
+    (tmp_path / "vanilla-s3.json").write_text(json.dumps(_two_stage_run(3, 0.9, 0.1)))
+
+    # Execute
+    _run_script("summarize.py", str(tmp_path), "--against", "vanilla", timeout=60)
+
+    # Assert: differences -0.2, -0.25, -0.15 on seeds 0-2 only
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    paired = summary["asr"]["paired_against"]
+    af = paired["AF_type"]
+    assert af["seeds"] == [0, 1, 2] and af["n_lower"] == 3
+    assert abs(af["diff_mean"] + 0.2) < 1e-9 and abs(af["ratio"] - 0.75 / 1.35) < 1e-9
+    assert abs(af["diff_std"] - 0.05) < 1e-9 and af["df"] == 2
+    assert abs(af["t"] + 0.2 / (0.05 / 3**0.5)) < 1e-6
+    assert 0.015 < af["p"] < 0.025  # t = -6.9 on 2 df
+    assert abs(paired["Last_type"]["diff_mean"] - 0.1) < 1e-9
+    assert "| asr | 0.56x, -0.200 ± 0.050" in (tmp_path / "summary.md").read_text()
+    # an unknown baseline is one clear line, not a traceback
+    done = subprocess.run(
+        [sys.executable, "studies/scenes/summarize.py", str(tmp_path), "--against=x"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and "--against x: no such variant" in done.stderr
