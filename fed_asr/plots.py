@@ -1,4 +1,5 @@
-"""Figures people look at: accuracy-matrix heatmap and forgetting curves."""
+"""Figures people look at: accuracy matrices, forgetting and drift curves, per-seed
+comparisons."""
 
 from __future__ import annotations
 
@@ -120,6 +121,45 @@ def plot_drift_curves(
                 color="grey",
             )
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_paired_seeds(
+    pairs: Mapping[str, Mapping[int, tuple[float, float]]],
+    path: str | Path,
+    baseline: str,
+    metric: str = "AF",
+    target_ratio: float | None = 0.5,
+) -> Path:
+    """Per-seed scatter of each method against ``baseline``: one panel per method.
+
+    ``pairs[method][seed] = (baseline value, method value)``. Points under the
+    diagonal are seeds where the method is lower; the dashed line (``target_ratio``)
+    marks a target stated as a fraction of the baseline, e.g. "AF <= 0.5x".
+    """
+    names = list(pairs)
+    fig, axes = plt.subplots(
+        1, max(len(names), 1), figsize=(3.3 * max(len(names), 1), 3.4), squeeze=False
+    )
+    values = [v for p in pairs.values() for pair in p.values() for v in pair]
+    top = max(values, default=1.0) * 1.1 or 1.0
+    for ax, name in zip(axes[0], names, strict=False):
+        seeds = sorted(pairs[name])
+        xs = [pairs[name][s][0] for s in seeds]
+        ys = [pairs[name][s][1] for s in seeds]
+        ax.plot([0, top], [0, top], color="grey", linewidth=1)
+        if target_ratio is not None:
+            ax.plot([0, top], [0, target_ratio * top], color="grey", linestyle="--")
+        ax.scatter(xs, ys, zorder=3)
+        for s, x, y in zip(seeds, xs, ys, strict=True):
+            ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(3, 3))
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_xlabel(f"{baseline} {metric}")
+        ax.set_ylabel(f"{name} {metric}")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{metric} per seed against {baseline} (dashed: {target_ratio}x)")
     return _save(fig, path)
 
 

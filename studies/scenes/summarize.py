@@ -3,7 +3,8 @@
 Usage: python studies/scenes/summarize.py OUT_DIR [--stage K] [--upto N] [--against V]
                                                   [--confusion SKILL]
 Reads OUT_DIR/<variant>-s<seed>/metrics.json (or flat OUT_DIR/<variant>-s<seed>.json
-copies of them); writes OUT_DIR/summary.{json,md}.
+copies of them); writes OUT_DIR/summary.{json,md} (and, with --against,
+summary_paired_af_type.png).
 Drift, map shift and grounding are those of stage K's test data (default 0): at its
 own end (the floor) and after the last stage.
 ``--upto N`` reads every run as if it had stopped after its first N stages (the
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from fed_asr.metrics import continual_metrics
 from fed_asr.paired import format_comparison, paired_comparison
+from fed_asr.plots import plot_paired_seeds
 
 PAIRED = (("AF_type", "AF (type)"), ("Last_type", "Last (type)"), ("AF", "AF (all)"))
 
@@ -185,6 +187,7 @@ def main(
         table.append(f"| {variant} | " + " | ".join(cells) + " |")
     if against:
         table += _paired_table(rows, against)
+        _plot_paired(rows, against, out / "summary_paired_af_type.png")
     if confusion_skill:
         table += _confusion_table(runs, confusion_skill, rows)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
@@ -218,6 +221,21 @@ def _paired_table(rows: dict, baseline: str) -> list[str]:
             cells.append(format_comparison(c) if c else "-")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _plot_paired(rows: dict, baseline: str, path: Path) -> None:
+    """Per-seed AF (type) of each variant against ``baseline``'s."""
+    base = dict(zip(rows[baseline]["seeds"], rows[baseline]["AF_type"], strict=True))
+    pairs = {
+        variant: {
+            s: (base[s], v)
+            for s, v in zip(rec["seeds"], rec["AF_type"], strict=True)
+            if s in base
+        }
+        for variant, rec in sorted(rows.items())
+        if variant != baseline
+    }
+    plot_paired_seeds(pairs, path, baseline=baseline, metric="AF (type)")
 
 
 def _pooled_confusion(ms: list[dict], skill: str, after: int) -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""Drift plots: every panel drawn from metrics.json rows, old rows without map shift."""
+"""Drift plots (metrics.json rows, old rows without map shift) and per-seed plots."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 
-from fed_asr.plots import plot_drift_curves
+from fed_asr.plots import plot_drift_curves, plot_paired_seeds
 
 
 def _row(after: int, stage: int, drift: float, shift: float | None) -> dict:
@@ -33,3 +33,16 @@ def test_drift_curves_draw_each_stage_with_and_without_map_shift(
 
     image = mpimg.imread(path)
     assert image.shape[1] > image.shape[0] > 100  # three panels side by side
+
+
+def test_paired_seeds_draw_one_panel_per_method(tmp_path: Path) -> None:
+    pairs = {
+        "asr": {0: (0.5, 0.3), 1: (0.45, 0.32)},
+        "asr_local": {0: (0.5, 0.36), 1: (0.45, 0.35)},
+        "lwf": {},  # a method with no shared seed still gets an (empty) panel
+    }
+
+    path = plot_paired_seeds(pairs, tmp_path / "paired.png", baseline="vanilla")
+
+    image = mpimg.imread(path)
+    assert image.shape[1] > 2.5 * image.shape[0]  # three panels side by side

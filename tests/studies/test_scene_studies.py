@@ -195,6 +195,7 @@ def test_summarize_against_pairs_variants_on_shared_seeds(tmp_path: Path) -> Non
     assert 0.015 < af["p"] < 0.025  # t = -6.9 on 2 df
     assert abs(paired["Last_type"]["diff_mean"] - 0.1) < 1e-9
     assert "| asr | 0.56x, -0.200 ± 0.050" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "summary_paired_af_type.png").stat().st_size > 0
     # an unknown baseline is one clear line, not a traceback
     done = subprocess.run(
         [sys.executable, "studies/scenes/summarize.py", str(tmp_path), "--against=x"],
