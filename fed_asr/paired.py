@@ -121,12 +121,12 @@ def paired_comparison(
     else:
         t = math.copysign(math.inf, diff_mean) if diff_mean else 0.0
     p = 1.0 if t == 0.0 else t_two_sided_p(t, n - 1)
-    base_mean = statistics.mean(b)
+    variant_mean, base_mean = statistics.mean(v), statistics.mean(b)
     return PairedComparison(
         seeds=seeds,
-        variant_mean=statistics.mean(v),
+        variant_mean=variant_mean,
         baseline_mean=base_mean,
-        ratio=statistics.mean(v) / base_mean if base_mean else math.nan,
+        ratio=variant_mean / base_mean if base_mean else math.nan,
         diff_mean=diff_mean,
         diff_std=diff_std,
         t=t,
