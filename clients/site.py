@@ -193,7 +193,11 @@ def _stream_shares(
     cfg = _config(run_config_key)
     stream = build_stream(cfg.data, cfg.seed)
     shares = partition_stream(
-        stream, num_partitions, cfg.data.dirichlet_alpha, cfg.seed
+        stream,
+        num_partitions,
+        cfg.data.dirichlet_alpha,
+        cfg.seed,
+        by=cfg.data.partition_by,
     )
     return shares, tuple(stream.vocabulary()), stream_skill_answers(stream)
 

@@ -247,11 +247,15 @@ class DataConfig:
     max_train_per_stage: int | None = 1600
     max_test_per_stage: int | None = 300
     dirichlet_alpha: float = 0.5
+    # what client shares are non-IID by: `answer` (label skew) or `skill` (a skill of a
+    # stage sits mostly at a few clients; small alpha leaves some without it)
+    partition_by: str = "answer"
     # generated streams (scenes) render their images under <cache_dir>/<stream>/
     cache_dir: str = "~/.cache/fed_asr"
 
     def __post_init__(self) -> None:
         # Deferred: the registry's modules import this one.
+        from fed_asr.data.partition import check_partition_label
         from fed_asr.data.streams import STREAMS, stream_sources
 
         if self.stream not in STREAMS:
@@ -269,6 +273,7 @@ class DataConfig:
         if STREAMS[self.stream].needs_root and not self.root:
             raise ValueError(f"`data.root` is required when `data={self.stream}`.")
         check_positive("data.dirichlet_alpha", self.dirichlet_alpha)
+        check_partition_label(self.partition_by)
         for name in ("max_train_per_stage", "max_test_per_stage"):
             value = getattr(self, name)
             if value is not None:

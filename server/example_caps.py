@@ -43,6 +43,7 @@ def partition_sizes(
     num_partitions: int,
     alpha: float,
     seed: int,
+    by: str = "answer",
 ) -> PartitionSizes:
     """Sizes of each simulated client's data, as the clients compute them.
 
@@ -57,8 +58,10 @@ def partition_sizes(
         Partitions (one per SuperNode).
     alpha, seed : float, int
         ``data.dirichlet_alpha`` and the run's seed.
+    by : str
+        ``data.partition_by``.
     """
-    shares = partition_stream(stream, num_partitions, alpha, seed)
+    shares = partition_stream(stream, num_partitions, alpha, seed, by=by)
     stages = range(len(stream.stages))
     return PartitionSizes(
         train=tuple(
@@ -107,7 +110,12 @@ class ExampleCaps:
         @functools.cache
         def sizes(num_partitions: int) -> PartitionSizes:
             return partition_sizes(
-                stream, method, num_partitions, cfg.data.dirichlet_alpha, cfg.seed
+                stream,
+                method,
+                num_partitions,
+                cfg.data.dirichlet_alpha,
+                cfg.seed,
+                by=cfg.data.partition_by,
             )
 
         return cls(cfg.security, sizes)

@@ -150,6 +150,7 @@ def test_structured_schema_rejects_unknown_key() -> None:
         (lambda: DataConfig(stream="time"), "data.stream"),
         (lambda: DataConfig(name="manifest"), "data.root"),
         (lambda: DataConfig(dirichlet_alpha=0), "dirichlet_alpha"),
+        (lambda: DataConfig(partition_by="client"), "data.partition_by"),
         (lambda: DataConfig(max_train_per_stage=0), "max_train_per_stage"),
         (lambda: RegularizerConfig(l_sel=0), "l_sel"),
         (lambda: RegularizerConfig(tau_skill=1.0), "tau_skill"),

@@ -1,11 +1,17 @@
 """Deterministic index selection: stratified subsampling and Dirichlet client splits.
 
-Each client's share of a stage is non-IID by answer label: for each label, the indices
-are split across clients with proportions drawn from Dirichlet(alpha). The test split of
-a stage uses the *same* per-label proportions as its training split, so a client is
-evaluated on the answer mix it trains on (what one institution sees). Pooled over
-clients, the test shares are the whole test set, so pooled accuracy does not depend on
-the split.
+Each client's share of a stage is non-IID by a label: for each label, the indices are
+split across clients with proportions drawn from Dirichlet(alpha). The label is the
+answer by default (label skew, Hsu et al. 2019, "Measuring the Effects of
+Non-Identical Data Distribution for Federated Visual Classification") or, with
+``by="skill"``, the sample's skill: each skill of a stage then sits mostly at a few
+clients, and with a small alpha some clients hold none of it (an institution that
+never sees a skill: there only a shared spectrum can protect that skill).
+
+The test split of a stage uses the *same* per-label proportions as its training
+split, so a client is evaluated on the mix it trains on (what one institution sees).
+Pooled over clients, the test shares are the whole test set, so pooled accuracy does
+not depend on the split.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 from fed_asr.data.samples import ContinualStream, Stage, VQASample
+from fed_asr.data.skills import question_skill
+
+# What a partition is non-IID by (``data.partition_by``).
+PARTITION_LABELS = ("answer", "skill")
 
 
 def make_rng(seed: int, *keys: object) -> np.random.Generator:
@@ -139,13 +149,34 @@ def dirichlet_partition(
     return _split_by_proportions(labels, proportions, num_clients, rng)
 
 
+def check_partition_label(by: str) -> None:
+    """Raise ``ValueError`` naming ``data.partition_by`` unless ``by`` is known."""
+    if by not in PARTITION_LABELS:
+        raise ValueError(
+            f"`data.partition_by` must be one of {list(PARTITION_LABELS)}, got {by!r}."
+        )
+
+
+def partition_label(sample: VQASample, by: str) -> str:
+    """The label a partition ``by`` splits ``sample`` on (its answer or its skill)."""
+    check_partition_label(by)
+    if by == "skill":
+        return sample.skill or question_skill(sample.question)
+    return sample.answer
+
+
 def partition_stream(
-    stream: ContinualStream, num_clients: int, alpha: float, seed: int
+    stream: ContinualStream,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    by: str = "answer",
 ) -> list[ContinualStream]:
     """Give each client its non-IID share of every stage (train and test).
 
-    For each stage, one Dirichlet(alpha) proportion vector is drawn per answer and
-    applied to both the training and the test samples (see the module docstring).
+    For each stage, one Dirichlet(alpha) proportion vector is drawn per label (the
+    answer, or the skill with ``by="skill"``) and applied to both the training and
+    the test samples (see the module docstring).
     Clients keep the stream's stage names, answers, skills and vocabulary words, so
     all clients build the same tokenizer. A client may get an empty stage.
 
@@ -159,6 +190,8 @@ def partition_stream(
         Dirichlet concentration.
     seed : int
         Seed; each stage's split depends on it and on the stage name only.
+    by : {"answer", "skill"}
+        The label the split is non-IID by.
 
     Returns
     -------
@@ -168,14 +201,15 @@ def partition_stream(
     Raises
     ------
     ValueError
-        ``num_clients`` or ``alpha`` not positive.
+        ``num_clients`` or ``alpha`` not positive, or ``by`` not a known label.
     """
     _check_split_args(num_clients, alpha)
+    check_partition_label(by)
     client_stages: list[list[Stage]] = [[] for _ in range(num_clients)]
     for stage in stream.stages:
         rng = make_rng(seed, "partition", stage.name)
-        train_labels = [s.answer for s in stage.train]
-        test_labels = [s.answer for s in stage.test]
+        train_labels = [partition_label(s, by) for s in stage.train]
+        test_labels = [partition_label(s, by) for s in stage.test]
         proportions = _draw_proportions(
             train_labels + test_labels, num_clients, alpha, rng
         )

@@ -168,3 +168,86 @@ def test_partition_stream_is_deterministic() -> None:
 
     # Assert
     assert [c.stages for c in first] == [c.stages for c in again]
+
+
+def _two_skill_stream() -> ContinualStream:
+    """One stage, two skills (explicit labels), five answers spread over both."""
+
+    def samples(prefix: str, n: int) -> list[VQASample]:
+        return [
+            VQASample(
+                f"{prefix}{i}.png",
+                f"question {i}?",
+                f"ans{i % 5}",
+                skill="left" if i % 2 else "right",
+            )
+            for i in range(n)
+        ]
+
+    stage = Stage("s0", samples("tr", 400), samples("te", 100))
+    answers = [f"ans{k}" for k in range(5)]
+    return ContinualStream("toy2", [stage], answers, ["left", "right"])
+
+
+def _holders(stream: ContinualStream, clients: list[ContinualStream]) -> dict:
+    """Per skill, the share of its training samples held by each client."""
+    shares: dict[str, list[float]] = {}
+    for skill in ("left", "right"):
+        total = sum(s.skill == skill for s in stream.stages[0].train)
+        shares[skill] = [
+            sum(s.skill == skill for s in c.stages[0].train) / total for c in clients
+        ]
+    return shares
+
+
+def test_partition_by_skill_puts_each_skill_at_few_clients() -> None:
+    # Prepare
+    stream = _two_skill_stream()
+
+    # Execute
+    by_skill = partition_stream(stream, 4, alpha=0.01, seed=3, by="skill")
+    by_answer = partition_stream(stream, 4, alpha=0.01, seed=3, by="answer")
+
+    # Assert: by skill, one client holds (almost) all of a skill, train and test
+    for skill, shares in _holders(stream, by_skill).items():
+        assert max(shares) > 0.95, (skill, shares)
+        holder = int(np.argmax(shares))
+        test = [s for s in by_skill[holder].stages[0].test if s.skill == skill]
+        assert len(test) > 0.95 * 50
+    # by answer, each skill is spread: its five answers went to different clients
+    assert min(max(v) for v in _holders(stream, by_answer).values()) < 0.95
+
+
+def test_partition_by_skill_falls_back_to_the_question_parser() -> None:
+    # Prepare: easy-VQA style samples (no explicit skill), two answers per type
+    shape = [
+        VQASample(
+            f"s{i}.png", "What shape is in the image?", ("circle", "triangle")[i % 2]
+        )
+        for i in range(60)
+    ]
+    color = [
+        VQASample(f"c{i}.png", "What color is the shape?", ("red", "blue")[i % 2])
+        for i in range(60)
+    ]
+    answers = ["circle", "triangle", "red", "blue"]
+    stream = ContinualStream("ev", [Stage("s0", shape + color, [])], answers, [])
+
+    # Execute
+    clients = partition_stream(stream, 4, alpha=0.01, seed=2, by="skill")
+
+    # Assert: the parser's question type is the label: each type sits at one client,
+    # and (one label per type, not one for all) the two types at different clients
+    holders = []
+    for prefix in ("s", "c"):
+        held = [
+            sum(s.image.startswith(prefix) for s in c.stages[0].train) for c in clients
+        ]
+        assert max(held) >= 57, (prefix, held)
+        holders.append(int(np.argmax(held)))
+    assert holders[0] != holders[1]
+
+
+def test_partition_by_unknown_label_names_the_field() -> None:
+    with pytest.raises(ValueError, match="data.partition_by.*'client'"):
+        partition_stream(_stream(), 3, 0.5, seed=0, by="client")
