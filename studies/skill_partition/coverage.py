@@ -11,7 +11,10 @@ clients with no training sample of an earlier skill k before stage t, averaged o
 those skills. On such a client ``asr_local`` has no prototype of k to regularise
 against, while ``asr`` has the global one; so if sharing the spectrum protects a
 skill, ``A - B`` (here asr - asr_local AF, type protocol) should fall as the share
-grows. Prints a table and the Pearson correlation; writes OUT_DIR/coverage.json.
+grows. Prints a table, the Pearson correlation and, for the seeds at or above
+``--split`` (default 0.5: most of the later stage trains where the skill was never
+seen) and those below it, A paired with B (``fed_asr.paired``); writes
+OUT_DIR/coverage.json.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fed_asr.config import compose_config
 from fed_asr.data import build_stream, partition_stream
 from fed_asr.data.partition import partition_label
 from fed_asr.data.samples import ContinualStream
+from fed_asr.paired import format_comparison, paired_comparison
 
 
 def unprotected_share(shares: list[ContinualStream]) -> list[float]:
@@ -77,6 +81,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--against", nargs=2, metavar=("A", "B"))
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--split", type=float, default=0.5)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     af = _af_type(args.out)
@@ -101,6 +106,7 @@ def main() -> None:
             a, b = args.against
             if (a, seed) in af and (b, seed) in af:
                 row["diff"] = af[(a, seed)] - af[(b, seed)]
+                row[a], row[b] = af[(a, seed)], af[(b, seed)]
         rows.append(row)
         diff = f"{row['diff']:+.3f}" if "diff" in row else "-"
         print(f"seed {seed}: unprotected {row['unprotected']}  diff {diff}")
@@ -115,7 +121,27 @@ def main() -> None:
             f"{args.against[1]} AF type) = {summary['pearson_r']:+.2f} "
             f"over {len(paired)} seeds"
         )
+    if args.against:
+        summary["groups"] = _paired_groups(paired, args.against, args.split)
     (args.out / "coverage.json").write_text(json.dumps(summary, indent=1))
+
+
+def _paired_groups(rows: list[dict], against: list[str], split: float) -> dict:
+    """A against B on the seeds at or above ``split`` and on those below it."""
+    a, b = against
+    groups = {}
+    for name, keep in (
+        (f">= {split}", lambda u: u >= split),
+        (f"< {split}", lambda u: u < split),
+    ):
+        chosen = [r for r in rows if keep(float(np.mean(r["unprotected"])))]
+        c = paired_comparison(
+            {r["seed"]: r[a] for r in chosen}, {r["seed"]: r[b] for r in chosen}
+        )
+        text = format_comparison(c) if c else "fewer than 2 seeds"
+        print(f"unprotected share {name}: {a} against {b}: {text}")
+        groups[name] = {"seeds": [r["seed"] for r in chosen], "paired": text}
+    return groups
 
 
 if __name__ == "__main__":

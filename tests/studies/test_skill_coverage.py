@@ -78,3 +78,6 @@ def test_coverage_script_pairs_seeds_and_writes_json(tmp_path: Path) -> None:
         assert 0.0 <= row["unprotected"][0] <= 1.0
     assert -1.0 <= summary["pearson_r"] <= 1.0
     assert "Pearson r" in done.stdout
+    groups = summary["groups"]
+    assert sorted(groups) == ["< 0.5", ">= 0.5"]
+    assert sorted(groups["< 0.5"]["seeds"] + groups[">= 0.5"]["seeds"]) == [0, 1, 2]
