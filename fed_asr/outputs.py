@@ -31,6 +31,23 @@ CURVES_FILE = "forgetting_curves.png"
 DRIFT_FILE = "drift_curves.png"
 
 
+def read_cell_metrics(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """The ``metrics.json`` of each ``<variant>-s<seed>`` run in ``folder``, by variant.
+
+    Reads the run folders ``studies/run_cells.sh`` writes
+    (``<variant>-s<seed>/metrics.json``), then flat archived copies
+    (``<variant>-s<seed>.json``), each group in name order.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {}
+    folders = sorted(folder.glob(f"*-s*/{METRICS_FILE}"))
+    for path in folders + sorted(folder.glob("*-s*.json")):
+        name = path.parent.name if path.name == METRICS_FILE else path.stem
+        runs.setdefault(name.rsplit("-s", 1)[0], []).append(
+            json.loads(path.read_text())
+        )
+    return runs
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     random.seed(seed)

@@ -159,7 +159,8 @@ def plot_paired_seeds(
         ax.set_ylabel(f"{name} {metric}")
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{metric} per seed against {baseline} (dashed: {target_ratio}x)")
+    target = f" (dashed: {target_ratio}x)" if target_ratio is not None else ""
+    fig.suptitle(f"{metric} per seed against {baseline}{target}")
     return _save(fig, path)
 
 

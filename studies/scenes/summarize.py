@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fed_asr.metrics import continual_metrics
+from fed_asr.outputs import read_cell_metrics
 from fed_asr.paired import format_comparison, paired_comparison
 from fed_asr.plots import plot_paired_seeds
 
@@ -110,13 +111,7 @@ def main(
     upto: int | None = None,
     against: str | None = None,
 ) -> None:
-    runs: dict[str, list[dict]] = defaultdict(list)
-    for path in sorted(out.glob("*-s*/metrics.json")):
-        variant = path.parent.name.rsplit("-s", 1)[0]
-        runs[variant].append(json.loads(path.read_text()))
-    for path in sorted(out.glob("*-s*.json")):
-        variant = path.stem.rsplit("-s", 1)[0]
-        runs[variant].append(json.loads(path.read_text()))
+    runs: dict[str, list[dict]] = defaultdict(list, read_cell_metrics(out))
     if upto is not None:
         runs = defaultdict(
             list, {v: [first_stages(m, upto) for m in ms] for v, ms in runs.items()}

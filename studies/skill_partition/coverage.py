@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from fed_asr.config import compose_config
 from fed_asr.data import build_stream, partition_stream
 from fed_asr.data.partition import partition_label
 from fed_asr.data.samples import ContinualStream
+from fed_asr.outputs import read_cell_metrics
 from fed_asr.paired import format_comparison, paired_comparison
 
 
@@ -63,16 +63,11 @@ def unprotected_share(shares: list[ContinualStream]) -> list[float]:
 
 def _af_type(out: Path) -> dict[tuple[str, int], float]:
     """AF (type protocol) of each ``<variant>-s<seed>`` run in ``out``."""
-    pattern = re.compile(r"^(.+)-s(\d+)$")
-    found = {}
-    paths = list(out.glob("*-s*/metrics.json")) + list(out.glob("*-s*.json"))
-    for path in paths:
-        name = path.parent.name if path.name == "metrics.json" else path.stem
-        match = pattern.match(name)
-        if match:
-            metrics = json.loads(path.read_text())
-            found[(match[1], int(match[2]))] = metrics["metrics_type"]["AF"]
-    return found
+    return {
+        (variant, m["seed"]): m["metrics_type"]["AF"]
+        for variant, ms in read_cell_metrics(out).items()
+        for m in ms
+    }
 
 
 def main() -> None:

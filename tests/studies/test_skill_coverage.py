@@ -48,7 +48,7 @@ def test_coverage_script_pairs_seeds_and_writes_json(tmp_path: Path) -> None:
     for seed, (a, b) in enumerate([(0.3, 0.4), (0.2, 0.2), (0.5, 0.3)]):
         for name, af in (("asr", a), ("asr_local", b)):
             path = tmp_path / f"{name}-s{seed}.json"
-            path.write_text(json.dumps({"metrics_type": {"AF": af}}))
+            path.write_text(json.dumps({"seed": seed, "metrics_type": {"AF": af}}))
     overrides = [
         "data.stage_order=[shape,color]",
         "data.max_train_per_stage=80",
