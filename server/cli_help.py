@@ -65,7 +65,11 @@ def help_text(usage: str, config_name: str = "config") -> str:
     cfg = compose_config(config_name, [])
     flags = [
         ("-h, --help", "this page"),
-        ("--config-name=NAME", "primary config under configs/ (default: config)"),
+        (
+            "--config-name=NAME",
+            f"primary config under configs/: {', '.join(primary_configs())} "
+            "(default: config)",
+        ),
         ("--cfg [job], -c", "print the resolved config (YAML) and exit; nothing runs"),
     ]
     lines = [usage.strip(), "", "Flags:"]
@@ -79,17 +83,32 @@ def help_text(usage: str, config_name: str = "config") -> str:
 
 def group_lines(config_name: str = "config") -> list[str]:
     """One line per config group: ``  method     asr*, ewc, ...``."""
-    chosen: dict[str, str] = {}
-    primary = yaml.safe_load((CONFIG_DIR / f"{config_name}.yaml").read_text()) or {}
-    for entry in primary.get("defaults", []):
-        if isinstance(entry, dict):
-            chosen.update({str(k): str(v) for k, v in entry.items()})
+    chosen = group_choices(config_name)
     lines = []
     for group in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir()):
         choices = sorted(p.stem for p in group.glob("*.yaml"))
         marked = [f"{c}*" if chosen.get(group.name) == c else c for c in choices]
         lines.append(f"  {group.name:<10} {', '.join(marked)}")
     return lines
+
+
+def primary_configs() -> list[str]:
+    """Names of the primary configs (``configs/*.yaml``) for ``--config-name``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def group_choices(config_name: str) -> dict[str, str]:
+    """The group choices of a primary config's defaults list, following a primary
+    config it extends (``- config``) and its ``override GROUP: CHOICE`` entries."""
+    chosen: dict[str, str] = {}
+    primary = yaml.safe_load((CONFIG_DIR / f"{config_name}.yaml").read_text()) or {}
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, str) and (CONFIG_DIR / f"{entry}.yaml").is_file():
+            chosen.update(group_choices(entry))
+        elif isinstance(entry, dict):
+            for key, value in entry.items():
+                chosen[str(key).removeprefix("override ").strip()] = str(value)
+    return chosen
 
 
 def field_lines(cfg: ExperimentConfig) -> list[str]:

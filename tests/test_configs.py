@@ -76,6 +76,25 @@ def test_compose_default_config_gives_defaults() -> None:
     assert cfg.output_dir == "outputs/simulation-asr-ability-s0"
 
 
+def test_qk_shape_color_preset_sets_the_regime_and_keeps_overrides() -> None:
+    # Execute
+    preset = compose_config("qk_shape_color")
+    vanilla = load_config(
+        {"config-name": "qk_shape_color", "overrides": "method=vanilla"}
+    )
+
+    # Assert
+    assert (preset.model.name, preset.model.pretrain_vision_steps) == ("tiny", 2000)
+    assert preset.lora.target_modules == ["q_proj", "k_proj"]
+    assert (preset.data.stream, preset.data.stage_order) == (
+        "ability",
+        ["shape", "color"],
+    )
+    assert preset.method.name == "asr" and preset.engine.name == "simulation"
+    assert vanilla.method.name == "vanilla"
+    assert vanilla.lora.target_modules == ["q_proj", "k_proj"]
+
+
 def test_load_config_reads_flower_run_config_overrides() -> None:
     cfg = load_config(
         {"config-name": "config", "overrides": "method=vanilla 'data.stream=domain'"}

@@ -154,3 +154,15 @@ def test_run_config_key_with_bad_value_names_the_field() -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="`federation.rounds_per_stage` must be"):
         load_config(run_config)
+
+
+def test_flwr_run_config_name_selects_a_preset_and_keys_still_apply() -> None:
+    # Prepare
+    run_config = flwr_run_config("config-name='qk_shape_color' method='vanilla'")
+
+    # Execute
+    cfg = load_config(run_config)
+
+    # Assert
+    assert cfg == compose_config("qk_shape_color", ["method=vanilla"])
+    assert cfg.lora.target_modules == ["q_proj", "k_proj"]

@@ -32,6 +32,21 @@ def test_cli_help_lists_groups_with_choices_and_fields_with_defaults(
     assert "--cfg [job]" in out
 
 
+def test_cli_help_of_a_preset_marks_the_choices_it_inherits_and_overrides(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Execute
+    code = main(["--config-name=qk_shape_color", "--help"])
+
+    # Assert
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "tiny_vision*" in out and "tiny*" not in out  # `override model:`
+    assert "  engine     central, simulation*" in out  # inherited from `config`
+    assert "config, qk_shape_color (default: config)" in out
+    assert "lora.target_modules=[q_proj,k_proj]" in out
+
+
 def test_cli_cfg_job_prints_the_resolved_config_and_runs_nothing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
