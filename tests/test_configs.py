@@ -91,6 +91,7 @@ def test_qk_shape_color_preset_sets_the_regime_and_keeps_overrides() -> None:
         ["shape", "color"],
     )
     assert preset.method.name == "asr" and preset.engine.name == "simulation"
+    assert preset.output_dir == "outputs/simulation-asr-qk_shape_color-s0"
     assert vanilla.method.name == "vanilla"
     assert vanilla.lora.target_modules == ["q_proj", "k_proj"]
 
