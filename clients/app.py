@@ -23,17 +23,19 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from clients.adapter_privacy import privatize_train_reply
 from clients.drift import drift_reply
 from clients.records import numpy_record
 from clients.secure import handle_secagg, privatized, stage_statistics
-from clients.site import Site, site_from_context
+from clients.site import Site, site_config, site_from_context
 from clients.spectrum_state import local_spectrum, received_spectrum, store_local
 from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.evaluation import score_stage
 from fed_asr.methods import MethodMemory
+from fed_asr.models import torch_threads
 from fed_asr.schedule import update_spectrum
 from fed_asr.security.adapter_dp import coarse_num_examples_up
 from fed_asr.security.signing import load_public_key
@@ -168,6 +170,24 @@ def _seed(site: Site, config: ConfigRecord) -> int:
     return site.cfg.seed * 1_000_003 + round_ * 1009 + site.partition_id
 
 
+def torch_threads_mod(run_config: Mapping[str, Any] | None = None) -> Mod:
+    """A Flower mod handling every message on ``train.torch_threads`` threads.
+
+    The CPU thread count changes results in their last bits, and Ray hands each
+    ClientApp its own reservation as its thread count (``fed-asr engine=simulation``:
+    ``federation.client_cpus``; ``flwr run``: the federation's
+    ``client-resources-num-cpus``, 2 by default), so without this one config gives
+    different runs under the two launchers.
+    """
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        cfg = site_config(run_config or context.run_config)
+        with torch_threads(cfg.train.torch_threads):
+            return call_next(msg, context)
+
+    return mod
+
+
 def make_client_app(
     run_config: Mapping[str, Any] | None = None, mods: list[Any] | None = None
 ) -> ClientApp:
@@ -178,9 +198,10 @@ def make_client_app(
     run_config : Mapping[str, Any] | None
         Overrides the context's run config (Python API runs, where it is empty).
     mods : list | None
-        Flower client mods applied to every message.
+        Flower client mods applied to every message, outside
+        ``torch_threads_mod`` (always applied, innermost).
     """
-    app = ClientApp(mods=mods or [])
+    app = ClientApp(mods=[*(mods or []), torch_threads_mod(run_config)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -65,7 +65,7 @@ def site_from_context(
         Node config: ``partition-id`` and ``num-partitions`` (simulation sets them),
         or ``data-root`` pointing at this site's own manifest folder (deployment).
     """
-    run_key = tuple(sorted((k, str(v)) for k, v in run_config.items()))
+    run_key = _run_key(run_config)
     data_root = node_config.get(NODE_DATA_ROOT)
     partition_id = int(node_config.get(NODE_PARTITION_ID, 0))
     num_partitions = int(node_config.get(NODE_NUM_PARTITIONS, 1))
@@ -76,6 +76,15 @@ def site_from_context(
         lambda: _build_site(*key),
         _config(run_key).federation.site_cache_size,
     )
+
+
+def site_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """The experiment config of a Flower run config (composed once per process)."""
+    return _config(_run_key(run_config))
+
+
+def _run_key(run_config: Mapping[str, Any]) -> _RunKey:
+    return tuple(sorted((k, str(v)) for k, v in run_config.items()))
 
 
 def cached_site_count() -> int:

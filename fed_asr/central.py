@@ -25,6 +25,7 @@ from fed_asr.models import (
     load_run_base_model,
     model_family,
     resolve_device,
+    torch_threads,
 )
 from fed_asr.models.scoring import EVAL_PROTOCOLS, stream_skill_answers
 from fed_asr.outputs import seed_everything, write_run_outputs
@@ -205,6 +206,8 @@ class CentralEngine:
 def run_central(cfg: ExperimentConfig) -> Path:
     """Train one site through every stage and write the run's outputs.
 
+    Computes on ``train.torch_threads`` CPU threads (restored afterwards).
+
     Parameters
     ----------
     cfg : ExperimentConfig
@@ -215,6 +218,11 @@ def run_central(cfg: ExperimentConfig) -> Path:
     Path
         Path of the written ``metrics.json``.
     """
+    with torch_threads(cfg.train.torch_threads):
+        return _run_central(cfg)
+
+
+def _run_central(cfg: ExperimentConfig) -> Path:
     start = time.perf_counter()
     seed_everything(cfg.seed)
     stream = build_stream(cfg.data, cfg.seed)

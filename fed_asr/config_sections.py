@@ -157,9 +157,19 @@ class TrainConfig:
     # Mechanism diagnostics: spectral drift, grounding share (after each stage) and
     # gradient-norm ratios of the regularizer terms (every `log_every` steps)
     diagnostics: bool = True
+    # torch CPU threads of the central engine, the ServerApp and each ClientApp,
+    # under every launcher: the count changes results in their last bits
+    torch_threads: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size", "lr", "epochs", "log_every"):
+        for name in (
+            "batch_size",
+            "eval_batch_size",
+            "lr",
+            "epochs",
+            "log_every",
+            "torch_threads",
+        ):
             check_positive(f"train.{name}", getattr(self, name))
 
 
@@ -185,6 +195,7 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     min_available_clients: int = 2
     local_epochs: int = 1
+    # Ray's CPU reservation per ClientApp under `fed-asr engine=simulation`
     client_cpus: float = 1.0
     round_timeout_s: float | None = None
     keep_checkpoints: int = 2

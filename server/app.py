@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_asr.config import load_config
+from fed_asr.models.device import torch_threads
 from server.run import FederatedRun
 
 
@@ -21,7 +22,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = load_config(run_config or context.run_config)
-        FederatedRun(cfg, grid, engine=engine).run()
+        # the merges compute on the run's thread count, as the clients do
+        with torch_threads(cfg.train.torch_threads):
+            FederatedRun(cfg, grid, engine=engine).run()
 
     return app
 

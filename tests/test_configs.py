@@ -181,6 +181,7 @@ def test_structured_schema_rejects_unknown_key() -> None:
         (lambda: TrainConfig(lr=0), "train.lr"),
         (lambda: FederationConfig(num_clients=0), "num_clients"),
         (lambda: FederationConfig(fraction_train=0.0), "fraction_train"),
+        (lambda: TrainConfig(torch_threads=0), "train.torch_threads"),
     ],
 )
 def test_post_init_rejects_bad_value_naming_field(factory, match: str) -> None:

@@ -1,7 +1,8 @@
-"""Image loading with a per-process cache; a plain-background image's object box."""
+"""Image loading with a per-process cache, image file digests, an object's box."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
 
@@ -12,6 +13,33 @@ from PIL import Image, UnidentifiedImageError
 # in about 60 MB, so a run never re-decodes them. Large real images cost more per entry;
 # call `clear_image_cache()` between stages if memory is tight.
 IMAGE_CACHE_SIZE = 8192
+
+
+def image_file_digest(path: str) -> str:
+    """SHA-256 of an image file's bytes, cached per process while the file is unchanged.
+
+    Cache keys of prepared bases hash what the images hold, not where they are: the
+    same data under another venv, home or data folder gives the same key.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist (the message names it).
+    """
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file {path!r} does not exist.") from None
+    return _file_digest(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=65536)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_image(path: str) -> Image.Image:

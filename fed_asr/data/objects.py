@@ -61,8 +61,10 @@ def attribute_values(items: Sequence[ObjectImage]) -> dict[str, list[str]]:
 
 
 def objects_fingerprint(items: Sequence[ObjectImage]) -> str:
-    """Stable digest of an object set (image paths, boxes and labels)."""
+    """Stable digest of an object set: image contents (not paths), boxes and labels."""
+    from fed_asr.data.images import image_file_digest
+
     digest = hashlib.sha256()
     for item in items:
-        digest.update(f"{item.image}\0{item.objects!r}\n".encode())
+        digest.update(f"{image_file_digest(item.image)}\0{item.objects!r}\n".encode())
     return digest.hexdigest()

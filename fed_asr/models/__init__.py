@@ -13,6 +13,7 @@ from fed_asr.models.device import (
     move_batch,
     resolve_device,
     resolve_dtype,
+    torch_threads,
 )
 from fed_asr.models.families import LlavaFamily, PaliGemmaFamily, Qwen2VLFamily
 from fed_asr.models.family import (
@@ -85,6 +86,7 @@ __all__ = [
     "resolve_model_family",
     "resolve_device",
     "resolve_dtype",
+    "torch_threads",
     "save_adapter",
     "score_candidates",
     "tiny_model_dir",

@@ -1,9 +1,10 @@
-"""Device and dtype resolution, and moving collated batches onto the model's device."""
+"""Device, dtype and CPU thread settings, and moving batches onto the model's device."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -129,3 +130,25 @@ def move_batch(
             value = value.to(device=device, dtype=cast, non_blocking=True)
         moved[key] = value
     return moved
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block on ``count`` intra-op CPU threads, then restore the earlier count.
+
+    torch's CPU kernels split their work by thread, so one computation on another
+    thread count can differ in the last bits, and training amplifies that (Adam turns
+    tiny gradient differences into full steps). Fixing the count makes a result depend
+    on the config alone, not on the launcher (Ray gives each actor its reservation
+    as ``OMP_NUM_THREADS``) or the machine's core count.
+    """
+    if count < 1:
+        raise ValueError(f"A thread count must be >= 1, got {count}.")
+    before = torch.get_num_threads()
+    if before != count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -8,9 +8,11 @@ Gemma 2's soft-capped logits). The processor is loaded by
 
 The tiny model is built, caption-pretrained and saved once per configuration under
 ``<cache_dir>/tiny-<hash>``; the hash covers the architecture, the pre-training
-settings, the tokenizer vocabulary and the seed. Builds are atomic (a temporary
-directory renamed into place, under a file lock), so concurrent processes never see a
-partial model.
+settings, the preparation images' contents (not their paths), the tokenizer
+vocabulary and the seed. Every preparation computes on ``PREPARATION_THREADS`` CPU
+threads, so one config prepares the same weights wherever it runs. Builds are
+atomic (a temporary directory renamed into place, under a file lock), so concurrent
+processes never see a partial model.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 
 from fed_asr.config import DataConfig, ModelConfig
 from fed_asr.models.capture import install_attention_capture
-from fed_asr.models.device import resolve_device, resolve_dtype
+from fed_asr.models.device import resolve_device, resolve_dtype, torch_threads
 from fed_asr.models.family import resolve_model_family
 from fed_asr.models.modules import bind_model_family
 from fed_asr.models.pretrain import (
@@ -56,6 +58,9 @@ except ImportError:  # pragma: no cover - non-POSIX: the atomic rename still pro
 
 CACHE_FORMAT = 1
 META_FILE = "fed_asr_tiny.json"
+# torch CPU threads of every preparation: another count changes the prepared weights
+# in their last bits (`fed_asr.models.device.torch_threads`), so it is fixed
+PREPARATION_THREADS = 1
 # Caption pre-training images drawn by `fed_asr.data.caption_samples`.
 PRETRAIN_IMAGES = 2000
 _ARCH_FIELDS = (
@@ -78,12 +83,19 @@ _PRETRAIN_FIELDS = (
 
 
 def _samples_fingerprint(samples: Sequence[VQASample] | None) -> str:
-    """Stable digest of caller-given pre-training samples ("default" when None)."""
+    """Stable digest of caller-given pre-training samples ("default" when None).
+
+    Each image enters by its content, not its path, so the same data in another venv
+    or folder (easy-VQA's images live inside the venv) finds the same cached base.
+    """
     if samples is None:
         return f"caption_samples({PRETRAIN_IMAGES})"
+    from fed_asr.data.images import image_file_digest
+
     digest = hashlib.sha256()
     for s in samples:
-        digest.update(f"{s.image}\0{s.question}\0{s.answer}\n".encode())
+        image = image_file_digest(s.image)
+        digest.update(f"{image}\0{s.question}\0{s.answer}\n".encode())
     return digest.hexdigest()
 
 
@@ -209,29 +221,9 @@ def ensure_tiny_model(
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            if samples is None:
-                from fed_asr.data import caption_samples
-
-                samples = caption_samples(PRETRAIN_IMAGES, seed)
-            model, processor = build_tiny(cfg, vocabulary, seed)
-            meta: dict[str, Any] = {
-                "spec": tiny_model_spec(cfg, vocabulary, seed, samples, objects)
-            }
-            if cfg.pretrain_vision_steps:
-                vision = pretrain_vision_tower(
-                    model, processor, objects or (), cfg, seed, progress
-                )
-                meta["pretrain_vision"] = dataclasses.asdict(vision)
-            result = pretrain_base_model(
-                model,
-                processor,
-                samples,
-                cfg,
-                seed,
-                progress,
-                train_vision=not cfg.pretrain_vision_steps,
+            model, processor, meta = _prepare_tiny(
+                cfg, vocabulary, seed, samples, objects, progress
             )
-            meta["pretrain"] = dataclasses.asdict(result)
             model.save_pretrained(str(tmp))
             processor.save_pretrained(str(tmp))
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -239,6 +231,43 @@ def ensure_tiny_model(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _prepare_tiny(
+    cfg: ModelConfig,
+    vocabulary: Sequence[str],
+    seed: int,
+    samples: Sequence[VQASample] | None,
+    objects: Sequence[ObjectImage] | None,
+    progress: bool,
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Build and prepare the tiny model on ``PREPARATION_THREADS`` CPU threads."""
+    if samples is None:
+        from fed_asr.data import caption_samples
+
+        samples = caption_samples(PRETRAIN_IMAGES, seed)
+    meta: dict[str, Any] = {
+        "spec": tiny_model_spec(cfg, vocabulary, seed, samples, objects),
+        "threads": PREPARATION_THREADS,
+    }
+    with torch_threads(PREPARATION_THREADS):
+        model, processor = build_tiny(cfg, vocabulary, seed)
+        if cfg.pretrain_vision_steps:
+            vision = pretrain_vision_tower(
+                model, processor, objects or (), cfg, seed, progress
+            )
+            meta["pretrain_vision"] = dataclasses.asdict(vision)
+        result = pretrain_base_model(
+            model,
+            processor,
+            samples,
+            cfg,
+            seed,
+            progress,
+            train_vision=not cfg.pretrain_vision_steps,
+        )
+    meta["pretrain"] = dataclasses.asdict(result)
+    return model, processor, meta
 
 
 def four_bit_config(dtype: torch.dtype, device: torch.device) -> Any:

@@ -7,13 +7,15 @@ import pytest
 import torch
 from flower_helpers import (
     first_site,
+    make_run_config,
     message,
     node_context,
     set_task_identity,
 )
 from flwr.app import MessageType
 
-from clients.app import make_client_app
+import clients.app as app_module
+from clients.app import make_client_app, torch_threads_mod
 from clients.site import site_from_context
 from fed_asr import protocol as P
 from fed_asr.config import compose_config
@@ -155,3 +157,52 @@ def test_train_then_evaluate_reports_losses_and_counts(setup) -> None:  # type: 
             0 <= eval_metrics[P.correct_key(stage)] <= eval_metrics[P.total_key(stage)]
         )
     assert eval_metrics[P.total_key(0)] > 0
+
+
+def test_torch_threads_mod_pins_and_restores_the_thread_count() -> None:
+    # Prepare: a count the process does not have
+    run_config = make_run_config(["train.torch_threads=3"])
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def handler(msg, context):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("handler failed")
+
+    # Execute: the count is restored also when the handler raises
+    with pytest.raises(RuntimeError, match="handler failed"):
+        torch_threads_mod(run_config)(
+            message(MessageType.TRAIN, {}, {}),
+            node_context(run_config, 0, 2),
+            handler,
+        )
+
+    # Assert
+    assert seen == [3]
+    assert torch.get_num_threads() == before
+
+
+def test_client_app_computes_on_torch_threads(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: spy on the evaluation the handler runs
+    _, run_config, arrays = setup
+    seen: list[int] = []
+    real = app_module.score_stage
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "score_stage", spy)
+    torch.set_num_threads(2)
+
+    # Execute
+    make_client_app()(
+        message(
+            MessageType.EVALUATE, {P.ARRAYS_RECORD: arrays}, {P.NUM_SEEN_STAGES_KEY: 1}
+        ),
+        node_context(run_config, 0, 2),
+    )
+
+    # Assert: `train.torch_threads` (default 1), whatever the process has
+    assert seen == [1]
+    assert torch.get_num_threads() == 2

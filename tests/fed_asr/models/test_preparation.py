@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from fed_asr.config import DataConfig, ModelConfig
-from fed_asr.data import caption_samples
+from fed_asr.data import VQASample, caption_samples
+from fed_asr.models import loading
 from fed_asr.models.loading import PRETRAIN_IMAGES, tiny_model_dir
 from fed_asr.models.pretrain import preparation_samples
 
@@ -101,3 +103,61 @@ def test_model_config_warns_on_ignored_pretrain_manifest() -> None:
     # Execute / Assert
     with pytest.warns(UserWarning, match="specified but will be ignored"):
         ModelConfig(pretrain_manifest="/tmp/prep.jsonl")
+
+
+def _captions(folder: Path, color: str) -> list[VQASample]:
+    folder.mkdir()
+    Image.new("RGB", (8, 8), color).save(folder / "a.png")
+    return [VQASample(str(folder / "a.png"), "caption", f"{color} circle")]
+
+
+def test_cache_key_follows_image_contents_not_their_folder(tmp_path: Path) -> None:
+    # Prepare: the same image in two folders (two venvs), and another image
+    cfg = ModelConfig(cache_dir=str(tmp_path / "cache"))
+    here = _captions(tmp_path / "venv_a", "red")
+    there = _captions(tmp_path / "venv_b", "red")
+    other = [VQASample(here[0].image, "caption", "red circle")]
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "venv_b" / "a.png")
+
+    # Execute
+    key_here = tiny_model_dir(cfg, ["red"], 0, here)
+    key_there = tiny_model_dir(cfg, ["red"], 0, there)
+    key_other = tiny_model_dir(cfg, ["red"], 0, other)
+
+    # Assert: folder does not count; pixels do
+    assert key_here == key_other
+    assert key_here != key_there  # venv_b's image now holds other pixels
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "venv_b" / "a.png")
+    assert tiny_model_dir(cfg, ["red"], 0, there) == key_here
+
+
+def test_cache_key_names_a_missing_image(tmp_path: Path) -> None:
+    # Prepare
+    missing = [VQASample(str(tmp_path / "gone.png"), "caption", "red circle")]
+
+    # Execute / Assert
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        tiny_model_dir(ModelConfig(cache_dir=str(tmp_path)), ["red"], 0, missing)
+
+
+def test_preparation_runs_on_fixed_threads(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: spy on the caption preparation, in a process on 2 threads
+    seen: list[int] = []
+    real = loading.pretrain_base_model
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "pretrain_base_model", spy)
+    cfg = ModelConfig(cache_dir=str(tmp_path), pretrain_steps=1, pretrain_batch_size=2)
+    samples = _captions(tmp_path / "images", "red")
+    torch.set_num_threads(2)
+
+    # Execute
+    path = loading.ensure_tiny_model(cfg, ["red", "circle"], 0, samples, progress=False)
+
+    # Assert: prepared on PREPARATION_THREADS, recorded; the process keeps its own
+    assert seen == [loading.PREPARATION_THREADS] == [1]
+    assert json.loads((path / loading.META_FILE).read_text())["threads"] == 1
+    assert torch.get_num_threads() == 2

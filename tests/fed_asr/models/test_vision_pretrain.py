@@ -12,8 +12,10 @@ from conftest import small_config
 
 from fed_asr.config import DataConfig, ModelConfig
 from fed_asr.data import scenes_objects
+from fed_asr.models.device import torch_threads
 from fed_asr.models.loading import (
     META_FILE,
+    PREPARATION_THREADS,
     ensure_tiny_model,
     load_run_base_model,
     tiny_model_dir,
@@ -86,10 +88,12 @@ def test_pretrain_vision_tower_learns_attributes_and_changes_only_the_tower(
 def test_ensure_tiny_model_keeps_the_prepared_tower_frozen(
     tmp_path: Path, objects: list, caption_set: list
 ) -> None:
-    # Prepare: the tower after the vision preparation alone, from the same seed
+    # Prepare: the tower after the vision preparation alone, from the same seed, on
+    # the preparation's thread count (another count changes the last bits)
     cfg = _scene_config(tmp_path, pretrain_steps=4)
-    reference, processor = build_tiny(cfg, WORDS)
-    pretrain_vision_tower(reference, processor, objects, cfg, progress=False)
+    with torch_threads(PREPARATION_THREADS):
+        reference, processor = build_tiny(cfg, WORDS)
+        pretrain_vision_tower(reference, processor, objects, cfg, progress=False)
 
     # Execute
     path = ensure_tiny_model(cfg, WORDS, 0, caption_set, False, objects)
