@@ -241,15 +241,18 @@ def _prepare_tiny(
     objects: Sequence[ObjectImage] | None,
     progress: bool,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Build and prepare the tiny model on ``PREPARATION_THREADS`` CPU threads."""
-    if samples is None:
-        from fed_asr.data import caption_samples
+    """Build and prepare the tiny model on ``PREPARATION_THREADS`` CPU threads.
 
-        samples = caption_samples(PRETRAIN_IMAGES, seed)
+    The returned metadata's ``spec`` is the one the directory name hashes.
+    """
     meta: dict[str, Any] = {
         "spec": tiny_model_spec(cfg, vocabulary, seed, samples, objects),
         "threads": PREPARATION_THREADS,
     }
+    if samples is None:
+        from fed_asr.data import caption_samples
+
+        samples = caption_samples(PRETRAIN_IMAGES, seed)
     with torch_threads(PREPARATION_THREADS):
         model, processor = build_tiny(cfg, vocabulary, seed)
         if cfg.pretrain_vision_steps:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from fed_asr.config import DataConfig, ModelConfig
-from fed_asr.data import VQASample, caption_samples
+from fed_asr.data import VQASample, build_stream, caption_samples
 from fed_asr.models import loading
 from fed_asr.models.loading import PRETRAIN_IMAGES, tiny_model_dir
 from fed_asr.models.pretrain import preparation_samples
@@ -140,7 +141,9 @@ def test_cache_key_names_a_missing_image(tmp_path: Path) -> None:
         tiny_model_dir(ModelConfig(cache_dir=str(tmp_path)), ["red"], 0, missing)
 
 
-def test_preparation_runs_on_fixed_threads(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_preparation_runs_on_fixed_threads_and_records_the_keyed_spec(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     # Prepare: spy on the caption preparation, in a process on 2 threads
     seen: list[int] = []
     real = loading.pretrain_base_model
@@ -151,13 +154,16 @@ def test_preparation_runs_on_fixed_threads(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(loading, "pretrain_base_model", spy)
     cfg = ModelConfig(cache_dir=str(tmp_path), pretrain_steps=1, pretrain_batch_size=2)
-    samples = _captions(tmp_path / "images", "red")
+    words = build_stream(DataConfig(), 0).vocabulary()
     torch.set_num_threads(2)
 
-    # Execute
-    path = loading.ensure_tiny_model(cfg, ["red", "circle"], 0, samples, progress=False)
+    # Execute: the default caption set (samples=None)
+    path = loading.ensure_tiny_model(cfg, words, 0, None, progress=False)
 
     # Assert: prepared on PREPARATION_THREADS, recorded; the process keeps its own
     assert seen == [loading.PREPARATION_THREADS] == [1]
-    assert json.loads((path / loading.META_FILE).read_text())["threads"] == 1
+    meta = json.loads((path / loading.META_FILE).read_text())
+    assert meta["threads"] == 1
+    digest = hashlib.sha256(json.dumps(meta["spec"], sort_keys=True).encode())
+    assert path.name == f"tiny-{digest.hexdigest()[:16]}"  # the spec that names it
     assert torch.get_num_threads() == 2
