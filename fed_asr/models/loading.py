@@ -151,7 +151,10 @@ def tiny_model_dir(
     objects: Sequence[ObjectImage] | None = None,
 ) -> Path:
     """``<cfg.cache_dir>/tiny-<hash>`` for this configuration (may not exist yet)."""
-    spec = tiny_model_spec(cfg, vocabulary, seed, samples, objects)
+    return _spec_dir(cfg, tiny_model_spec(cfg, vocabulary, seed, samples, objects))
+
+
+def _spec_dir(cfg: ModelConfig, spec: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.cache_dir).expanduser() / f"tiny-{digest}"
 
@@ -210,7 +213,8 @@ def ensure_tiny_model(
             "`model.pretrain_vision_steps` > 0 needs labelled-object images: pass "
             "`objects=preparation_objects(cfg, 0, data)`."
         )
-    final = tiny_model_dir(cfg, vocabulary, seed, samples, objects)
+    spec = tiny_model_spec(cfg, vocabulary, seed, samples, objects)
+    final = _spec_dir(cfg, spec)
     if (final / META_FILE).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +228,7 @@ def ensure_tiny_model(
             model, processor, meta = _prepare_tiny(
                 cfg, vocabulary, seed, samples, objects, progress
             )
+            meta = {"spec": spec, **meta}  # the spec the directory name hashes
             model.save_pretrained(str(tmp))
             processor.save_pretrained(str(tmp))
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -241,14 +246,8 @@ def _prepare_tiny(
     objects: Sequence[ObjectImage] | None,
     progress: bool,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Build and prepare the tiny model on ``PREPARATION_THREADS`` CPU threads.
-
-    The returned metadata's ``spec`` is the one the directory name hashes.
-    """
-    meta: dict[str, Any] = {
-        "spec": tiny_model_spec(cfg, vocabulary, seed, samples, objects),
-        "threads": PREPARATION_THREADS,
-    }
+    """Build and prepare the tiny model on ``PREPARATION_THREADS`` CPU threads."""
+    meta: dict[str, Any] = {"threads": PREPARATION_THREADS}
     if samples is None:
         from fed_asr.data import caption_samples
 
