@@ -1,6 +1,11 @@
-"""Plain values shared by test modules (importable: ``tests/`` is on ``sys.path``)."""
+"""Values and small spies shared by test modules (``tests/`` is on ``sys.path``)."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
 
 # Tiny LLaVA small enough for unit tests: 16x16 images in a 4x4 grid, 2 text layers.
 TINY_MODEL_FIELDS: dict[str, int] = {
@@ -42,3 +47,18 @@ def small_run_overrides(cache_dir: str, output_dir: str, **extra: object) -> lis
         **extra,
     }
     return [f"{key}={value}" for key, value in overrides.items()]
+
+
+def record_threads(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str
+) -> list[int]:
+    """Wrap ``module.name`` so each call records torch's thread count, then runs it."""
+    seen: list[int] = []
+    real = getattr(module, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen

@@ -13,6 +13,7 @@ from flower_helpers import (
     set_task_identity,
 )
 from flwr.app import MessageType
+from helpers import record_threads
 
 import clients.app as app_module
 from clients.app import make_client_app, torch_threads_mod
@@ -185,14 +186,7 @@ def test_torch_threads_mod_pins_and_restores_the_thread_count() -> None:
 def test_client_app_computes_on_torch_threads(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # Prepare: spy on the evaluation the handler runs
     _, run_config, arrays = setup
-    seen: list[int] = []
-    real = app_module.score_stage
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(torch.get_num_threads())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(app_module, "score_stage", spy)
+    seen = record_threads(monkeypatch, app_module, "score_stage")
     torch.set_num_threads(2)
 
     # Execute

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import record_threads
 from PIL import Image
 
 from fed_asr.config import DataConfig, ModelConfig
@@ -145,14 +146,7 @@ def test_preparation_runs_on_fixed_threads_and_records_the_keyed_spec(
     tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare: spy on the caption preparation, in a process on 2 threads
-    seen: list[int] = []
-    real = loading.pretrain_base_model
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(torch.get_num_threads())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loading, "pretrain_base_model", spy)
+    seen = record_threads(monkeypatch, loading, "pretrain_base_model")
     cfg = ModelConfig(cache_dir=str(tmp_path), pretrain_steps=1, pretrain_batch_size=2)
     words = build_stream(DataConfig(), 0).vocabulary()
     torch.set_num_threads(2)
