@@ -280,6 +280,26 @@ class DataConfig:
                 check_positive(f"data.{name}", value)
 
 
+def check_clear_statistics(method_name: str, privacy: PrivacyConfig) -> None:
+    """Refuse a method whose stage-end statistics travel in clear text when the run
+    asks for DP or secure aggregation: those protect only the skill spectrum, so the
+    promise would not hold for the method's own statistics (e.g. EWC's Fisher)."""
+    from fed_asr.methods import method_entry
+
+    try:
+        plan = method_entry(method_name).method_class.stage_end
+    except KeyError:
+        return  # `method.name` reports it
+    for flag in ("dp", "secure_spectrum"):
+        if plan.statistics and getattr(privacy, flag):
+            raise ValueError(
+                f"`privacy.{flag}=true` protects only the skill spectrum, but "
+                f"`method={method_name}` also sends stage-end statistics "
+                f"{list(plan.statistics)} in clear text; pick another method or "
+                f"set `privacy.{flag}=false`."
+            )
+
+
 @dataclass
 class ExperimentConfig:
     """Everything a run needs; composed by Hydra from ``configs/``."""
@@ -300,6 +320,9 @@ class ExperimentConfig:
     output_dir: str = "outputs/${engine.name}-${method.name}-${data.stream}-s${seed}"
     resume: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_clear_statistics(self.method.name, self.privacy)
 
 
 def compose_config(

@@ -32,6 +32,8 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 # what ASR's per-skill statistics summarise (fed_asr.descriptor_layout)
 DESCRIPTOR_FEATURES = ("spectrum", "coherence")
 HEAD_POOLING = ("pooled", "each")
+# which prototypes a training sample is held to (fed_asr.regularizer.route_samples)
+SKILL_ROUTING = ("question", "nearest", "question_or_nearest")
 
 
 @dataclass
@@ -60,6 +62,12 @@ class RegularizerConfig:
       attention sits relative to what the image shows; ``fed_asr.coherence``);
     - ``heads``: ``"pooled"`` keeps the features' mean and variance over the captured
       layer-heads; ``"each"`` every layer-head's features (D grows with the heads).
+    - ``routing``: ``"question"`` (paper) holds a sample to the prototypes of the
+      skills its question has probability on; ``"nearest"`` to the prototype nearest
+      its descriptor, whatever the question; ``"question_or_nearest"`` uses the
+      question where it names a skill with a prototype and the nearest prototype for
+      every other sample (one-hot ``skill`` labels of a manifest whose stages bring
+      new skills otherwise leave L_spec at zero).
     """
 
     l_sel: int = 4
@@ -84,6 +92,7 @@ class RegularizerConfig:
     hinge_margin: float = 0.0
     features: str = "spectrum"
     heads: str = "pooled"
+    routing: str = "question"
 
     def __post_init__(self) -> None:
         for name in (
@@ -119,6 +128,7 @@ class RegularizerConfig:
         )
         check_choice("regularizer.features", self.features, DESCRIPTOR_FEATURES)
         check_choice("regularizer.heads", self.heads, HEAD_POOLING)
+        check_choice("regularizer.routing", self.routing, SKILL_ROUTING)
 
 
 @dataclass

@@ -15,6 +15,9 @@ spec_loss``):
   plus lambda_ang times symKL of the batch's mean angular distribution), so the
   spread is kept rather than collapsed.
 
+Which prototypes a sample meets is ``RegularizerConfig.routing`` (``route_samples``):
+its question's skill probabilities (paper), or the prototype nearest its descriptor.
+
 The geometry term L_geo lives in ``fed_asr.geometry`` (re-exported here).
 """
 
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor
 
 from fed_asr.config import RegularizerConfig
+from fed_asr.config_sections import SKILL_ROUTING, check_choice
 from fed_asr.descriptor_layout import describe_batch
 from fed_asr.geometry import (
     batch_geometry_loss,
@@ -47,6 +51,7 @@ __all__ = [
     "geometry_loss_from_reference",
     "moment_loss",
     "pooled_embeddings",
+    "route_samples",
     "reference_log_similarity",
     "symmetric_kl",
 ]
@@ -122,7 +127,8 @@ class ASRRegularizer:
 
     - d2_s = sum_j (x_j - mu_s,j)^2 / var_s,j / D for each skill s with a prototype;
     - p~ = p restricted to skills with a prototype, renormalised; a sample is active
-      when its restricted mass is positive;
+      when its restricted mass is positive (with ``routing`` other than
+      ``"question"``, p is replaced by ``route_samples``);
     - w(x) = exp(-min_s d2_s / tau_mah), min over all skills with a prototype;
     - ``spec_loss="paper"``: L_spec = mean over active samples of w (sum_s p~ d2_s
       + lambda_ang sum_s p~ symKL(a, a_s));
@@ -139,7 +145,7 @@ class ASRRegularizer:
     Parameters
     ----------
     cfg : RegularizerConfig
-        Reads ``spec_loss``, ``lambda_ang``, ``tau_mah``, ``sym_kl``,
+        Reads ``spec_loss``, ``routing``, ``lambda_ang``, ``tau_mah``, ``sym_kl``,
         ``hinge_margin`` and ``cov_floor``.
     spectrum : SkillSpectrum | None
         The prototypes; ``None`` gives a zero loss until ``set_spectrum``.
@@ -214,14 +220,16 @@ class ASRRegularizer:
                 f"got {tuple(skill_probs.shape)}."
             )
         mu, var, proto_ang = self._prototypes(x.device)
+        diff = x[:, None, :] - mu[None]  # (B, S', D)
+        d2 = (diff.square() / var[None]).sum(-1) / d  # (B, S')
         present = spectrum.present.to(skill_probs.device)
-        probs = skill_probs.float()[:, present].to(x.device)  # (B, S')
+        probs = route_samples(
+            skill_probs.float()[:, present].to(x.device), d2, self.cfg.routing
+        )  # (B, S')
         mass = probs.sum(1, keepdim=True)  # (B, 1)
         active = (mass[:, 0] > 0).float()  # (B,)
         p_tilde = probs / mass.clamp_min(_EPS)  # (B, S'), rows of inactive are 0
 
-        diff = x[:, None, :] - mu[None]  # (B, S', D)
-        d2 = (diff.square() / var[None]).sum(-1) / d  # (B, S')
         maha = (p_tilde * d2).sum(1)  # (B,)
         kl = symmetric_kl(a[:, None, :], proto_ang[None], reduction=self.cfg.sym_kl)
         ang = (p_tilde * kl).sum(1)  # (B,), kl is (B, S')
@@ -258,6 +266,42 @@ class ASRRegularizer:
             weight=batch_mean(w),
             active_fraction=active.mean().detach(),
         )
+
+
+def route_samples(probs: Tensor, d2: Tensor, routing: str) -> Tensor:
+    """Which present skills' prototypes each sample is held to (``cfg.routing``).
+
+    Parameters
+    ----------
+    probs : Tensor
+        (B, S') the questions' skill probabilities, restricted to present skills.
+    d2 : Tensor
+        (B, S') normalised Mahalanobis distances to those skills' prototypes.
+    routing : str
+        ``"question"``: ``probs`` as they are (paper); ``"nearest"``: one-hot on the
+        prototype nearest each descriptor; ``"question_or_nearest"``: ``probs``
+        where a row has mass, the nearest prototype where it has none.
+
+    Returns
+    -------
+    Tensor
+        (B, S') non-negative weights; the nearest-prototype choice is detached (a
+        selection, not a target).
+
+    Raises
+    ------
+    ValueError
+        If ``routing`` is unknown.
+    """
+    if routing == "question":
+        return probs
+    check_choice("regularizer.routing", routing, SKILL_ROUTING)
+    nearest = torch.zeros_like(probs)
+    nearest.scatter_(1, d2.detach().argmin(dim=1, keepdim=True), 1.0)
+    if routing == "nearest":
+        return nearest
+    unrouted = probs.sum(1, keepdim=True) <= 0  # (B, 1)
+    return torch.where(unrouted, nearest, probs)
 
 
 def moment_loss(

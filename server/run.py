@@ -230,7 +230,11 @@ class FederatedRun:
             return StageEndInputs()
         assert self.arrays is not None
         return self.stage_end_round.run(
-            self.arrays, stage, self.method.stage_end, self.done_rounds
+            self.arrays,
+            stage,
+            self.method.stage_end,
+            self.done_rounds,
+            check=self.method.statistics_reason,
         )
 
     def global_adapter(self) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ merges what this returns.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from logging import WARNING
 
 import numpy as np
@@ -31,6 +32,31 @@ from server.reply_validation import ReplyGuard
 from server.secure_spectrum import SecureSpectrumRound
 
 Sign = Callable[[RecordDict, str, int], None]  # (content, message type, node)
+MethodStatistics = tuple[dict[str, torch.Tensor], int]  # one reply's sums, count
+# (statistics name, one reply's sums, the adapter's shapes) -> reason to drop or None
+StatisticsCheck = Callable[
+    [str, Mapping[str, torch.Tensor], Mapping[str, tuple[int, ...]]], str | None
+]
+
+
+def shape_disagreement(
+    sums: Mapping[str, torch.Tensor], received: Sequence[Mapping[str, torch.Tensor]]
+) -> str | None:
+    """Why ``sums`` disagrees in shape with the other replies' same keys, or None.
+
+    For each key, the shape most replies that carry it agree on is the reference;
+    when no shape has a strict majority, every reply that carries the key is
+    refused (the server cannot tell the honest shape).
+    """
+    for key in sorted(sums):
+        shapes = Counter(tuple(r[key].shape) for r in received if key in r)
+        (top, votes), *rest = shapes.most_common()
+        mine = tuple(sums[key].shape)
+        if rest and votes == rest[0][1]:
+            return f"`{key}`: the replies disagree on its shape ({dict(shapes)})"
+        if mine != top:
+            return f"`{key}` has shape {mine}, the other replies {top}"
+    return None
 
 
 class StageEndRound:
@@ -82,20 +108,36 @@ class StageEndRound:
         self.releases = [int(s) for s in stages]
 
     def run(
-        self, arrays: ArrayRecord, stage: int, plan: StageEndPlan, round_: int
+        self,
+        arrays: ArrayRecord,
+        stage: int,
+        plan: StageEndPlan,
+        round_: int,
+        *,
+        check: StatisticsCheck | None = None,
     ) -> StageEndInputs:
-        """Run the stage-end work of ``plan`` under the global adapter ``arrays``."""
+        """Run the stage-end work of ``plan`` under the global adapter ``arrays``.
+
+        ``check`` (the method's ``statistics_reason``) vets each reply's own
+        statistics; without it they are only checked to be finite and to agree in
+        shape with the other replies.
+        """
         if plan.spectrum == "shared" and self.privacy.secure_spectrum:
             inputs = self._secure(arrays, stage, round_)
             if plan.statistics:
-                clear = self._clear(arrays, stage, spectrum=False, plan=plan)
+                clear = self._clear(arrays, stage, False, plan, check)
                 inputs.statistics = clear.statistics
             return inputs
-        return self._clear(arrays, stage, plan.spectrum == "shared", plan)
+        return self._clear(arrays, stage, plan.spectrum == "shared", plan, check)
 
     # -- clear-text round ------------------------------------------------------------
     def _clear(
-        self, arrays: ArrayRecord, stage: int, spectrum: bool, plan: StageEndPlan
+        self,
+        arrays: ArrayRecord,
+        stage: int,
+        spectrum: bool,
+        plan: StageEndPlan,
+        check: StatisticsCheck | None,
     ) -> StageEndInputs:
         node_ids = list(self.grid.get_node_ids())
         message_type = f"{MessageType.QUERY}.{P.SPECTRUM_ACTION}"
@@ -117,6 +159,8 @@ class StageEndRound:
         )
         self.ledger.add_bytes(bytes_down_adapter=record_nbytes(arrays) * len(messages))
         inputs = StageEndInputs()
+        shapes = {k: tuple(v.shape) for k, v in record_arrays(arrays).items()}
+        parts: dict[str, list[tuple[Message, MethodStatistics]]] = {}
         for msg in replies:
             if msg.has_error():
                 self._drop(msg, f"client error: {msg.error.reason}", stage)
@@ -136,6 +180,17 @@ class StageEndRound:
                 part = self._parse_method_statistics(msg, name)
                 if isinstance(part, str):
                     self._drop(msg, f"stage-end `{name}`: {part}", stage)
+                    continue
+                reason = check(name, part[0], shapes) if check else None
+                if reason is not None:
+                    self._drop(msg, f"stage-end `{name}`: {reason}", stage)
+                    continue
+                parts.setdefault(name, []).append((msg, part))
+        for name, received in parts.items():
+            for msg, part in received:
+                reason = shape_disagreement(part[0], [p[0] for _, p in received])
+                if reason is not None:
+                    self._drop(msg, f"stage-end `{name}`: {reason}", stage)
                     continue
                 inputs.statistics.setdefault(name, []).append(part)
         if spectrum and self.privacy.dp and inputs.spectrum_parts:
@@ -168,7 +223,7 @@ class StageEndRound:
 
     def _parse_method_statistics(
         self, msg: Message, name: str
-    ) -> tuple[dict[str, torch.Tensor], int] | str:
+    ) -> MethodStatistics | str:
         record = msg.content.array_records.get(P.statistics_record(name))
         metrics = msg.content.metric_records.get(P.METRICS_RECORD)
         count_key = P.statistics_count_key(name)

@@ -8,6 +8,7 @@ method = one module here (imported below) + one ``configs/method/<name>.yaml``.
 
 from fed_asr.methods import (
     asr,
+    asr_conditional,
     asr_local,
     attention_distill,
     ewc,
@@ -48,6 +49,7 @@ __all__ = [
     "StageEndPlan",
     "StepContext",
     "asr",
+    "asr_conditional",
     "asr_local",
     "attention_distill",
     "build_method",

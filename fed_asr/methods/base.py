@@ -170,20 +170,40 @@ class ContinualMethod:
             "implement `stage_end_statistics`."
         )
 
+    def statistics_reason(
+        self,
+        name: str,
+        sums: Mapping[str, Tensor],
+        adapter_shapes: Mapping[str, tuple[int, ...]],
+    ) -> str | None:
+        """Why one client's statistics ``name`` cannot be merged, or None.
+
+        Asked by the server for every reply before anything is merged (a malformed
+        or hostile reply is dropped with this reason), after checking that it is
+        finite and agrees in shape with most replies. Default: no further check;
+        statistics laid out like the adapter can return ``layout_reason(sums,
+        adapter_shapes)`` (EWC's Fisher does).
+        """
+        return None
+
     def merge_statistics(
         self, name: str, parts: Sequence[tuple[Mapping[str, Tensor], int]]
     ) -> dict[str, Tensor] | None:
-        """Merge the clients' statistics ``name`` (default: sum / total count)."""
-        total = sum(count for _, count in parts)
-        if total == 0:
+        """Merge the clients' statistics ``name`` (default: sum / total count).
+
+        Each key is summed over the replies that carry it and divided by their
+        total count.
+        """
+        kept = [(sums, count) for sums, count in parts if count > 0]
+        if not kept:
             return None
-        keys = sorted({k for sums, count in parts if count > 0 for k in sums})
-        return {
-            k: sum(sums[k].double() for sums, count in parts if count > 0)
-            .div(total)
-            .float()
-            for k in keys
-        }
+        keys = sorted({k for sums, _ in kept for k in sums})
+        merged = {}
+        for k in keys:
+            carrying = [(sums[k].double(), count) for sums, count in kept if k in sums]
+            total = sum(count for _, count in carrying)
+            merged[k] = (sum(v for v, _ in carrying) / total).float()
+        return merged
 
     def update_memory(
         self,
@@ -227,6 +247,23 @@ def trainable_parameters(model: Any) -> dict[str, Tensor]:
         for name, param in model.named_parameters()
         if param.requires_grad
     }
+
+
+def layout_reason(
+    sums: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]
+) -> str | None:
+    """Name the first key missing, unexpected or of the wrong shape, or None."""
+    missing = sorted(set(expected) - set(sums))
+    if missing:
+        return f"missing `{missing[0]}` ({len(missing)} of {len(expected)} missing)"
+    extra = sorted(set(sums) - set(expected))
+    if extra:
+        return f"unexpected `{extra[0]}` ({len(extra)} unexpected)"
+    for key in sorted(expected):
+        shape = tuple(sums[key].shape)
+        if shape != tuple(expected[key]):
+            return f"`{key}` has shape {shape}, expected {tuple(expected[key])}"
+    return None
 
 
 def check_non_negative(field_name: str, value: float) -> None:

@@ -17,6 +17,7 @@ from fed_asr.methods.base import (
     StageEndPlan,
     StepContext,
     check_non_negative,
+    layout_reason,
     trainable_parameters,
 )
 from fed_asr.methods.registry import register_method
@@ -143,6 +144,15 @@ class EWC(ContinualMethod):
     ) -> tuple[dict[str, Tensor], int]:
         """Fisher sums of this site's stage data (``fisher_sums``)."""
         return fisher_sums(model, collator, samples, self.options.fisher_batch_size)
+
+    def statistics_reason(
+        self,
+        name: str,
+        sums: Mapping[str, Tensor],
+        adapter_shapes: Mapping[str, tuple[int, ...]],
+    ) -> str | None:
+        """The Fisher has one array per trainable adapter weight, of its shape."""
+        return layout_reason(sums, adapter_shapes)
 
     def update_memory(
         self,

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from fed_asr.config import RegularizerConfig
-from fed_asr.regularizer import ASRRegularizer, geometry_loss, symmetric_kl
+from fed_asr.regularizer import (
+    ASRRegularizer,
+    geometry_loss,
+    route_samples,
+    symmetric_kl,
+)
 from fed_asr.spectral import SpectralDescriptor, describe
 from fed_asr.spectrum import SkillSpectrum, SkillStats
 
@@ -145,6 +150,54 @@ def test_regularizer_backward_through_describe_gives_finite_gradients() -> None:
     assert out.loss.item() > 0
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert logits.grad.abs().sum() > 0
+
+
+def test_regularizer_question_or_nearest_holds_unrouted_samples_to_nearest() -> None:
+    # Prepare: sample 0's question names `color` (prototype): it keeps that weight;
+    # sample 1's question only names `shape` (no prototype): under the paper's
+    # routing it is inactive, here it meets its nearest prototype, `count`
+    # (d2_color = 1, d2_count = 0.5 for x = (1, 2)).
+    cfg = RegularizerConfig(lambda_ang=0.0, routing="question_or_nearest")
+    reg = ASRRegularizer(cfg, tiny_spectrum())
+    desc = tiny_desc()
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    w = math.exp(-0.5)
+
+    # Execute
+    out = reg(desc, probs)
+    out.loss.backward()
+
+    # Assert: mean over two active samples of w * d2 of the routed prototype
+    expected = torch.tensor(w * (1.0 + 0.5) / 2)
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.active_fraction, torch.tensor(1.0))
+    # sample 0 pulled toward `color` (0, 0) with var (1, 4), sample 1 toward `count`
+    # (1, 1) with var (1, 1): grad = w * (x - mu) / var * 2 / D / 2 samples
+    grad = torch.tensor([[w * 0.5, w * 0.25], [0.0, w * 0.5]])
+    torch.testing.assert_close(desc.descriptor.grad, grad, atol=1e-6, rtol=1e-6)
+
+
+def test_regularizer_nearest_routing_ignores_the_question() -> None:
+    # Prepare: both questions name only `color`; both samples sit nearer `count`
+    cfg = RegularizerConfig(lambda_ang=0.0, routing="nearest")
+    reg = ASRRegularizer(cfg, tiny_spectrum())
+    probs = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+
+    # Execute
+    out = reg(tiny_desc(), probs)
+    paper = ASRRegularizer(RegularizerConfig(lambda_ang=0.0), tiny_spectrum())(
+        tiny_desc(), probs
+    )
+
+    # Assert: d2_count = 0.5 for both under `nearest`, d2_color = 1 under the question
+    torch.testing.assert_close(out.mahalanobis, torch.tensor(0.5))
+    torch.testing.assert_close(paper.mahalanobis, torch.tensor(1.0))
+
+
+def test_route_samples_unknown_routing_raises() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="`regularizer.routing` must be one of"):
+        route_samples(torch.ones(1, 1), torch.ones(1, 1), "closest")
 
 
 def test_symmetric_kl_is_symmetric_and_zero_on_equal() -> None:
@@ -382,6 +435,7 @@ def test_regularizer_every_spec_loss_backpropagates_through_describe(
         ("sym_kl", "half"),
         ("geometry", "pooled"),
         ("spec_loss", "pull"),
+        ("routing", "closest"),
     ],
 )
 def test_regularizer_config_unknown_choice_raises(field: str, value: str) -> None:
@@ -413,3 +467,4 @@ def test_regularizer_config_defaults_follow_the_paper() -> None:
     assert (cfg.geometry, cfg.gamma, cfg.geo_temperature) == ("paper", 0.02, 1.0)
     assert (cfg.descriptor, cfg.sym_kl, cfg.spec_loss) == ("paper", "mean", "paper")
     assert cfg.query_tokens == "function_words"
+    assert cfg.routing == "question"
