@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from fed_asr.methods import StepContext, build_method
 from fed_asr.methods.asr_conditional import CONDITIONAL
 from fed_asr.models import forward_with_attention
 from fed_asr.spectrum import SkillSpectrum
+from server.simulation import run_simulation_engine
 
 REG = RegularizerConfig(l_sel=2)
 
@@ -185,3 +188,21 @@ def test_clear_text_statistics_are_refused_under_dp_or_secure_aggregation(
     # Execute / Assert: the promise would cover only the spectrum
     with pytest.raises(ValueError, match=rf"`privacy.{flag}=true` protects only"):
         compose_config("config", [f"method={method}", f"privacy.{flag}=true"])
+
+
+def test_simulation_sends_sums_up_and_their_total_down_and_penalises(
+    run_overrides,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: a real Flower simulation, 2 clients, 2 stages, 1 round each
+    overrides = run_overrides("sim-conditional", method="asr_conditional")
+    cfg = compose_config("config", overrides)
+    # Execute
+    metrics = json.loads(Path(run_simulation_engine(cfg, overrides)).read_text())
+    # Assert: the stage-0 sums go up, their total comes down with stage 1's train
+    # messages, and stage 1 trains under the conditional L_spec
+    first, second = metrics["rounds"]
+    assert first["bytes_up_extra"] > 0 and first["bytes_down_extra"] == 0
+    assert second["bytes_down_extra"] > 0
+    assert "spec" not in first["losses"] or first["losses"]["spec"] == 0
+    assert second["losses"]["spec"] > 0
+    assert metrics["dropped_replies"] == 0
