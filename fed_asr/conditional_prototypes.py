@@ -114,8 +114,9 @@ def sums_reason(sums: Mapping[str, Tensor]) -> str | None:
         skill, _, part = key.rpartition(SEPARATOR)
         if not skill or part not in PARTS:
             return f"unexpected key `{key}` (expected `<skill>{SEPARATOR}<G|H|Q|n>`)"
+    complete = set(skills_of(sums))
     for skill in sorted({k.rpartition(SEPARATOR)[0] for k in sums}):
-        if skill not in skills_of(sums):
+        if skill not in complete:
             return f"skill `{skill}` lacks some of the parts {list(PARTS)}"
         g, h, q, n = (torch.as_tensor(sums[f"{skill}{SEPARATOR}{p}"]) for p in PARTS)
         k, d = (h.shape[0], h.shape[1]) if h.dim() == 2 else (0, 0)

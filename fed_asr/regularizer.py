@@ -46,12 +46,14 @@ __all__ = [
     "SPEC_LOSSES",
     "ASRLoss",
     "ASRRegularizer",
+    "SpecTerms",
     "batch_geometry_loss",
     "geometry_loss",
     "geometry_loss_from_reference",
     "moment_loss",
     "pooled_embeddings",
     "route_samples",
+    "spec_terms",
     "reference_log_similarity",
     "symmetric_kl",
 ]
@@ -220,26 +222,17 @@ class ASRRegularizer:
                 f"got {tuple(skill_probs.shape)}."
             )
         mu, var, proto_ang = self._prototypes(x.device)
-        diff = x[:, None, :] - mu[None]  # (B, S', D)
-        d2 = (diff.square() / var[None]).sum(-1) / d  # (B, S')
         present = spectrum.present.to(skill_probs.device)
-        probs = route_samples(
-            skill_probs.float()[:, present].to(x.device), d2, self.cfg.routing
-        )  # (B, S')
-        mass = probs.sum(1, keepdim=True)  # (B, 1)
-        active = (mass[:, 0] > 0).float()  # (B,)
-        p_tilde = probs / mass.clamp_min(_EPS)  # (B, S'), rows of inactive are 0
-
-        maha = (p_tilde * d2).sum(1)  # (B,)
-        kl = symmetric_kl(a[:, None, :], proto_ang[None], reduction=self.cfg.sym_kl)
-        ang = (p_tilde * kl).sum(1)  # (B,), kl is (B, S')
+        terms = spec_terms(
+            x, a, mu, var, proto_ang, skill_probs.float()[:, present], self.cfg
+        )
+        d2, p_tilde, active = terms.d2, terms.p_tilde, terms.active
+        maha, ang = terms.mahalanobis, terms.angular
         n_active = active.sum().clamp_min(1.0)
         w = torch.ones_like(maha)  # (B,)
 
         if self.cfg.spec_loss == "paper":
-            w = torch.exp(-d2.min(dim=1).values.detach() / self.cfg.tau_mah)
-            per_sample = w * (maha + self.cfg.lambda_ang * ang)  # (B,)
-            loss = (active * per_sample).sum() / n_active
+            loss, w = terms.paper_loss(self.cfg)
         elif self.cfg.spec_loss == "hinge":
             excess = torch.relu(d2 - (1.0 + self.cfg.hinge_margin))  # (B, S')
             loss = (active * (p_tilde * excess).sum(1)).sum() / n_active
@@ -266,6 +259,66 @@ class ASRRegularizer:
             weight=batch_mean(w),
             active_fraction=active.mean().detach(),
         )
+
+
+@dataclass
+class SpecTerms:
+    """Per-sample pieces of L_spec for a batch (``spec_terms``).
+
+    ``d2`` (B, S') normalised Mahalanobis distances; ``p_tilde`` (B, S') routed skill
+    weights, renormalised (rows of inactive samples are 0); ``active`` (B,) 0/1;
+    ``mahalanobis`` and ``angular`` (B,) the p~-weighted d2 and symKL(a, a_s).
+    """
+
+    d2: Tensor
+    p_tilde: Tensor
+    active: Tensor
+    mahalanobis: Tensor
+    angular: Tensor
+
+    def paper_loss(self, cfg: RegularizerConfig) -> tuple[Tensor, Tensor]:
+        """The paper's L_spec and its (B,) confidence weights w.
+
+        mean over active samples of w (maha + lambda_ang ang), w = exp(-min_s d2_s /
+        tau_mah) detached.
+        """
+        w = torch.exp(-self.d2.min(dim=1).values.detach() / cfg.tau_mah)
+        per_sample = w * (self.mahalanobis + cfg.lambda_ang * self.angular)
+        n_active = self.active.sum().clamp_min(1.0)
+        return (self.active * per_sample).sum() / n_active, w
+
+
+def spec_terms(
+    x: Tensor,
+    a: Tensor,
+    mu: Tensor,
+    var: Tensor,
+    proto_ang: Tensor,
+    probs: Tensor,
+    cfg: RegularizerConfig,
+) -> SpecTerms:
+    """Distances, routing and the weighted terms of L_spec (``SpecTerms``).
+
+    ``x`` (B, D) and ``a`` (B, M) the batch's descriptors; ``mu`` the prototype means,
+    (S', D) one per skill or (B, S', D) one per sample and skill; ``var`` (S', D);
+    ``proto_ang`` (S', M); ``probs`` (B, S') the questions' skill probabilities of
+    those S' skills, routed by ``cfg.routing``.
+    """
+    means = mu if mu.dim() == 3 else mu[None]
+    diff = x[:, None, :] - means  # (B, S', D)
+    d2 = (diff.square() / var[None]).sum(-1) / x.shape[1]  # (B, S')
+    routed = route_samples(probs.to(x.device), d2, cfg.routing)  # (B, S')
+    mass = routed.sum(1, keepdim=True)  # (B, 1)
+    active = (mass[:, 0] > 0).float()  # (B,)
+    p_tilde = routed / mass.clamp_min(_EPS)  # (B, S'), rows of inactive are 0
+    kl = symmetric_kl(a[:, None, :], proto_ang[None], reduction=cfg.sym_kl)
+    return SpecTerms(
+        d2=d2,
+        p_tilde=p_tilde,
+        active=active,
+        mahalanobis=(p_tilde * d2).sum(1),
+        angular=(p_tilde * kl).sum(1),  # kl is (B, S')
+    )
 
 
 def route_samples(probs: Tensor, d2: Tensor, routing: str) -> Tensor:

@@ -159,7 +159,7 @@ class StageEndRound:
         )
         self.ledger.add_bytes(bytes_down_adapter=record_nbytes(arrays) * len(messages))
         inputs = StageEndInputs()
-        shapes = {k: tuple(v.shape) for k, v in record_arrays(arrays).items()}
+        shapes = {k: tuple(v.shape) for k, v in arrays.items()}  # no deserialising
         parts: dict[str, list[tuple[Message, MethodStatistics]]] = {}
         for msg in replies:
             if msg.has_error():

@@ -49,7 +49,7 @@ from fed_asr.methods.registry import register_method
 from fed_asr.models import model_device
 from fed_asr.models.capture import forward_with_attention
 from fed_asr.models.device import move_batch
-from fed_asr.regularizer import describe_capture, route_samples, symmetric_kl
+from fed_asr.regularizer import describe_capture, spec_terms
 from fed_asr.spectrum import SkillSpectrum
 
 CONDITIONAL = "conditional_spectrum"  # stage-end statistics and memory name
@@ -137,20 +137,10 @@ class ConditionalASR(ASR):
         protos = [self.prototypes[s] for s in names]
         mu = torch.stack([p.predict(phi) for p in protos], dim=1)  # (B, S', D)
         var = torch.stack([p.var for p in protos])  # (S', D)
-        d2 = ((x[:, None, :] - mu).square() / var[None]).sum(-1) / x.shape[1]
-        probs = ctx.skill_probs.float()[:, columns].to(x.device)
-        probs = route_samples(probs, d2, self.reg_cfg.routing)  # (B, S')
-        mass = probs.sum(1, keepdim=True)
-        active = (mass[:, 0] > 0).float()
-        p_tilde = probs / mass.clamp_min(1e-8)
         spec = self.spectrum.to(x.device, torch.float32)
-        proto_ang = spec.angular[columns]  # (S', M)
-        kl = symmetric_kl(a[:, None, :], proto_ang[None], reduction=self.reg_cfg.sym_kl)
-        w = torch.exp(-d2.min(dim=1).values.detach() / self.reg_cfg.tau_mah)
-        per_sample = w * (
-            (p_tilde * d2).sum(1) + self.reg_cfg.lambda_ang * (p_tilde * kl).sum(1)
-        )
-        return (active * per_sample).sum() / active.sum().clamp_min(1.0)
+        probs = ctx.skill_probs.float()[:, columns]  # (B, S')
+        terms = spec_terms(x, a, mu, var, spec.angular[columns], probs, self.reg_cfg)
+        return terms.paper_loss(self.reg_cfg)[0]
 
     def _image_features(self, ctx: StepContext) -> Tensor:
         """Base-model (adapters off) image features of the batch, cached per sample."""
