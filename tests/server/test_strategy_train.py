@@ -1,109 +1,34 @@
-"""FedASR around an inner Flower strategy, with hand-made replies and a fake grid."""
+"""FedASR's train round around an inner Flower strategy, with hand-made replies."""
 
 from __future__ import annotations
-
-from unittest.mock import Mock
 
 import numpy as np
 import pytest
 import torch
-from flower_helpers import set_task_identity
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from strategy_helpers import (
+    RUN_ID,
+    SENT,
+    _ok,
+    _task_identity,
+    _train,
+    make_grid,
+    make_reply,
+    make_spectrum,
+    make_strategy,
 )
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
-from fed_asr.config import FederationConfig, SpectrumConfig
-from fed_asr.schedule import update_spectrum
+from fed_asr.config import FederationConfig
 from fed_asr.security.signing import SignatureError, generate_signing_key
-from fed_asr.spectrum import SkillSpectrum, SkillStats
+from fed_asr.spectrum import SkillSpectrum
 from fed_asr.wire import record_arrays, record_nbytes, verify_content
 from server.adapter_strategies import build_adapter_strategy
 from server.ledger import RoundLedger
 from server.strategy import FedASR, spectrum_version, spectrum_wire_record
 
-RUN_ID = 7
-SENT = {"m.lora_A.weight": np.zeros((2, 3), np.float32)}
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    set_task_identity(RUN_ID)
-
-
-def make_grid(nodes: list[int]) -> Mock:
-    """A grid that only knows its node ids and run (no message is delivered)."""
-    grid = Mock(spec=Grid)
-    grid.get_node_ids.return_value = list(nodes)
-    grid.run.run_id = RUN_ID
-    return grid
-
-
-def make_reply(
-    node: int,
-    partition: int = 0,
-    arrays: dict[str, np.ndarray] | None = None,
-    metrics: dict[str, float | int] | None = None,
-    error: str | None = None,
-) -> Message:
-    """A client's reply: adapter arrays and metrics, or an error."""
-    reply = Mock(spec=Message)
-    reply.metadata.src_node_id = node
-    reply.has_error.return_value = error is not None
-    reply.error = Error(code=0, reason=error) if error is not None else None
-    content = RecordDict()
-    if error is None:
-        if arrays is not None:
-            content[P.ARRAYS_RECORD] = ArrayRecord(
-                {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
-            )
-        content[P.METRICS_RECORD] = MetricRecord(
-            {P.PARTITION_ID_KEY: partition, **(metrics or {})}
-        )
-    reply.content = content
-    return reply
-
-
-def make_strategy(
-    num_clients: int = 2, ledger: RoundLedger | None = None, **kwargs: object
-) -> FedASR:
-    """FedASR around the FedAvg of ``federation.strategy=fedavg``."""
-    federation = FederationConfig(num_clients=num_clients, min_available_clients=2)
-    inner = build_adapter_strategy(federation, get_lora_aggregation("fedavg"))
-    return FedASR(inner, ledger=ledger or RoundLedger(), **kwargs)  # type: ignore[arg-type]
-
-
-def make_spectrum(scale: float = 1.0) -> SkillSpectrum:
-    """A two-skill spectrum with one present skill."""
-    stats = SkillStats.empty(("a", "b"), 2, 1)
-    stats.count[0] = 2
-    stats.sum[0] = torch.tensor([2.0, 4.0], dtype=torch.float64) * scale
-    stats.sumsq[0] = 10.0 * scale**2
-    stats.angular_sum[0] = 2.0
-    spectrum = update_spectrum(None, [stats], SpectrumConfig(), 1e-4)
-    assert spectrum is not None
-    return spectrum
-
-
-def _train(
-    strategy: FedASR, grid: Mock, global_round: int, spectrum: SkillSpectrum | None
-) -> list[Message]:
-    strategy.begin_round(1, global_round, spectrum, {})
-    arrays = ArrayRecord({k: Array(v) for k, v in SENT.items()})
-    return list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
-
-
-def _ok(node: int) -> Message:
-    return make_reply(node, node, SENT, {P.NUM_EXAMPLES_KEY: 1})
+__all__ = ["_task_identity"]  # autouse fixture shared via strategy_helpers
 
 
 # -- aggregate_train -------------------------------------------------------------
@@ -219,6 +144,29 @@ def test_aggregate_train_around_fedadam_keeps_float32_and_uses_the_global_round(
     np.testing.assert_allclose(
         merged["m.lora_A.weight"], SENT["m.lora_A.weight"] + step, rtol=1e-6, atol=0
     )
+
+
+def test_aggregate_train_replies_with_different_metric_keys_still_aggregate() -> None:
+    # Prepare: one client reports a `spec` term, another an unknown metric of its own
+    strategy = make_strategy()
+    strategy.begin_round(1, 3, None, {})
+    a = make_reply(
+        11, 0, {"w": np.array([1.0])}, {P.NUM_EXAMPLES_KEY: 1, "loss-task": 2.0}
+    )
+    b = make_reply(
+        12,
+        1,
+        {"w": np.array([3.0])},
+        {P.NUM_EXAMPLES_KEY: 1, "loss-task": 4.0, "loss-spec": 1.0, "evil": 9.0},
+    )
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, [a, b])
+    # Assert: FedAvg of both; losses pooled by examples (a term missing counts 0)
+    assert arrays is not None and metrics is not None
+    np.testing.assert_allclose(record_arrays(arrays)["w"], np.array([2.0]))
+    assert metrics["loss-task"] == 3.0
+    assert "evil" not in metrics
+    assert strategy.ledger.rounds[-1].losses == {"task": 3.0, "spec": 0.5}
 
 
 # -- configure_train -------------------------------------------------------------
@@ -339,158 +287,3 @@ def test_configure_train_signs_each_whole_message_for_its_node_and_round() -> No
             verify_content(*args, **where, node_id=other, last=None)
         with pytest.raises(SignatureError, match="replayed"):
             verify_content(*args, **where, node_id=node, last=(5, 0))
-
-
-# -- evaluation ------------------------------------------------------------------
-def test_configure_evaluate_sends_number_of_seen_stages() -> None:
-    # Prepare
-    strategy = make_strategy()
-    strategy.begin_round(2, 5, make_spectrum(), {})
-    arrays = ArrayRecord({k: Array(v) for k, v in SENT.items()})
-    # Execute
-    messages = list(
-        strategy.configure_evaluate(1, arrays, ConfigRecord(), make_grid([11, 12]))
-    )
-    # Assert: evaluation never carries the spectrum
-    assert len(messages) == 2
-    for message in messages:
-        config = message.content[P.CONFIG_RECORD]
-        assert config[P.NUM_SEEN_STAGES_KEY] == 3 and config[P.GLOBAL_ROUND_KEY] == 5
-        assert P.SPECTRUM_RECORD not in message.content.array_records
-    # ... and its adapter downloads are counted apart from training's
-    entry = strategy.ledger.rounds[-1]
-    assert entry.bytes_down_evaluate == 2 * record_nbytes(arrays) > 0
-    assert entry.bytes_down_adapter == 0
-    assert strategy.ledger.totals()["bytes_down_evaluate"] == 2 * record_nbytes(arrays)
-
-
-def test_aggregate_evaluate_pools_correct_over_total_and_logs_client_rows() -> None:
-    # Prepare: stage 1 (two stages seen), two clients and one failure
-    strategy = make_strategy()
-    strategy.begin_round(1, 2, None, {})
-
-    def counts(c0: int, t0: int, c1: int, t1: int) -> dict[str, int]:
-        return {
-            P.correct_key(0): c0,
-            P.total_key(0): t0,
-            P.correct_key(1): c1,
-            P.total_key(1): t1,
-            P.NUM_EXAMPLES_KEY: t0 + t1,
-        }
-
-    replies = [
-        make_reply(12, 1, metrics=counts(1, 4, 2, 2)),
-        make_reply(13, error="evaluation crashed"),
-        make_reply(11, 0, metrics=counts(3, 4, 1, 2)),
-    ]
-    # Execute
-    pooled = strategy.aggregate_evaluate(1, replies)
-    # Assert: pooled = sum correct / sum total per stage, not a mean of accuracies
-    assert pooled is not None
-    assert dict(pooled) == {"acc-0": pytest.approx(0.5), "acc-1": pytest.approx(0.75)}
-    entry = strategy.ledger.rounds[-1]
-    assert entry.accuracy == {"0": pytest.approx(0.5), "1": pytest.approx(0.75)}
-    assert entry.per_client == {
-        "0": {"0": pytest.approx(0.75), "1": pytest.approx(0.5)},
-        "1": {"0": pytest.approx(0.25), "1": pytest.approx(1.0)},
-    }
-
-
-def test_inner_strategy_sees_the_global_round_not_flowers_round_one() -> None:
-    # Prepare: the run starts Flower once per round, so `server_round` is always 1
-    inner = Mock(spec=Strategy)
-    inner.configure_train.return_value = []
-    inner.aggregate_train.return_value = (None, None)
-    inner.configure_evaluate.return_value = []
-    inner.aggregate_evaluate.return_value = None
-    strategy = FedASR(inner, ledger=RoundLedger())
-    strategy.begin_round(2, 7, None, {})
-    arrays = ArrayRecord({k: Array(v) for k, v in SENT.items()})
-    grid = make_grid([11])
-    # Execute
-    strategy.configure_train(1, arrays, ConfigRecord(), grid)
-    strategy.aggregate_train(1, [_ok(11)])
-    strategy.configure_evaluate(1, arrays, ConfigRecord(), grid)
-    strategy.aggregate_evaluate(1, [make_reply(11, metrics={P.NUM_EXAMPLES_KEY: 1})])
-    # Assert
-    for hook in ("configure_train", "aggregate_train", "configure_evaluate"):
-        assert getattr(inner, hook).call_args.args[0] == 7, hook
-    # evaluation counts are pooled by FedASR itself (clients' keys may differ)
-    inner.aggregate_evaluate.assert_not_called()
-
-
-def test_summary_logs_fedasr_then_delegates_to_inner_strategy() -> None:
-    # Prepare
-    inner = Mock(spec=Strategy)
-    strategy = FedASR(inner, ledger=RoundLedger())
-    # Execute
-    strategy.summary()
-    # Assert
-    inner.summary.assert_called_once_with()
-
-
-def test_aggregate_train_replies_with_different_metric_keys_still_aggregate() -> None:
-    # Prepare: one client reports a `spec` term, another an unknown metric of its own
-    strategy = make_strategy()
-    strategy.begin_round(1, 3, None, {})
-    a = make_reply(
-        11, 0, {"w": np.array([1.0])}, {P.NUM_EXAMPLES_KEY: 1, "loss-task": 2.0}
-    )
-    b = make_reply(
-        12,
-        1,
-        {"w": np.array([3.0])},
-        {P.NUM_EXAMPLES_KEY: 1, "loss-task": 4.0, "loss-spec": 1.0, "evil": 9.0},
-    )
-    # Execute
-    arrays, metrics = strategy.aggregate_train(1, [a, b])
-    # Assert: FedAvg of both; losses pooled by examples (a term missing counts 0)
-    assert arrays is not None and metrics is not None
-    np.testing.assert_allclose(record_arrays(arrays)["w"], np.array([2.0]))
-    assert metrics["loss-task"] == 3.0
-    assert "evil" not in metrics
-    assert strategy.ledger.rounds[-1].losses == {"task": 3.0, "spec": 0.5}
-
-
-def test_aggregate_evaluate_pools_type_and_skill_counts_with_differing_keys() -> None:
-    # Prepare: client 0 has only colour questions on stage 0, client 1 also shapes
-    strategy = make_strategy()
-    strategy.begin_round(0, 1, None, {})
-    a = make_reply(
-        11,
-        0,
-        metrics={
-            P.NUM_EXAMPLES_KEY: 2,
-            P.total_key(0): 2,
-            P.correct_key(0): 1,
-            P.correct_key(0, "type"): 2,
-            P.total_key(0, "color"): 2,
-            P.correct_key(0, "all", "color"): 1,
-            P.correct_key(0, "type", "color"): 2,
-        },
-    )
-    b = make_reply(
-        12,
-        1,
-        metrics={
-            P.NUM_EXAMPLES_KEY: 2,
-            P.total_key(0): 2,
-            P.correct_key(0): 0,
-            P.correct_key(0, "type"): 1,
-            P.total_key(0, "color"): 1,
-            P.correct_key(0, "all", "color"): 0,
-            P.correct_key(0, "type", "color"): 1,
-            P.total_key(0, "shape"): 1,
-            P.correct_key(0, "all", "shape"): 0,
-            P.correct_key(0, "type", "shape"): 0,
-        },
-    )
-    # Execute
-    pooled = strategy.aggregate_evaluate(1, [a, b])
-    # Assert: pooled all-protocol accuracy 1/4; counts summed key by key
-    assert pooled is not None and pooled["acc-0"] == 0.25
-    counts = strategy.ledger.rounds[-1].counts
-    assert counts[P.correct_key(0, "type")] == 3
-    assert counts[P.total_key(0, "color")] == 3
-    assert counts[P.correct_key(0, "type", "color")] == 3
-    assert counts[P.total_key(0, "shape")] == 1

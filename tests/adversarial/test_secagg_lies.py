@@ -1,49 +1,20 @@
-"""A malicious server against secure aggregation, through the real ClientApps.
-
-Every attack runs the real ``SecureSpectrumRound`` over the in-process
-``LoopbackGrid`` (protobuf on the wire, one ``Context`` per node). The server's lies
-are hooks on the grid that rewrite one node's copy of a message or one reply; what
-the attacker then holds is fed to the same reconstruction the honest server uses.
-Each test fails on a main without site identities, the consistency check,
-client-owned thresholds and the strict fixed-point bound: there the attack works.
-"""
+"""A malicious server lying to secure aggregation: keys, survivor sets, sessions."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shlex
-from collections.abc import Callable
-from pathlib import Path
-
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from flower_helpers import set_task_identity
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Message
 
-from clients.app import make_client_app
-from clients.secure import stage_statistics
-from clients.site import site_from_context
-from clients.testing import LoopbackGrid
 from fed_asr import protocol as P
-from fed_asr.config import ExperimentConfig, compose_config
-from fed_asr.models import adapter_state, load_adapter_state
-from fed_asr.security.dp import calibrate_stats_noise, max_skills_per_sample
 from fed_asr.security.secagg import (
     ArrayLayout,
-    SecAggClient,
-    SecAggConfig,
-    SecAggServer,
     decode_fixed_point,
-    encode_fixed_point,
-    flatten_arrays,
     pairwise_mask,
     prg_mask,
     share_points,
@@ -52,124 +23,18 @@ from fed_asr.security.secagg import (
 from fed_asr.security.secagg.encoding import derive_key, id_bytes, modulus_mask
 from fed_asr.security.shamir import reconstruct_bytes
 from fed_asr.wire import record_arrays
-from server.secure_spectrum import SecureSpectrumRound
+from tests.adversarial.secagg_helpers import (
+    SESSION,
+    _task_identity,
+    federation,
+    recorder,
+    step_of,
+)
 
-SESSION = "7/0/1"
+__all__ = ["_task_identity", "federation"]  # fixtures shared via secagg_helpers
+
 SHARE = 48  # bytes of one encoded Shamir share of a 32-byte secret
 CONFIRM_STEP = "confirm"  # the consistency-check step (absent before it existed)
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    set_task_identity(7)
-
-
-def write_site_identities(folder: Path, count: int) -> list[dict[str, str]]:
-    """Identity keys and the pinned list (docs/security.md format); node configs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sites = {}
-    configs = []
-    for i in range(count):
-        key = Ed25519PrivateKey.from_private_bytes(bytes([i + 7]) * 32)
-        path = folder / f"site-{i}.key"
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        sites[f"site-{i}"] = (
-            key.public_key()
-            .public_bytes(
-                serialization.Encoding.PEM,
-                serialization.PublicFormat.SubjectPublicKeyInfo,
-            )
-            .decode()
-        )
-        configs.append({"identity-key": str(path)})
-    pinned = folder / "site-keys.json"
-    pinned.write_text(json.dumps({"format": "fed-asr/site-keys/v1", "sites": sites}))
-    return [{**c, "site-keys": str(pinned)} for c in configs]
-
-
-class Federation:
-    """``n`` ClientApps with site identities over a loopback grid (ids 1000...)."""
-
-    def __init__(self, overrides: list[str], n: int, keys: Path) -> None:
-        self.cfg: ExperimentConfig = compose_config("config", overrides)
-        self.run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
-        self.n = n
-        identities = write_site_identities(keys, n)
-        self.nodes = {1000 + p: p for p in range(n)}
-        contexts = {
-            node: Context(
-                run_id=7,
-                node_id=node,
-                node_config={
-                    P.NODE_PARTITION_ID: p,
-                    P.NODE_NUM_PARTITIONS: n,
-                    **identities[p],
-                },
-                state=RecordDict(),
-                run_config=self.run_config,
-            )
-            for node, p in self.nodes.items()
-        }
-        app = make_client_app()
-        self.grid = LoopbackGrid({node: app for node in self.nodes}, contexts)
-        site = self.site(0)
-        self.arrays = ArrayRecord(torch_state_dict=adapter_state(site.model))
-
-    def site(self, partition: int):  # type: ignore[no-untyped-def]
-        return site_from_context(
-            self.run_config,
-            {P.NODE_PARTITION_ID: partition, P.NODE_NUM_PARTITIONS: self.n},
-        )
-
-    def stats(self, node: int) -> dict[str, np.ndarray]:
-        """A node's true (clipped, un-noised) statistics of stage 0."""
-        site = self.site(self.nodes[node])
-        load_adapter_state(site.model, self.arrays.to_torch_state_dict())
-        return stage_statistics(site, 0).to_arrays()
-
-    def run(self, session: str = SESSION, **privacy: object):  # type: ignore[no-untyped-def]
-        """The server's secure round of stage 0, ``privacy`` overriding the run's."""
-        round_ = SecureSpectrumRound(
-            self.grid,
-            dataclasses.replace(self.cfg.privacy, **privacy),  # type: ignore[arg-type]
-            session,
-            60.0,
-            skills=tuple(self.site(0).stream.skills),
-        )
-        return round_.run(self.arrays, 0, 10**6)
-
-
-@pytest.fixture
-def federation(run_overrides, tmp_path):  # type: ignore[no-untyped-def]
-    def make(n: int = 3, **extra: object) -> Federation:
-        overrides = run_overrides(
-            "adv",
-            **{"federation.num_clients": n, "privacy.secure_spectrum": "true", **extra},
-        )
-        return Federation(overrides, n, tmp_path / "keys")
-
-    return make
-
-
-def step_of(msg: Message) -> str:
-    config = msg.content.config_records.get(P.CONFIG_RECORD, ConfigRecord())
-    return str(config.get(P.SECAGG_STEP_KEY, ""))
-
-
-def recorder(store: dict[tuple[str, int], Message]) -> Callable:
-    """An ``on_reply`` hook that keeps every reply by (step, node)."""
-
-    def hook(node: int, msg: Message, reply: Message) -> Message:
-        store[(step_of(msg), node)] = reply
-        return reply
-
-    return hook
 
 
 # -- key substitution ------------------------------------------------------------------
@@ -401,83 +266,3 @@ def test_zero_key_advertiser_is_dropped_and_the_round_completes(
     assert dropped["step"] == P.SECAGG_ADVERTISE and "low-order" in dropped["reason"]
     for key, value in expected.items():
         np.testing.assert_allclose(result.arrays[key], value, rtol=0, atol=1e-6)
-
-
-# -- thresholds and the DP noise share -------------------------------------------------
-def test_server_threshold_below_the_node_minimum_is_refused(
-    federation,
-) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: the sites require t = ceil(0.9 * 3) = 3; the server asks for 2
-    fed = federation(**{"privacy.secagg_threshold": 0.9})
-
-    # Execute
-    result = fed.run(secagg_threshold=0.5)
-
-    # Assert: every node refused at the first step, nothing was aggregated
-    assert result.arrays is None
-    refusals = [d for d in result.dropped if d["step"] == P.SECAGG_ADVERTISE]
-    assert sorted(d["node"] for d in refusals) == sorted(fed.nodes)
-    assert all("below this node's minimum 3" in d["reason"] for d in refusals)
-
-
-def test_dp_noise_share_comes_from_the_node_own_threshold(
-    federation,
-) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: the sites' own minimum is t = ceil(0.6 * 3) = 2; the server asks for
-    # t = 3, which would shrink each node's noise share to sigma^2 / 3
-    fed = federation(
-        **{"privacy.dp": "true", "privacy.dp_seed": 3, "privacy.dp_clip": 10.0}
-    )
-    clean = {k: sum(fed.stats(n)[k] for n in fed.nodes) for k in ("sum",)}
-    m = max_skills_per_sample(
-        fed.cfg.regularizer.tau_skill, len(fed.site(0).stream.skills)
-    )
-    sigma = calibrate_stats_noise(fed.cfg.privacy, m).stds["sum"]
-
-    # Execute
-    result = fed.run(secagg_threshold=1.0)
-
-    # Assert: three shares of sigma^2 / 2 each: the sum's noise has std sqrt(3/2) sigma
-    assert result.arrays is not None and sorted(result.contributors) == sorted(
-        fed.nodes
-    )
-    z = ((result.arrays["sum"] - clean["sum"]) / sigma).ravel()
-    assert z.size > 100
-    assert abs(float(z.std()) - np.sqrt(1.5)) < 0.12, float(z.std())
-
-
-# -- fixed-point range -----------------------------------------------------------------
-def test_fixed_point_values_at_the_bound_cannot_wrap_with_16_bits() -> None:
-    # Prepare: two clients, bits = 16, scale = 1: the sum must stay below 2^15
-    config = SecAggConfig(threshold=2, bits=16, scale=1.0)
-    server = SecAggServer(config, b"edge")
-    clients = {c: SecAggClient(c, config, b"edge") for c in (1, 2)}
-    book = server.collect_advertisements({c: v.advertise() for c, v in clients.items()})
-    inbox = server.route_shares({c: clients[c].share_keys(book) for c in book})
-    bound = config.input_bound(2)
-    encoded = encode_fixed_point(np.array([bound, -bound]), 1.0, 16, bound)
-
-    # Execute
-    summed = decode_fixed_point((encoded + encoded) & modulus_mask(16), 1.0, 16)
-
-    # Assert: in range sums exactly; 16384 (whose sum 32768 wraps to -32768) refused
-    np.testing.assert_array_equal(summed, [2 * bound, -2 * bound])
-    with pytest.raises(ValueError, match=r"index 0 = 16384.0 cannot be encoded"):
-        clients[1].mask_input(np.array([16384.0]), inbox[1])
-    vector, _ = flatten_arrays({"count": np.array([bound])})
-    assert clients[2].mask_input(vector, inbox[2]).vector.shape == (1,)
-
-
-def test_site_with_another_skill_order_refuses_the_secure_round(federation) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: the server names the rows in another order than the sites' skills
-    fed = federation()
-    skills = tuple(fed.site(0).stream.skills)
-    round_ = SecureSpectrumRound(
-        fed.grid, fed.cfg.privacy, SESSION, 60.0, skills=skills[::-1]
-    )
-    # Execute
-    result = round_.run(fed.arrays, 0, 10**6)
-    # Assert: no site takes part, so nothing is summed into wrong rows
-    assert result.arrays is None and not result.contributors
-    reasons = " ".join(d["reason"] for d in result.dropped)
-    assert "skill rows" in reasons
