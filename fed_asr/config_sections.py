@@ -283,7 +283,7 @@ class SecurityConfig:
     # clipping relative to the round, DP noise bound, evaluation outliers
     max_num_examples_per_site: int | None = None  # deployment; None: max_num_examples
     max_example_share: float | None = None  # weight share cap per reply; None: off
-    norm_bound_factor: float | None = 5.0  # x the round's median update norm
+    norm_bound_factor: float | None = 5.0  # x the median update (and statistics) norm
     stats_noise_sigmas: float = 10.0  # DP noise bound of clear statistics
     eval_outlier_z: float | None = 4.0  # robust z flagging a client's accuracy
     # Secure aggregation with site identities (docs/security.md section 1): this

@@ -5,16 +5,21 @@ and weight. Validated replies may still dominate a weighted merge, by a large
 ``num-examples`` or a long update; here the weights are capped at
 ``security.max_example_share`` of the round's total and updates longer than
 ``security.norm_bound_factor`` times the round's median norm are scaled down to it
-(clipping, not dropping: the client still counts, with a bounded pull). Each bound
-that bites is recorded in the round's ``clipped`` list and logged.
+(clipping, not dropping: the client still counts, with a bounded pull). A method's
+own stage-end statistics (EWC's Fisher, ...) are bounded by the same rule, per
+example (:func:`bounded_statistics`). Each bound that bites is recorded in the
+round's ``clipped`` list and logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from logging import WARNING
+from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 
@@ -134,3 +139,44 @@ def bounded_replies(
         adapter_only(msg, weight, _scaled(msg, reference, scale))
         for msg, weight, scale in zip(replies, weights, scales, strict=True)
     ]
+
+
+def statistics_norm(sums: Mapping[str, Any], count: int) -> float:
+    """``sqrt(sum_k ||sums[k]||^2) / count``: one reply's statistics per example."""
+    total = sum(
+        float(torch.as_tensor(v).double().square().sum()) for v in sums.values()
+    )
+    return math.sqrt(total) / count
+
+
+def bounded_statistics(
+    name: str,
+    received: Sequence[tuple[Message, tuple[dict[str, torch.Tensor], int]]],
+    factor: float | None,
+    entry: RoundLog | None,
+) -> list[tuple[dict[str, torch.Tensor], int]]:
+    """A method's stage-end statistics, each reply's size per example bounded.
+
+    The same rule as for adapter updates: a reply whose statistics per example
+    (:func:`statistics_norm`) exceed ``factor`` times the lower median over the
+    replies with data is scaled down to that bound (its count and direction kept),
+    so one client cannot dominate a merged Fisher or set of sums by scaling its own.
+    Replies without data (count 0) are passed on unchanged (merges ignore them).
+    ``factor`` None: nothing is bounded.
+    """
+    parts = [part for _, part in received]
+    with_data = [i for i, (_, count) in enumerate(parts) if count > 0]
+    if factor is None or not with_data:
+        return parts
+    norms = [statistics_norm(*parts[i]) for i in with_data]
+    scales = norm_clip_scales(norms, factor)
+    out = list(parts)
+    for i, norm, scale in zip(with_data, norms, scales, strict=True):
+        if scale < 1.0:
+            sums, count = parts[i]
+            out[i] = ({k: v * scale for k, v in sums.items()}, count)
+            if entry is not None:
+                _note(
+                    entry, received[i][0], f"`{name}` per example", norm, norm * scale
+                )
+    return out

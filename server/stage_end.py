@@ -28,6 +28,7 @@ from fed_asr.security.dp import clamp_noisy_stats, suppress_small_counts
 from fed_asr.spectrum import SkillStats
 from fed_asr.wire import record_arrays, record_nbytes, reply_partition
 from server.ledger import RoundLedger
+from server.merge_bounds import bounded_statistics
 from server.reply_validation import ReplyGuard
 from server.secure_spectrum import SecureSpectrumRound
 
@@ -177,7 +178,7 @@ class StageEndRound:
                         )
                     )
             for name in plan.statistics:
-                part = self._parse_method_statistics(msg, name)
+                part = self._parse_method_statistics(msg, name, stage, len(node_ids))
                 if isinstance(part, str):
                     self._drop(msg, f"stage-end `{name}`: {part}", stage)
                     continue
@@ -187,12 +188,17 @@ class StageEndRound:
                     continue
                 parts.setdefault(name, []).append((msg, part))
         for name, received in parts.items():
+            agreeing = []
             for msg, part in received:
                 reason = shape_disagreement(part[0], [p[0] for _, p in received])
                 if reason is not None:
                     self._drop(msg, f"stage-end `{name}`: {reason}", stage)
                     continue
-                inputs.statistics.setdefault(name, []).append(part)
+                agreeing.append((msg, part))
+            if agreeing:
+                inputs.statistics[name] = bounded_statistics(
+                    name, agreeing, self.security.norm_bound_factor, self.ledger.last
+                )
         if spectrum and self.privacy.dp and inputs.spectrum_parts:
             self.releases.append(stage)
         if spectrum and not any(
@@ -222,7 +228,7 @@ class StageEndRound:
             return str(err)
 
     def _parse_method_statistics(
-        self, msg: Message, name: str
+        self, msg: Message, name: str, stage: int, num_nodes: int
     ) -> MethodStatistics | str:
         record = msg.content.array_records.get(P.statistics_record(name))
         metrics = msg.content.metric_records.get(P.METRICS_RECORD)
@@ -237,6 +243,12 @@ class StageEndRound:
         count = int(metrics[count_key])  # type: ignore[call-overload]
         if not 0 <= count <= self.security.max_num_examples:
             return f"count {count} outside [0, {self.security.max_num_examples}]"
+        # No site holds more samples of a stage than its split (the spectrum's cap)
+        cap = self.guard.caps.cap("stage_end", metrics, stage, num_nodes)
+        if isinstance(cap, str):
+            return cap
+        if count > cap:
+            return f"count {count} above what the site's stage {stage} can hold: {cap}"
         self.ledger.add_bytes(bytes_up_extra=record_nbytes(record))
         return sums, count
 

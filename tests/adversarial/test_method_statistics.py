@@ -1,6 +1,7 @@
-"""One client sends malformed stage-end statistics of a method's own (EWC's Fisher,
-``asr_conditional``'s per-skill sums): the server drops that reply, names why, and
-merges the others.
+"""One client sends malformed or inflated stage-end statistics of a method's own
+(EWC's Fisher, ``asr_conditional``'s per-skill sums): the server drops a malformed
+reply, naming why, clips an inflated one to the round's median bound, and merges
+the others.
 
 Same harness as ``test_poisoning``: three real ClientApps over the loopback grid and
 the run's own server parts; node ``ATTACKER`` rewrites its stage-end reply. Before
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Message
 
@@ -21,6 +23,7 @@ from fed_asr.methods.asr_conditional import CONDITIONAL
 from fed_asr.methods.ewc import FISHER
 from fed_asr.schedule import ContinualState, StageEndInputs
 from fed_asr.wire import record_arrays
+from server.merge_bounds import statistics_norm
 from server.records import numpy_record
 from server.stage_end import shape_disagreement
 from tests.adversarial.test_poisoning import (
@@ -159,3 +162,76 @@ def test_default_merge_divides_each_key_by_the_counts_of_the_replies_carrying_it
     merged = method.merge_statistics("any", parts)
     assert merged is not None
     assert merged["a"].item() == 1.5 and merged["b"].item() == 3.0
+
+
+def _scale(factor: float) -> Change:
+    def scale(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v * factor for k, v in arrays.items()}
+
+    return scale
+
+
+def _fisher_after_a_scaled_reply(fed: Federation) -> tuple[StageEndInputs, dict]:
+    fed.attack("query", _rewrite(FISHER, _scale(1e4)))
+    inputs = _stage_end(fed)
+    merged = fed.run.method.merge_statistics(FISHER, inputs.statistics[FISHER])
+    assert merged is not None
+    return inputs, merged
+
+
+def test_a_scaled_fisher_is_clipped_to_the_median_bound_and_recorded(
+    federation,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: the attacker multiplies its (well-formed) Fisher by 1e4
+    fed = federation(method="ewc")
+    factor = fed.cfg.security.norm_bound_factor
+
+    # Execute
+    inputs, merged = _fisher_after_a_scaled_reply(fed)
+
+    # Assert: kept (it still counts) but scaled to factor x the honest replies' norm
+    norms = [statistics_norm(s, c) for s, c in inputs.statistics[FISHER]]
+    assert len(norms) == 3
+    honest_max = sorted(norms)[1]  # the lower median of three: the larger honest one
+    assert max(norms) == pytest.approx(factor * honest_max, rel=1e-6)
+    clipped = fed.run.ledger.last.clipped  # type: ignore[union-attr]
+    assert [c["node"] for c in clipped] == [ATTACKER]
+    assert "fisher" in clipped[0]["kind"] and clipped[0]["value"] > 1e3 * honest_max
+    # The merged Fisher, a count-weighted mean, stays within the bound
+    assert statistics_norm(merged, 1) <= factor * honest_max * (1 + 1e-6)
+
+
+def test_without_the_bound_a_scaled_fisher_dominates_the_merge(
+    federation,  # type: ignore[no-untyped-def]
+) -> None:
+    # The same attack with `security.norm_bound_factor=null`: what the bound prevents
+    fed = federation(method="ewc", **{"security.norm_bound_factor": "null"})
+    inputs, merged = _fisher_after_a_scaled_reply(fed)
+    norms = sorted(statistics_norm(s, c) for s, c in inputs.statistics[FISHER])
+    assert statistics_norm(merged, 1) > 100 * norms[1]
+    assert fed.run.ledger.last.clipped == []  # type: ignore[union-attr]
+
+
+def test_a_fisher_count_above_the_site_stage_data_is_refused(
+    federation,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: a count no honest site can have dilutes everyone's Fisher
+    fed = federation(method="ewc")
+    claimed = fed.cfg.security.max_num_examples
+
+    def inflate(reply: Message) -> None:
+        metrics = reply.content.metric_records[P.METRICS_RECORD]
+        metrics[P.statistics_count_key(FISHER)] = claimed
+
+    fed.attack("query", inflate)
+
+    # Execute
+    inputs = _stage_end(fed)
+
+    # Assert
+    reasons = _dropped_reasons(fed)
+    assert list(reasons) == [ATTACKER]
+    assert (
+        f"count {claimed} above what the site's stage 0 can hold" in (reasons[ATTACKER])
+    )
+    assert len(inputs.statistics[FISHER]) == 2
