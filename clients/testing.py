@@ -186,3 +186,31 @@ def nan_reply_mod(partition_id: int, global_round: int) -> Mod:
         return reply
 
     return mod
+
+
+def node_contexts(
+    run_config: dict[str, str],
+    num_partitions: int,
+    run_id: int,
+    node_config: Callable[[int], dict[str, str]] | None = None,
+    first_node: int = 1000,
+) -> dict[int, Context]:
+    """One fresh ``Context`` per partition for a ``LoopbackGrid``, keyed by node id.
+
+    Node ``first_node + p`` holds partition ``p``; ``node_config(p)`` adds entries
+    to its node config (site identities, keys).
+    """
+    return {
+        first_node + p: Context(
+            run_id=run_id,
+            node_id=first_node + p,
+            node_config={
+                P.NODE_PARTITION_ID: p,
+                P.NODE_NUM_PARTITIONS: num_partitions,
+                **(node_config(p) if node_config else {}),
+            },
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        for p in range(num_partitions)
+    }

@@ -21,12 +21,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flower_helpers import set_task_identity
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from clients.app import make_client_app
 from clients.secure import stage_statistics
 from clients.site import site_from_context
-from clients.testing import LoopbackGrid
+from clients.testing import LoopbackGrid, node_contexts
 from fed_asr import protocol as P
 from fed_asr.config import ExperimentConfig, compose_config
 from fed_asr.models import adapter_state, load_adapter_state
@@ -78,20 +78,7 @@ class Federation:
         self.n = n
         identities = write_site_identities(keys, n)
         self.nodes = {1000 + p: p for p in range(n)}
-        contexts = {
-            node: Context(
-                run_id=7,
-                node_id=node,
-                node_config={
-                    P.NODE_PARTITION_ID: p,
-                    P.NODE_NUM_PARTITIONS: n,
-                    **identities[p],
-                },
-                state=RecordDict(),
-                run_config=self.run_config,
-            )
-            for node, p in self.nodes.items()
-        }
+        contexts = node_contexts(self.run_config, n, 7, lambda p: identities[p])
         app = make_client_app()
         self.grid = LoopbackGrid({node: app for node in self.nodes}, contexts)
         site = self.site(0)

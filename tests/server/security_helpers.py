@@ -8,12 +8,12 @@ import shlex
 import numpy as np
 import pytest
 from flower_helpers import set_task_identity
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Message
 
 from clients.app import make_client_app
 from clients.secure import stage_statistics
 from clients.site import site_from_context
-from clients.testing import LoopbackGrid
+from clients.testing import LoopbackGrid, node_contexts
 from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import ExperimentConfig, compose_config
@@ -44,20 +44,7 @@ class Federation:
         self.run_config = run_config
         app = make_client_app()
         self.nodes = {1000 + p: p for p in range(NUM_NODES)}
-        contexts = {
-            node: Context(
-                run_id=7,
-                node_id=node,
-                node_config={
-                    P.NODE_PARTITION_ID: p,
-                    P.NODE_NUM_PARTITIONS: NUM_NODES,
-                    **(node_config or {}),
-                },
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node, p in self.nodes.items()
-        }
+        contexts = node_contexts(run_config, NUM_NODES, 7, lambda p: node_config or {})
         self.grid = LoopbackGrid({node: app for node in self.nodes}, contexts)
         site = site_from_context(
             run_config, {P.NODE_PARTITION_ID: 0, P.NODE_NUM_PARTITIONS: NUM_NODES}
