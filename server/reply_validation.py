@@ -197,13 +197,31 @@ class ReplyGuard:
         result = check_num_examples(metrics, self.caps.per_site)
         if not result:
             return result.reason
-        cap = self.caps.cap("train", metrics, stage, num_nodes)
+        return self.count_reason("train", P.NUM_EXAMPLES_KEY, metrics, stage, num_nodes)
+
+    def count_reason(
+        self,
+        kind: str,
+        key: str,
+        metrics: Mapping[str, object],
+        stage: int,
+        num_nodes: int,
+    ) -> str | None:
+        """Reason to drop a reply whose count ``metrics[key]`` exceeds its site's cap.
+
+        ``kind`` names the data it counts (``train``, ``stage_end``; see
+        ``ExampleCaps.cap``); ``stage_end`` caps are widened by the DP rounding.
+        """
+        cap = self.caps.cap(kind, metrics, stage, num_nodes)
         if isinstance(cap, str):
             return cap
+        if kind == "stage_end":
+            cap = self.coarse_cap(cap)
+        claimed = metrics[key]
         if float(claimed) > cap:  # type: ignore[arg-type]
             return (
-                f"Metric `{P.NUM_EXAMPLES_KEY}` = {claimed} exceeds what the client "
-                f"can hold: {cap} ({self._cap_source()})."
+                f"Metric `{key}` = {claimed} exceeds what the client can hold: "
+                f"{cap} ({self._cap_source()})."
             )
         return None
 
@@ -252,16 +270,12 @@ class ReplyGuard:
         result = check_num_examples(metrics, self.caps.per_site)
         if not result and not _is_zero(claimed):
             return result.reason
-        cap = self.caps.cap("stage_end", metrics, stage, num_nodes)
-        if isinstance(cap, str):
-            return cap
-        cap = self.coarse_cap(cap)
+        reason = self.count_reason(
+            "stage_end", P.NUM_EXAMPLES_KEY, metrics, stage, num_nodes
+        )
+        if reason is not None:
+            return reason
         n = int(claimed)  # type: ignore[call-overload]
-        if n > cap:
-            return (
-                f"Metric `{P.NUM_EXAMPLES_KEY}` = {n} exceeds what the client can "
-                f"hold: {cap} ({self._cap_source()})."
-            )
         margins = self._margins(contributors=1, shares=1)
         if margins.noisy:
             result = check_spectrum_stats(

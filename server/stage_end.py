@@ -244,11 +244,11 @@ class StageEndRound:
         if not 0 <= count <= self.security.max_num_examples:
             return f"count {count} outside [0, {self.security.max_num_examples}]"
         # No site holds more samples of a stage than its split (the spectrum's cap)
-        cap = self.guard.caps.cap("stage_end", metrics, stage, num_nodes)
-        if isinstance(cap, str):
-            return cap
-        if count > cap:
-            return f"count {count} above what the site's stage {stage} can hold: {cap}"
+        reason = self.guard.count_reason(
+            "stage_end", count_key, metrics, stage, num_nodes
+        )
+        if reason is not None:
+            return reason
         self.ledger.add_bytes(bytes_up_extra=record_nbytes(record))
         return sums, count
 

@@ -59,18 +59,9 @@ def first_site(overrides: list[str]) -> tuple[dict[str, str], Site, ArrayRecord]
 def loopback_grid(overrides: list[str], num_nodes: int = 2, run_id: int = 7) -> Any:
     """An in-process grid of ``num_nodes`` real ClientApps with these overrides."""
     from clients.app import make_client_app
-    from clients.testing import LoopbackGrid
+    from clients.testing import LoopbackGrid, node_contexts
 
     config = make_run_config(overrides)
     app = make_client_app()
-    contexts = {
-        100 + p: Context(
-            run_id=run_id,
-            node_id=100 + p,
-            node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: num_nodes},
-            state=RecordDict(),
-            run_config=config,
-        )
-        for p in range(num_nodes)
-    }
+    contexts = node_contexts(config, num_nodes, run_id, first_node=100)
     return LoopbackGrid(dict.fromkeys(contexts, app), contexts)

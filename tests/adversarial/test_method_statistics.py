@@ -231,7 +231,6 @@ def test_a_fisher_count_above_the_site_stage_data_is_refused(
     # Assert
     reasons = _dropped_reasons(fed)
     assert list(reasons) == [ATTACKER]
-    assert (
-        f"count {claimed} above what the site's stage 0 can hold" in (reasons[ATTACKER])
-    )
+    key = P.statistics_count_key(FISHER)
+    assert f"`{key}` = {claimed} exceeds what the client can hold" in reasons[ATTACKER]
     assert len(inputs.statistics[FISHER]) == 2

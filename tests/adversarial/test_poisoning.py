@@ -17,11 +17,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from flower_helpers import set_task_identity
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from clients.app import make_client_app
 from clients.site import site_from_context
-from clients.testing import LoopbackGrid
+from clients.testing import LoopbackGrid, node_contexts
 from fed_asr import protocol as P
 from fed_asr.config import compose_config
 from fed_asr.methods import StageEndPlan
@@ -49,19 +49,7 @@ class Federation:
     def __init__(self, overrides: list[str], engine: str = "simulation") -> None:
         self.cfg = compose_config("config", overrides)
         run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
-        contexts = {
-            node: Context(
-                run_id=RUN_ID,
-                node_id=node,
-                node_config={
-                    P.NODE_PARTITION_ID: i,
-                    P.NODE_NUM_PARTITIONS: len(NODES),
-                },
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for i, node in enumerate(NODES)
-        }
+        contexts = node_contexts(run_config, len(NODES), RUN_ID, first_node=NODES[0])
         app = make_client_app()
         self.grid = LoopbackGrid({n: app for n in NODES}, contexts, RUN_ID)
         self.run = FederatedRun(self.cfg, self.grid, engine=engine)

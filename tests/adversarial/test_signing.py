@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from flower_helpers import set_task_identity
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from clients.app import make_client_app
 from clients.site import site_from_context
-from clients.testing import LoopbackGrid
+from clients.testing import LoopbackGrid, node_contexts
 from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
 from fed_asr.config import compose_config
@@ -52,20 +52,10 @@ class SignedFederation:
         save_public_key(key.public_key(), tmp_path / "signing.pub")
         self.cfg = compose_config("config", overrides)
         run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
-        self.contexts = {
-            node: Context(
-                run_id=RUN_ID,
-                node_id=node,
-                node_config={
-                    P.NODE_PARTITION_ID: i,
-                    P.NODE_NUM_PARTITIONS: len(NODES),
-                    P.NODE_VERIFY_KEY: str(tmp_path / "signing.pub"),
-                },
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for i, node in enumerate(NODES)
-        }
+        verify = {P.NODE_VERIFY_KEY: str(tmp_path / "signing.pub")}
+        self.contexts = node_contexts(
+            run_config, len(NODES), RUN_ID, lambda p: verify, first_node=NODES[0]
+        )
         app = make_client_app()
         self.grid = LoopbackGrid({n: app for n in NODES}, self.contexts, RUN_ID)
         self.delivered: list[Message] = []  # each node's copy, as it arrived

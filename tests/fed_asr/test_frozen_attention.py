@@ -9,13 +9,11 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from flower_helpers import set_task_identity
-from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 from tiny_lora import small_stream, tiny_lora_model
 
 from clients.app import make_client_app
-from clients.testing import LoopbackGrid
-from fed_asr import protocol as P
+from clients.testing import LoopbackGrid, node_contexts
 from fed_asr.config import (
     LoraConfig,
     MethodConfig,
@@ -118,19 +116,9 @@ def test_frozen_attention_keeps_q_k_of_the_global_adapter_in_a_federation(
     try:
         cfg = compose_config("config", overrides)
         run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
-        nodes = {101: 0, 102: 1}
-        contexts = {
-            node: Context(
-                run_id=7,
-                node_id=node,
-                node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: 2},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node, p in nodes.items()
-        }
+        contexts = node_contexts(run_config, 2, 7, first_node=101)
         app = make_client_app()
-        grid = LoopbackGrid(dict.fromkeys(nodes, app), contexts)
+        grid = LoopbackGrid(dict.fromkeys(contexts, app), contexts)
 
         # Execute
         FederatedRun(cfg, grid, engine="simulation").run()

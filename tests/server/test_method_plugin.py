@@ -21,11 +21,9 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from flower_helpers import set_task_identity
-from flwr.app import Context, RecordDict
 
 from clients.app import make_client_app
-from clients.testing import LoopbackGrid
-from fed_asr import protocol as P
+from clients.testing import LoopbackGrid, node_contexts
 from fed_asr.central import run_central
 from fed_asr.config import ExperimentConfig, MethodConfig, compose_config
 from fed_asr.data import VQASample, build_stream
@@ -142,18 +140,8 @@ def test_registered_method_gets_merged_stage_end_mean_over_two_clients(
     assert compose_config("config", overrides) == cfg
     run_config = {"config-name": "config", "overrides": shlex.join(overrides)}
     app = make_client_app()
-    nodes = {101: 0, 102: 1}
-    contexts = {
-        node: Context(
-            run_id=7,
-            node_id=node,
-            node_config={P.NODE_PARTITION_ID: p, P.NODE_NUM_PARTITIONS: len(nodes)},
-            state=RecordDict(),
-            run_config=run_config,
-        )
-        for node, p in nodes.items()
-    }
-    grid = LoopbackGrid(dict.fromkeys(nodes, app), contexts)
+    contexts = node_contexts(run_config, 2, 7, first_node=101)
+    grid = LoopbackGrid(dict.fromkeys(contexts, app), contexts)
     # Execute
     path = FederatedRun(cfg, grid, engine="simulation").run()
     # Assert: each client got nothing in stage 0, the pooled stage-0 mean in stage 1
