@@ -62,3 +62,15 @@ def record_threads(
 
     monkeypatch.setattr(module, name, spy)
     return seen
+
+
+def simulation_metrics(overrides: list[str]) -> dict[str, Any]:
+    """Run a real Flower simulation with ``overrides`` and return its metrics.json."""
+    import json
+    from pathlib import Path
+
+    from fed_asr.config import compose_config
+    from server.simulation import run_simulation_engine
+
+    cfg = compose_config("config", overrides)
+    return json.loads(Path(run_simulation_engine(cfg, overrides)).read_text())

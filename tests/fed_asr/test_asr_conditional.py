@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import simulation_metrics
 from tiny_lora import small_stream, tiny_lora_model
 
 from fed_asr.conditional_prototypes import (
@@ -24,7 +23,6 @@ from fed_asr.methods import StepContext, build_method
 from fed_asr.methods.asr_conditional import CONDITIONAL
 from fed_asr.models import forward_with_attention
 from fed_asr.spectrum import SkillSpectrum
-from server.simulation import run_simulation_engine
 
 REG = RegularizerConfig(l_sel=2)
 
@@ -195,9 +193,8 @@ def test_simulation_sends_sums_up_and_their_total_down_and_penalises(
 ) -> None:
     # Prepare: a real Flower simulation, 2 clients, 2 stages, 1 round each
     overrides = run_overrides("sim-conditional", method="asr_conditional")
-    cfg = compose_config("config", overrides)
     # Execute
-    metrics = json.loads(Path(run_simulation_engine(cfg, overrides)).read_text())
+    metrics = simulation_metrics(overrides)
     # Assert: the stage-0 sums go up, their total comes down with stage 1's train
     # messages, and stage 1 trains under the conditional L_spec
     first, second = metrics["rounds"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from functools import partial
-from pathlib import Path
 
 import torch
+from helpers import simulation_metrics
 from tiny_lora import small_stream, tiny_lora_model
 
-from fed_asr.config import MethodConfig, RegularizerConfig, compose_config
+from fed_asr.config import MethodConfig, RegularizerConfig
 from fed_asr.data import skill_probabilities
 from fed_asr.methods import (
     PREVIOUS_ADAPTER,
@@ -21,7 +20,6 @@ from fed_asr.methods.lwf import TEACHER_ADAPTER
 from fed_asr.models import adapter_state, forward_with_attention
 from fed_asr.regularizer import describe_capture
 from fed_asr.spectrum import SkillSpectrum
-from server.simulation import run_simulation_engine
 
 REG = RegularizerConfig(l_sel=2)
 
@@ -115,10 +113,9 @@ def test_simulation_trains_stage_one_under_both_terms(
 ) -> None:
     # Prepare: a real Flower simulation, 2 clients, 2 stages, 1 round each
     overrides = run_overrides("sim-asr-lwf", method="asr_lwf")
-    cfg = compose_config("config", overrides)
 
     # Execute
-    metrics = json.loads(Path(run_simulation_engine(cfg, overrides)).read_text())
+    metrics = simulation_metrics(overrides)
 
     # Assert: statistics go up at the stage end, the spectrum and the previous
     # adapter come down with stage 1, which trains under L_spec and LwF

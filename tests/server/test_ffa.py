@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from flower_helpers import (
     set_task_identity,
 )
 from flwr.app import ArrayRecord, MessageType
+from helpers import simulation_metrics
 
 from clients import site as site_module
 from clients.app import make_client_app
@@ -28,7 +27,6 @@ from fed_asr.data import build_stream
 from fed_asr.methods.ewc import FISHER
 from fed_asr.models import adapter_state, load_base_model, resolve_device
 from fed_asr.wire import record_arrays as record_to_numpy
-from server.simulation import run_simulation_engine
 
 # Only the stage and round travel; epochs and loss weights are the node's own config
 TRAIN_CONFIG = {P.STAGE_KEY: 0, P.GLOBAL_ROUND_KEY: 1}
@@ -170,9 +168,8 @@ def test_simulation_ewc_with_ffa_sends_fisher_and_previous_adapter(
 ) -> None:
     # Prepare: the one small simulation of this file (2 clients, 2 stages, 1 round each)
     overrides = run_overrides("sim-ewc", method="ewc", **{"lora.aggregation": "ffa"})
-    cfg = compose_config("config", overrides)
     # Execute
-    metrics = json.loads(Path(run_simulation_engine(cfg, overrides)).read_text())
+    metrics = simulation_metrics(overrides)
     # Assert
     first, second = metrics["rounds"]
     assert metrics["accuracy_matrix"][1][0] is not None
