@@ -305,6 +305,8 @@ def test_stage_end_plan_needs_and_client_queries_per_method() -> None:
     # Assert: a shared spectrum is merged after every stage (the last is an output)
     assert needed["asr"] == queried["asr"] == [True, True, True]
     assert needed["asr_local"] == queried["asr_local"] == [True, True, False]
+    assert needed["asr_lwf"] == queried["asr_lwf"] == [True, True, True]
+    assert needed["asr_local_lwf"] == queried["asr_local_lwf"] == [True, True, False]
     assert needed["ewc"] == queried["ewc"] == [True, True, False]
     # LwF only keeps the global adapter: a stage end without any client work
     assert needed["lwf"] == [True, True, False]
