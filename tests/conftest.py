@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -9,7 +10,14 @@ import pytest
 import torch
 from helpers import small_run_overrides  # noqa: F401  (re-exported for tests)
 
-torch.set_num_threads(2)
+
+def _thread_budget() -> int:
+    """Two torch threads, or the cores' share of one pytest-xdist worker."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+torch.set_num_threads(_thread_budget())
 
 
 @pytest.fixture(autouse=True)
