@@ -307,6 +307,10 @@ def test_stage_end_plan_needs_and_client_queries_per_method() -> None:
     assert needed["asr_local"] == queried["asr_local"] == [True, True, False]
     assert needed["asr_lwf"] == queried["asr_lwf"] == [True, True, True]
     assert needed["asr_local_lwf"] == queried["asr_local_lwf"] == [True, True, False]
+    for name in ("asr_spectral_distill", "asr_local_spectral_distill"):
+        assert plans[name].keep_adapter
+        twin = name.replace("_spectral_distill", "_lwf")
+        assert needed[name] == queried[name] == needed[twin]
     assert needed["ewc"] == queried["ewc"] == [True, True, False]
     # LwF only keeps the global adapter: a stage end without any client work
     assert needed["lwf"] == [True, True, False]

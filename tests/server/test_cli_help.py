@@ -21,7 +21,8 @@ def test_cli_help_lists_groups_with_choices_and_fields_with_defaults(
     out = capsys.readouterr().out
     assert code == 0
     methods = (
-        "asr*, asr_conditional, asr_local, asr_local_lwf, asr_lwf, attention_distill, "
+        "asr*, asr_conditional, asr_local, asr_local_lwf, asr_local_spectral_distill, "
+        "asr_lwf, asr_spectral_distill, attention_distill, "
         "ewc, fedprox, "
         "frozen_attention, joint, "
         "lwf, spectral_distill, vanilla"

@@ -1,9 +1,10 @@
-"""``asr_lwf`` / ``asr_local_lwf``: ASR's terms and LwF's, on the tiny model."""
+"""ASR plus a partner (``asr_lwf``, ``asr_spectral_distill``, their local twins)."""
 
 from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
 from helpers import simulation_metrics
 from tiny_lora import small_stream, tiny_lora_model
@@ -16,6 +17,8 @@ from fed_asr.methods import (
     build_method,
     trainable_parameters,
 )
+from fed_asr.methods.asr_plus import asr_plus
+from fed_asr.methods.ewc import EWC
 from fed_asr.methods.lwf import TEACHER_ADAPTER
 from fed_asr.models import adapter_state, forward_with_attention
 from fed_asr.regularizer import describe_capture
@@ -36,7 +39,13 @@ def _context(model, batch, samples, skills) -> StepContext:  # type: ignore[no-u
     )
 
 
-def test_penalties_are_asrs_and_lwfs_terms_of_the_same_step() -> None:
+@pytest.mark.parametrize(
+    ("combined_name", "partner_name", "partner_term"),
+    [("asr_lwf", "lwf", "lwf"), ("asr_spectral_distill", "spectral_distill", "attn")],
+)
+def test_penalties_are_asrs_and_the_partners_terms_of_the_same_step(
+    combined_name: str, partner_name: str, partner_term: str
+) -> None:
     # Prepare: one model, a spectrum at the origin, the teacher = the current adapter
     # moved afterwards, so every term is non-zero
     torch.manual_seed(0)
@@ -61,7 +70,7 @@ def test_penalties_are_asrs_and_lwfs_terms_of_the_same_step() -> None:
             p.add_(0.2 * torch.randn_like(p))
     methods = {
         name: build_method(MethodConfig(name=name), REG)
-        for name in ("asr_lwf", "asr", "lwf")
+        for name in (combined_name, "asr", partner_name)
     }
     for method in methods.values():
         method.configure_stage(spectrum)
@@ -72,14 +81,16 @@ def test_penalties_are_asrs_and_lwfs_terms_of_the_same_step() -> None:
         name: method.penalties(_context(model, batch, samples, skills))
         for name, method in methods.items()
     }
-    combined = terms["asr_lwf"]
+    combined = terms[combined_name]
     sum(combined.values()).backward()
 
     # Assert
-    assert set(combined) == {"spec", "geo", "lwf"}
+    assert set(combined) == {"spec", "geo", partner_term}
     for name in ("spec", "geo"):
         torch.testing.assert_close(combined[name], terms["asr"][name])
-    torch.testing.assert_close(combined["lwf"], terms["lwf"]["lwf"])
+    torch.testing.assert_close(
+        combined[partner_term], terms[partner_name][partner_term]
+    )
     assert all(float(v.detach()) > 0 for v in combined.values())
     assert TEACHER_ADAPTER in model.peft_config
     grads = [p.grad for p in trainable_parameters(model).values()]
@@ -98,8 +109,19 @@ def test_options_reach_the_lwf_part_and_the_stage_end_keeps_the_adapter() -> Non
     # the clients: test_methods' per-method plan table)
     assert shared.stage_end.spectrum == "shared" and local.stage_end.spectrum == "local"
     assert shared.stage_end.keep_adapter and local.stage_end.keep_adapter
-    assert local.options.weight == 2.0 and local.lwf.options.weight == 2.0
+    assert local.options.weight == 2.0 and local.partner.options.weight == 2.0
     torch.testing.assert_close(memory[PREVIOUS_ADAPTER]["w"], torch.ones(2))
+    distill = build_method(
+        MethodConfig(name="asr_local_spectral_distill", options={"weight": 3.0}), REG
+    )
+    assert distill.stage_end.spectrum == "local" and distill.stage_end.keep_adapter
+    assert distill.partner.options.weight == 3.0
+    assert distill.partner.options.match == "spectrum"
+
+
+def test_a_partner_with_statistics_of_its_own_is_refused() -> None:
+    with pytest.raises(ValueError, match="EWC has stage-end statistics of its own"):
+        asr_plus(EWC, "shared")
 
 
 def test_simulation_trains_stage_one_under_both_terms(
