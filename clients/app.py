@@ -33,6 +33,7 @@ from clients.site import Site, site_config, site_from_context
 from clients.spectrum_state import local_spectrum, received_spectrum, store_local
 from fed_asr import protocol as P
 from fed_asr.adapter_aggregation import get_lora_aggregation
+from fed_asr.config import ExperimentConfig
 from fed_asr.evaluation import score_stage
 from fed_asr.methods import MethodMemory
 from fed_asr.models import torch_threads
@@ -51,7 +52,7 @@ def _verify_key(path: str) -> Ed25519PublicKey:
     return load_public_key(path)
 
 
-def _check_signature(msg: Message, context: Context, site: Site) -> None:
+def _check_signature(msg: Message, context: Context, cfg: ExperimentConfig) -> None:
     """Verify the whole message when this node holds the server's public key.
 
     The key path comes from the node config (``verify-key``) or
@@ -66,7 +67,7 @@ def _check_signature(msg: Message, context: Context, site: Site) -> None:
     SignatureError
         Missing, forged, misaddressed or replayed message: it is refused.
     """
-    path = context.node_config.get(P.NODE_VERIFY_KEY) or site.cfg.security.verify_key
+    path = context.node_config.get(P.NODE_VERIFY_KEY) or cfg.security.verify_key
     if not path:
         return
     run = str(context.run_id)
@@ -83,10 +84,30 @@ def _check_signature(msg: Message, context: Context, site: Site) -> None:
     context.state[_SIGNATURE_STATE] = ConfigRecord({**accepted, run: list(position)})
 
 
-def _site(msg: Message, context: Context, run_config: Mapping[str, Any] | None) -> Site:
-    """This node's site, after checking the message's signature."""
+def _verified_config(
+    msg: Message, context: Context, run_config: Mapping[str, Any] | None
+) -> ExperimentConfig:
+    """This run's config, after checking the message's signature (nothing loaded)."""
+    cfg = site_config(run_config or context.run_config)
+    _check_signature(msg, context, cfg)
+    return cfg
+
+
+def _loaded_site(
+    msg: Message,
+    context: Context,
+    run_config: Mapping[str, Any] | None,
+    arrays_required: bool = True,
+) -> Site:
+    """This node's site with the message's adapter weights loaded.
+
+    Call only after the signature was checked (``_verified_config``). A message
+    without weights is refused unless ``arrays_required`` is false.
+    """
     site = site_from_context(run_config or context.run_config, context.node_config)
-    _check_signature(msg, context, site)
+    if arrays_required or P.ARRAYS_RECORD in msg.content.array_records:
+        state = msg.content[P.ARRAYS_RECORD].to_torch_state_dict()
+        get_lora_aggregation(site.cfg.lora.aggregation).load(site.model, state)
     return site
 
 
@@ -94,10 +115,8 @@ def _prepare(
     msg: Message, context: Context, run_config: Mapping[str, Any] | None
 ) -> Site:
     """Site of this node with the message's (verified) adapter weights loaded."""
-    site = _site(msg, context, run_config)
-    state = msg.content[P.ARRAYS_RECORD].to_torch_state_dict()
-    get_lora_aggregation(site.cfg.lora.aggregation).load(site.model, state)
-    return site
+    _verified_config(msg, context, run_config)
+    return _loaded_site(msg, context, run_config)
 
 
 def _memory(msg: Message) -> MethodMemory:
@@ -255,11 +274,12 @@ def make_client_app(
 
     @app.query(P.SECAGG_ACTION)
     def secagg(msg: Message, context: Context) -> Message:
-        if P.ARRAYS_RECORD in msg.content.array_records:
-            site = _prepare(msg, context, run_config)
-        else:
-            site = _site(msg, context, run_config)
-        return Message(content=handle_secagg(msg, context, site), reply_to=msg)
+        # Only the first step needs the model and data: the site is built lazily
+        cfg = _verified_config(msg, context, run_config)
+        content = handle_secagg(
+            msg, context, cfg, lambda: _loaded_site(msg, context, run_config, False)
+        )
+        return Message(content=content, reply_to=msg)
 
     @app.query(P.DRIFT_ACTION)
     def drift(msg: Message, context: Context) -> Message:

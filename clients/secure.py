@@ -18,6 +18,7 @@ over different survivor sets would differ by single inputs).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from logging import WARNING
 
 import numpy as np
@@ -33,6 +34,7 @@ from flwr.common import log
 from clients.records import numpy_record
 from clients.site import Site
 from fed_asr import protocol as P
+from fed_asr.config import ExperimentConfig
 from fed_asr.security.adapter_dp import coarse_num_examples_up
 from fed_asr.security.dp import max_skills_per_sample, noise_generator, privatize_stats
 from fed_asr.security.secagg import (
@@ -71,7 +73,7 @@ def _warn_unauthenticated() -> None:
     )
 
 
-def site_identity(context: Context, site: Site) -> SiteIdentity | None:
+def site_identity(context: Context, cfg: ExperimentConfig) -> SiteIdentity | None:
     """This node's site identity, from its node config or ``security.*`` (or None).
 
     Raises
@@ -81,7 +83,7 @@ def site_identity(context: Context, site: Site) -> SiteIdentity | None:
     SiteIdentityError
         If either file cannot be used.
     """
-    node, security = context.node_config, site.cfg.security
+    node, security = context.node_config, cfg.security
     key = node.get(P.NODE_IDENTITY_KEY) or security.identity_key
     pinned = node.get(P.NODE_SITE_KEYS) or security.site_keys
     if not key and not pinned:
@@ -96,13 +98,14 @@ def site_identity(context: Context, site: Site) -> SiteIdentity | None:
     return _load_identity(str(key), str(pinned))
 
 
-def own_secagg_config(site: Site, identity: SiteIdentity | None) -> SecAggConfig:
+def own_secagg_config(
+    cfg: ExperimentConfig, identity: SiteIdentity | None
+) -> SecAggConfig:
     """This node's own minimum parameters, from its config alone.
 
     The threshold is ``privacy.secagg_threshold`` of the pinned sites (of
     ``federation.num_clients`` without site identities).
     """
-    cfg = site.cfg
     sites = len(identity.sites) if identity is not None else cfg.federation.num_clients
     return SecAggConfig.from_privacy_config(cfg.privacy, sites)
 
@@ -189,7 +192,7 @@ def _advertise(
             f"The secure round sums statistics with skill rows {rows}, but this site's "
             f"skills are {list(site.stream.skills)}; refusing to take part."
         )
-    own = own_secagg_config(site, identity)
+    own = own_secagg_config(site.cfg, identity)
     params = own.for_session(
         int(config[P.SECAGG_THRESHOLD_KEY]),  # type: ignore[call-overload]
         int(config[P.SECAGG_BITS_KEY]),  # type: ignore[call-overload]
@@ -297,17 +300,22 @@ def _step(
     raise SecAggError(f"Unknown secure-aggregation step {step!r}.")
 
 
-def handle_secagg(msg: Message, context: Context, site: Site) -> RecordDict:
+def handle_secagg(
+    msg: Message, context: Context, cfg: ExperimentConfig, site: Callable[[], Site]
+) -> RecordDict:
     """Answer one step of the secure spectrum round.
 
+    ``site`` is called only at the first step (advertise), the one that computes
+    this node's statistics; steps 1-4 need the config and the node state alone, so
+    a ClientApp started per message does not load the model and data for them.
     Any refusal (a bad key book, a lowered threshold, an unconfirmed survivor set)
     ends this node's session: its secrets are forgotten and the error is the reply.
     """
     config = msg.content[P.CONFIG_RECORD]
     step = str(config[P.SECAGG_STEP_KEY])
-    identity = site_identity(context, site)
+    identity = site_identity(context, cfg)
     if step == P.SECAGG_ADVERTISE:
-        return _advertise(config, context, site, identity)
+        return _advertise(config, context, site(), identity)
     session = str(config[P.SECAGG_SESSION_KEY]).encode()
     client = _load_client(context, session, identity)
     payload = msg.content.config_records.get(P.SECAGG_RECORD, ConfigRecord())
