@@ -37,6 +37,14 @@ from fed_asr.methods.lwf import LwF, LwFOptions
 from fed_asr.methods.registry import register_method
 from fed_asr.methods.spectral_distill import SpectralDistill, SpectralDistillOptions
 
+# ContinualMethod hooks ASRPlus does not pass on to its partner
+UNDELEGATED_HOOKS = (
+    "configure_stage",
+    "before_training",
+    "training_samples",
+    "optimizes",
+)
+
 
 class ASRPlus(ASR):
     """FedASR against the (global or own) spectrum plus a partner method's terms.
@@ -66,7 +74,24 @@ class ASRPlus(ASR):
 
 
 def asr_plus(partner: type[ContinualMethod], spectrum: SpectrumUse) -> type[ASRPlus]:
-    """The class of ASR (``spectrum``: shared or local) plus ``partner``'s terms."""
+    """The class of ASR (``spectrum``: shared or local) plus ``partner``'s terms.
+
+    Only the partner's ``set_memory`` and ``penalties`` are used, so a partner that
+    overrides another hook (its own samples, trained weights or spectrum) is refused,
+    as is one with stage-end statistics of its own.
+    """
+    if spectrum not in ("shared", "local"):
+        raise ValueError(f"ASRPlus needs a shared or local spectrum, got {spectrum!r}.")
+    overridden = [
+        hook
+        for hook in UNDELEGATED_HOOKS
+        if getattr(partner, hook) is not getattr(ContinualMethod, hook)
+    ]
+    if overridden:
+        raise ValueError(
+            f"{partner.__name__} overrides {overridden}; ASRPlus delegates only "
+            "set_memory and penalties to its partner."
+        )
     plan = partner.stage_end
     if plan.statistics or plan.spectrum != "none":
         raise ValueError(

@@ -19,7 +19,8 @@ from fed_asr.methods import (
 )
 from fed_asr.methods.asr_plus import asr_plus
 from fed_asr.methods.ewc import EWC
-from fed_asr.methods.lwf import TEACHER_ADAPTER
+from fed_asr.methods.joint import Joint
+from fed_asr.methods.lwf import TEACHER_ADAPTER, LwF
 from fed_asr.models import adapter_state, forward_with_attention
 from fed_asr.regularizer import describe_capture
 from fed_asr.spectrum import SkillSpectrum
@@ -119,9 +120,13 @@ def test_options_reach_the_lwf_part_and_the_stage_end_keeps_the_adapter() -> Non
     assert distill.partner.options.match == "spectrum"
 
 
-def test_a_partner_with_statistics_of_its_own_is_refused() -> None:
+def test_a_partner_with_statistics_or_hooks_of_its_own_is_refused() -> None:
     with pytest.raises(ValueError, match="EWC has stage-end statistics of its own"):
         asr_plus(EWC, "shared")
+    with pytest.raises(ValueError, match=r"Joint overrides \['training_samples'\]"):
+        asr_plus(Joint, "local")
+    with pytest.raises(ValueError, match="shared or local spectrum, got 'none'"):
+        asr_plus(LwF, "none")
 
 
 def test_simulation_trains_stage_one_under_both_terms(
