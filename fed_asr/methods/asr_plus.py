@@ -107,8 +107,6 @@ def asr_plus(partner: type[ContinualMethod], spectrum: SpectrumUse) -> type[ASRP
             "stage_end": StageEndPlan(
                 spectrum=spectrum, keep_adapter=plan.keep_adapter
             ),
-            "needs_attention": True,
-            "needs_hidden": True,
             "__doc__": f"ASR ({spectrum} spectrum) plus {partner.__name__}'s terms.",
             "__module__": __name__,
         },
