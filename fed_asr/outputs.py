@@ -15,6 +15,7 @@ import torch
 
 from fed_asr.config import ExperimentConfig, to_yaml
 from fed_asr.metrics import AccuracyMatrix
+from fed_asr.models.fingerprint import base_fingerprint
 from fed_asr.plots import (
     plot_accuracy_matrix,
     plot_drift_curves,
@@ -90,7 +91,8 @@ def write_run_outputs(
     matrix : AccuracyMatrix
         Filled accuracy matrix.
     model : Any
-        Peft model whose adapter is saved with ``save_pretrained`` (None to skip).
+        Peft model whose adapter is saved with ``save_pretrained`` and whose frozen
+        base is fingerprinted as ``base_fingerprint`` (None to skip both).
     spectrum : SkillSpectrum | None
         Final global skill spectrum (safetensors), when the method has one.
     extra : Mapping[str, Any]
@@ -116,6 +118,8 @@ def write_run_outputs(
         **matrix.summary().as_dict(),
         **extra,
     }
+    if model is not None:  # which base the run started from (models/fingerprint.py)
+        metrics["base_fingerprint"] = base_fingerprint(model)
     plot_accuracy_matrix(
         rows,
         stage_names,

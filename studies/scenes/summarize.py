@@ -13,7 +13,9 @@ dropped): what a run of those N stages alone gives, as the schedule of a stage d
 not depend on the stages after it.
 ``--against VARIANT`` pairs every other variant with VARIANT on the seeds both have
 (ratio of means, per-seed differences, paired t and p: ``fed_asr.paired``) for AF and
-Last under ``type`` and AF under ``all``.
+Last under ``type`` and AF under ``all``. A seed whose two runs started from different
+base weights (their ``base_fingerprint``s differ) is left out of the pair and named
+under the table; runs written before the fingerprint was recorded pair as before.
 ``--confusion SKILL`` adds, per variant, how stage 0's SKILL questions were answered
 after its own stage and after the last one (central runs' ``answer_confusion``, type
 protocol, summed over seeds).
@@ -127,6 +129,7 @@ def main(
         T = len(ms[0]["stages"])
         rec = {
             "seeds": [m["seed"] for m in ms],
+            "base": [m.get("base_fingerprint") for m in ms],
             "Last": [m["Last"] for m in ms],
             "AF": [m["AF"] for m in ms],
             "Last_type": [m["metrics_type"]["Last"] for m in ms],
@@ -203,29 +206,49 @@ def _paired_table(rows: dict, baseline: str) -> list[str]:
         "| variant | " + " | ".join(label for _, label in PAIRED) + " |",
         "|" + "---|" * (len(PAIRED) + 1),
     ]
+    other_base: dict[str, list[int]] = {}
     for variant, rec in sorted(rows.items()):
         if variant == baseline:
             continue
-        cells, rec["paired_against"] = [], {"baseline": baseline}
+        skip = _seeds_on_other_bases(rec, base)
+        if skip:
+            other_base[variant] = skip
+        cells, rec["paired_against"] = [], {"baseline": baseline, "other_base": skip}
         for key, _ in PAIRED:
-            c = paired_comparison(
-                dict(zip(rec["seeds"], rec[key], strict=True)),
-                dict(zip(base["seeds"], base[key], strict=True)),
-            )
+            c = paired_comparison(_by_seed(rec, key, skip), _by_seed(base, key, skip))
             rec["paired_against"][key] = c.as_dict() if c else None
             cells.append(format_comparison(c) if c else "-")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    for variant, seeds in other_base.items():
+        lines.append(
+            f"\nNot paired: {variant} on seeds {seeds} started from other base "
+            f"weights than {baseline} (`base_fingerprint` differs)."
+        )
     return lines
 
 
+def _by_seed(rec: dict, key: str, skip: list[int]) -> dict[int, float]:
+    return {s: v for s, v in zip(rec["seeds"], rec[key], strict=True) if s not in skip}
+
+
+def _seeds_on_other_bases(rec: dict, base: dict) -> list[int]:
+    """Seeds where both runs record a base fingerprint and the two differ."""
+    theirs = dict(zip(base["seeds"], base["base"], strict=True))
+    return sorted(
+        s
+        for s, mine in zip(rec["seeds"], rec["base"], strict=True)
+        if mine and theirs.get(s) and mine != theirs[s]
+    )
+
+
 def _plot_paired(rows: dict, baseline: str, path: Path) -> None:
-    """Per-seed AF (type) of each variant against ``baseline``'s."""
+    """Per-seed AF (type) of each variant against ``baseline``'s (seeds it pairs)."""
     base = dict(zip(rows[baseline]["seeds"], rows[baseline]["AF_type"], strict=True))
     pairs = {
         variant: {
             s: (base[s], v)
             for s, v in zip(rec["seeds"], rec["AF_type"], strict=True)
-            if s in base
+            if s in base and s not in rec["paired_against"]["other_base"]
         }
         for variant, rec in sorted(rows.items())
         if variant != baseline

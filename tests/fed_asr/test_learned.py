@@ -15,6 +15,8 @@ from fed_asr.config import compose_config
 from fed_asr.data import build_stream
 from fed_asr.learned import unlearned_skills, warn_unlearned
 from fed_asr.metrics import SkillAccuracyMatrices
+from fed_asr.models import load_run_base_model
+from fed_asr.models.fingerprint import base_fingerprint
 from fed_asr.models.scoring import stream_skill_answers
 from server.run import FederatedRun
 
@@ -116,6 +118,9 @@ def test_runs_report_unlearned_skills_from_their_own_counts(
     per_skill = SkillAccuracyMatrices.from_json(metrics["per_skill"]["type"])
     names = [st.name for st in stream.stages]
     assert metrics["unlearned_skills"] == unlearned_skills(per_skill, answers, names)
+    # and the run records which base it started from
+    base, _ = load_run_base_model(cfg.model, cfg.data, stream.vocabulary(), "cpu")
+    assert metrics["base_fingerprint"] == base_fingerprint(base)
     assert metrics["unlearned_skills"]  # two steps do not lift a skill off chance
     for row in metrics["unlearned_skills"]:
         assert f"stage {row['stage']} did NOT LEARN skill {row['skill']}" in caplog.text

@@ -206,3 +206,28 @@ def test_summarize_against_pairs_variants_on_shared_seeds(tmp_path: Path) -> Non
         check=False,
     )
     assert done.returncode == 1 and "--against x: no such variant" in done.stderr
+
+
+def test_summarize_against_leaves_out_seeds_that_started_from_another_base(
+    tmp_path: Path,
+) -> None:
+    # Prepare: seed 1's asr run started from other base weights; seed 2's
+    # baseline was written before fingerprints were recorded
+    bases = {0: ("a", "a"), 1: ("b", "a"), 2: ("a", None)}
+    for seed, (af_asr, af_van) in enumerate(((0.3, 0.5), (0.9, 0.1), (0.25, 0.4))):
+        asr, van = _two_stage_run(seed, af_asr, 0.8), _two_stage_run(seed, af_van, 0.7)
+        asr["base_fingerprint"], van["base_fingerprint"] = bases[seed]
+        (tmp_path / f"asr-s{seed}.json").write_text(json.dumps(asr))
+        (tmp_path / f"vanilla-s{seed}.json").write_text(json.dumps(van))
+
+    # Execute
+    _run_script("summarize.py", str(tmp_path), "--against", "vanilla", timeout=60)
+
+    # Assert: seed 1 is named and left out; seeds 0 and 2 pair
+    paired = json.loads((tmp_path / "summary.json").read_text())["asr"]
+    assert paired["paired_against"]["other_base"] == [1]
+    assert paired["paired_against"]["AF_type"]["seeds"] == [0, 2]
+    assert (
+        "Not paired: asr on seeds [1] started from other base weights"
+        in (tmp_path / "summary.md").read_text()
+    )
