@@ -277,7 +277,10 @@ def make_client_app(
         # Only the first step needs the model and data: the site is built lazily
         cfg = _verified_config(msg, context, run_config)
         content = handle_secagg(
-            msg, context, cfg, lambda: _loaded_site(msg, context, run_config, False)
+            msg,
+            context,
+            cfg,
+            lambda: _loaded_site(msg, context, run_config, arrays_required=False),
         )
         return Message(content=content, reply_to=msg)
 

@@ -301,11 +301,14 @@ def _step(
 
 
 def handle_secagg(
-    msg: Message, context: Context, cfg: ExperimentConfig, site: Callable[[], Site]
+    msg: Message,
+    context: Context,
+    cfg: ExperimentConfig,
+    load_site: Callable[[], Site],
 ) -> RecordDict:
     """Answer one step of the secure spectrum round.
 
-    ``site`` is called only at the first step (advertise), the one that computes
+    ``load_site`` is called only at the first step (advertise), the one that computes
     this node's statistics; steps 1-4 need the config and the node state alone, so
     a ClientApp started per message does not load the model and data for them.
     Any refusal (a bad key book, a lowered threshold, an unconfirmed survivor set)
@@ -315,7 +318,7 @@ def handle_secagg(
     step = str(config[P.SECAGG_STEP_KEY])
     identity = site_identity(context, cfg)
     if step == P.SECAGG_ADVERTISE:
-        return _advertise(config, context, site(), identity)
+        return _advertise(config, context, load_site(), identity)
     session = str(config[P.SECAGG_SESSION_KEY]).encode()
     client = _load_client(context, session, identity)
     payload = msg.content.config_records.get(P.SECAGG_RECORD, ConfigRecord())
