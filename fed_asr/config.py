@@ -137,6 +137,11 @@ class ModelConfig:
     # pre-trained encoder has seen varied images) or "base", the preparation set's own
     # neutral conditions only (every stage's visual shift is then new to the tower)
     pretrain_vision_styles: str = "all"
+    # seed of the whole tiny-base preparation (initial weights, the preparation sets'
+    # subsets and order). Every run seed shares the base of one `pretrain_seed`, as
+    # runs share one checkpoint; change it to repeat a study on other bases
+    # (`base_fingerprint` in metrics.json tells the bases apart).
+    pretrain_seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice("model.name", self.name, ("tiny", "pretrained"))
@@ -195,7 +200,12 @@ class ModelConfig:
                 "vision tower; a pre-trained checkpoint's encoder is used as it is: "
                 "set it to 0."
             )
-        for name in ("pretrain_steps", "pretrain_vision_steps"):
+        if self.name == "pretrained" and self.pretrain_seed:
+            raise ValueError(
+                "`model.pretrain_seed` seeds the built-in tiny model's preparation; "
+                "a pre-trained checkpoint is loaded as it is: set it to 0."
+            )
+        for name in ("pretrain_steps", "pretrain_vision_steps", "pretrain_seed"):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"`model.{name}` must be >= 0, got {getattr(self, name)}."

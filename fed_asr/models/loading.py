@@ -436,9 +436,13 @@ def load_run_base_model(
 
     ``model.pretrain_data`` picks the preparation samples (``preparation_samples``),
     ``model.pretrain_vision_steps`` the vision tower's (``preparation_objects``);
-    the base is prepared with seed 0 for every run, so runs of different seeds
-    share one base, as they would share one pretrained checkpoint.
+    the base is prepared with ``model.pretrain_seed`` whatever the run's seed, so
+    runs of different seeds share one base, as they would share one pretrained
+    checkpoint.
     """
-    samples = preparation_samples(model, 0, data)
-    objects = preparation_objects(model, 0, data)
-    return load_base_model(model, vocabulary, device, samples=samples, objects=objects)
+    seed = model.pretrain_seed
+    samples = preparation_samples(model, seed, data)
+    objects = preparation_objects(model, seed, data)
+    return load_base_model(
+        model, vocabulary, device, seed=seed, samples=samples, objects=objects
+    )

@@ -14,7 +14,8 @@ from PIL import Image
 from fed_asr.config import DataConfig, ModelConfig
 from fed_asr.data import VQASample, build_stream, caption_samples
 from fed_asr.models import loading
-from fed_asr.models.loading import PRETRAIN_IMAGES, tiny_model_dir
+from fed_asr.models.fingerprint import base_fingerprint
+from fed_asr.models.loading import PRETRAIN_IMAGES, load_run_base_model, tiny_model_dir
 from fed_asr.models.pretrain import preparation_samples
 
 
@@ -91,6 +92,11 @@ def test_preparation_samples_manifest_reads_rows(tmp_path: Path) -> None:
         ({"pretrain_batch_size": 0}, "model.pretrain_batch_size"),
         ({"pretrain_lr": 0.0}, "model.pretrain_lr"),
         ({"pretrain_steps": -1}, "model.pretrain_steps"),
+        ({"pretrain_seed": -1}, "model.pretrain_seed"),
+        (
+            {"name": "pretrained", "path": "x", "pretrain_seed": 1},
+            "pretrain_seed.*checkpoint",
+        ),
     ],
 )
 def test_model_config_rejects_bad_pretrain_value(
@@ -161,3 +167,28 @@ def test_preparation_runs_on_fixed_threads_and_records_the_keyed_spec(
     digest = hashlib.sha256(json.dumps(meta["spec"], sort_keys=True).encode())
     assert path.name == f"tiny-{digest.hexdigest()[:16]}"  # the spec that names it
     assert torch.get_num_threads() == 2
+
+
+def test_pretrain_seed_prepares_another_base_and_run_seeds_share_one(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a fast preparation on a 30-caption subset (the subset is seeded too)
+    fields = {"cache_dir": str(tmp_path), "pretrain_steps": 2, "pretrain_size": 30}
+    data = DataConfig(max_train_per_stage=8, max_test_per_stage=4)
+    words = build_stream(data, 0).vocabulary()
+
+    # Execute: the default base, loaded twice, and the base of pretrain_seed 1
+    first, _ = load_run_base_model(ModelConfig(**fields), data, words, "cpu")
+    again, _ = load_run_base_model(ModelConfig(**fields), data, words, "cpu")
+    other, _ = load_run_base_model(
+        ModelConfig(**fields, pretrain_seed=1), data, words, "cpu"
+    )
+
+    # Assert: one base per pretrain_seed, each cached under its own key, and seed 0
+    # keeps the key bases had before the field existed
+    assert base_fingerprint(first) == base_fingerprint(again)
+    assert base_fingerprint(other) != base_fingerprint(first)
+    cached = sorted(p.name for p in tmp_path.glob("tiny-*") if p.is_dir())
+    samples = preparation_samples(ModelConfig(**fields), 0)
+    assert len(cached) == 2
+    assert tiny_model_dir(ModelConfig(**fields), words, 0, samples).name in cached
