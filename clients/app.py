@@ -27,6 +27,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from clients.adapter_privacy import privatize_train_reply
 from clients.drift import drift_reply
+from clients.local_memory import fold_local_statistics, held_local_memory
 from clients.records import numpy_record
 from clients.secure import handle_secagg, privatized, stage_statistics
 from clients.site import Site, site_config, site_from_context
@@ -155,12 +156,23 @@ def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
                 cfg.regularizer.cov_floor,
             )
             store_local(context, own)
-    for name in plan.statistics:
+    for name in plan.shared_statistics:
         sums, count = site.method.stage_end_statistics(
             name, site.model, site.collator, samples
         )
         content[P.statistics_record(name)] = ArrayRecord(torch_state_dict=sums)
         metrics[P.statistics_count_key(name)] = count
+    if plan.local_statistics:  # kept in this node's state, never sent
+        fold_local_statistics(
+            context,
+            site.method,
+            {
+                name: site.method.stage_end_statistics(
+                    name, site.model, site.collator, samples
+                )
+                for name in plan.local_statistics
+            },
+        )
     content[P.METRICS_RECORD] = MetricRecord(metrics)
     return content
 
@@ -233,7 +245,10 @@ def make_client_app(
             if shared
             else local_spectrum(context, site.stream.skills)
         )
-        site.method.set_memory(site.model, _memory(msg))
+        memory = _memory(msg)
+        local = site.method.stage_end.local_statistics
+        memory.update(held_local_memory(context, local))  # this node's own
+        site.method.set_memory(site.model, memory)
         samples = site.method.training_samples(site.stream.stages, stage)
         torch.manual_seed(_seed(site, config))
         result = train_stage(

@@ -301,11 +301,11 @@ def check_clear_statistics(method_name: str, privacy: PrivacyConfig) -> None:
     except KeyError:
         return  # `method.name` reports it
     for flag in ("dp", "secure_spectrum"):
-        if plan.statistics and getattr(privacy, flag):
+        if plan.shared_statistics and getattr(privacy, flag):
             raise ValueError(
                 f"`privacy.{flag}=true` protects only the skill spectrum, but "
                 f"`method={method_name}` also sends stage-end statistics "
-                f"{list(plan.statistics)} in clear text; pick another method or "
+                f"{list(plan.shared_statistics)} in clear text; pick another method or "
                 f"set `privacy.{flag}=false`."
             )
 

@@ -125,7 +125,7 @@ class StageEndRound:
         """
         if plan.spectrum == "shared" and self.privacy.secure_spectrum:
             inputs = self._secure(arrays, stage, round_)
-            if plan.statistics:
+            if plan.statistics:  # local ones too: the clients compute them here
                 clear = self._clear(arrays, stage, False, plan, check)
                 inputs.statistics = clear.statistics
             return inputs
@@ -177,7 +177,7 @@ class StageEndRound:
                             msg.content.array_records[P.STATS_RECORD]
                         )
                     )
-            for name in plan.statistics:
+            for name in plan.shared_statistics:
                 part = self._parse_method_statistics(msg, name, stage, len(node_ids))
                 if isinstance(part, str):
                     self._drop(msg, f"stage-end `{name}`: {part}", stage)

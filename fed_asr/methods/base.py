@@ -28,6 +28,7 @@ MethodMemory = dict[str, dict[str, Tensor]]
 PREVIOUS_ADAPTER = "previous"
 
 SpectrumUse = Literal["none", "shared", "local"]
+StatisticsScope = Literal["shared", "local"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class StageEndPlan:
         ``method.stage_end_statistics(name, ...)`` on its stage data, the server
         merges them with ``method.merge_statistics`` and the result joins the
         method's memory, sent with every later train message.
+    statistics_scope : {"shared", "local"}
+        ``shared``: the above. ``local``: each client merges its own ``statistics``
+        (``merge_statistics`` over its one part), folds them into the memory it keeps
+        in its node state with ``update_memory``, and adds them to the memory of every
+        later train message; they never leave the node (``ewc_local``). The central
+        engine has one site, where both scopes are the same.
     keep_adapter : bool
         Keep the stage-end global adapter in memory as ``previous``.
     """
@@ -53,6 +60,7 @@ class StageEndPlan:
     spectrum: SpectrumUse = "none"
     statistics: tuple[str, ...] = ()
     keep_adapter: bool = False
+    statistics_scope: StatisticsScope = "shared"
 
     def __post_init__(self) -> None:
         if self.spectrum not in ("none", "shared", "local"):
@@ -60,6 +68,21 @@ class StageEndPlan:
                 "`StageEndPlan.spectrum` must be one of ['local', 'none', 'shared'], "
                 f"got {self.spectrum!r}."
             )
+        if self.statistics_scope not in ("shared", "local"):
+            raise ValueError(
+                "`StageEndPlan.statistics_scope` must be one of ['local', 'shared'], "
+                f"got {self.statistics_scope!r}."
+            )
+
+    @property
+    def shared_statistics(self) -> tuple[str, ...]:
+        """The statistics clients send and the server merges."""
+        return self.statistics if self.statistics_scope == "shared" else ()
+
+    @property
+    def local_statistics(self) -> tuple[str, ...]:
+        """The statistics each client keeps to itself."""
+        return self.statistics if self.statistics_scope == "local" else ()
 
     def is_needed(self, stage: int, num_stages: int) -> bool:
         """Whether anything happens at the end of ``stage`` (0-based).

@@ -170,4 +170,20 @@ class EWC(ContinualMethod):
         return new
 
 
+class EWCLocal(EWC):
+    """EWC with each client's own Fisher (nothing but the adapter shared).
+
+    The anchor is still the global adapter of the previous stage end; the Fisher is
+    the client's own stage data's, accumulated across stages in its node state and
+    never sent (``StageEndPlan.statistics_scope="local"``). Isolates the value of
+    pooling the Fisher, as ``asr_local`` does for the spectrum. In the central engine
+    (one site) it equals ``ewc``.
+    """
+
+    stage_end = StageEndPlan(
+        statistics=(FISHER,), keep_adapter=True, statistics_scope="local"
+    )
+
+
 register_method("ewc", EWC, EWCOptions)
+register_method("ewc_local", EWCLocal, EWCOptions)

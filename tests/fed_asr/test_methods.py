@@ -312,6 +312,10 @@ def test_stage_end_plan_needs_and_client_queries_per_method() -> None:
         twin = name.replace("_spectral_distill", "_lwf")
         assert needed[name] == queried[name] == needed[twin]
     assert needed["ewc"] == queried["ewc"] == [True, True, False]
+    # a client-local Fisher is still computed by the clients at each stage end
+    assert needed["ewc_local"] == queried["ewc_local"] == [True, True, False]
+    assert plans["ewc"].shared_statistics == plans["ewc_local"].local_statistics
+    assert plans["ewc_local"].shared_statistics == plans["ewc"].local_statistics == ()
     # LwF only keeps the global adapter: a stage end without any client work
     assert needed["lwf"] == [True, True, False]
     assert queried["lwf"] == [False, False, False]
@@ -322,6 +326,8 @@ def test_stage_end_plan_needs_and_client_queries_per_method() -> None:
 def test_stage_end_plan_unknown_spectrum_use_raises() -> None:
     with pytest.raises(ValueError, match="`StageEndPlan.spectrum` must be one of"):
         StageEndPlan(spectrum="global")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`StageEndPlan.statistics_scope` must be"):
+        StageEndPlan(statistics=("f",), statistics_scope="node")  # type: ignore[arg-type]
 
 
 def test_register_method_refuses_taken_non_snake_case_and_untyped_options() -> None:

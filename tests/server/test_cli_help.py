@@ -23,7 +23,7 @@ def test_cli_help_lists_groups_with_choices_and_fields_with_defaults(
     methods = (
         "asr*, asr_conditional, asr_local, asr_local_lwf, asr_local_spectral_distill, "
         "asr_lwf, asr_spectral_distill, attention_distill, "
-        "ewc, fedprox, "
+        "ewc, ewc_local, fedprox, "
         "frozen_attention, joint, "
         "lwf, spectral_distill, vanilla"
     )
