@@ -231,3 +231,56 @@ def test_summarize_against_leaves_out_seeds_that_started_from_another_base(
         "Not paired: asr on seeds [1] started from other base weights"
         in (tmp_path / "summary.md").read_text()
     )
+
+
+def test_across_bases_reads_each_folder_as_one_base_and_tests_over_bases(
+    tmp_path: Path,
+) -> None:
+    # Prepare: three bases (one folder each), asr against vanilla on seeds 0 and 5;
+    # per-base mean gaps -0.1, -0.2 and +0.0
+    gaps = {"b1": (-0.1, -0.1), "b2": (-0.15, -0.25), "b3": (0.05, -0.05)}
+    folders = []
+    for name, (gap0, gap5) in gaps.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for seed, gap in ((0, gap0), (5, gap5)):
+            for variant, af in (("vanilla", 0.4), ("asr", 0.4 + gap)):
+                run = _two_stage_run(seed, af, 0.7)
+                run["base_fingerprint"] = name
+                (folder / f"{variant}-s{seed}.json").write_text(json.dumps(run))
+        folders.append(str(folder))
+    out = tmp_path / "across.json"
+
+    # Execute
+    _run_script(
+        "across_bases.py", "asr", "vanilla", *folders, "--out", str(out), timeout=60
+    )
+
+    # Assert: the bases are the unit: gaps -0.1, -0.2, 0.0 -> t over 2 df
+    result = json.loads(out.read_text())
+    assert [row["base_fingerprint"] for row in result["bases"]] == ["b1", "b2", "b3"]
+    assert [row["seeds"] for row in result["bases"]] == [[0, 5]] * 3
+    assert abs(result["bases"][1]["ratio"] - 0.2 / 0.4) < 1e-9
+    across = result["across_bases"]
+    assert across["df"] == 2 and abs(across["diff_mean"] + 0.1) < 1e-9
+    assert abs(across["diff_std"] - 0.1) < 1e-9 and result["lower_on_bases"] == 2
+    # a folder whose runs started from two bases is refused in one line
+    mixed = tmp_path / "b1" / "vanilla-s9.json"
+    mixed.write_text(
+        json.dumps({**_two_stage_run(9, 0.4, 0.7), "base_fingerprint": "x"})
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "studies/scenes/across_bases.py",
+            "asr",
+            "vanilla",
+            folders[0],
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and "runs from 2 different bases" in done.stderr

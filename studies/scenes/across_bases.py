@@ -1,0 +1,145 @@
+"""Compare two variants with the base model as the unit (docs/findings.md).
+
+Usage: python studies/scenes/across_bases.py VARIANT BASELINE FOLDER... [--seeds S ...]
+                                             [--metric AF_type] [--out FILE.json]
+Each FOLDER holds the runs of one base (``model.pretrain_seed``), as
+``studies/run_cells.sh`` writes them or as flat ``<variant>-s<seed>.json`` copies. Per
+base: the mean of ``--metric`` over the seeds both variants have (``--seeds``
+restricts them), its ratio and paired t over those seeds. Across bases: the ratio of
+the per-base means and a paired t over the bases (``fed_asr.paired``), so that an
+effect that one base shows and another does not is read as such. A folder whose runs
+started from more than one base (two different ``base_fingerprint``s) is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fed_asr.outputs import read_cell_metrics
+from fed_asr.paired import format_comparison, paired_comparison
+
+METRICS = {
+    "AF_type": lambda m: m["metrics_type"]["AF"],
+    "Last_type": lambda m: m["metrics_type"]["Last"],
+    "AF": lambda m: m["AF"],
+    "Last": lambda m: m["Last"],
+}
+
+
+def base_values(
+    folder: Path, variant: str, metric: str, seeds: Sequence[int] | None
+) -> dict[int, float]:
+    """``metric`` of ``variant``'s runs in ``folder`` by seed."""
+    runs = read_cell_metrics(folder).get(variant, [])
+    return {
+        int(m["seed"]): float(METRICS[metric](m))
+        for m in runs
+        if seeds is None or int(m["seed"]) in seeds
+    }
+
+
+def check_one_base(folder: Path) -> str | None:
+    """The folder's one base fingerprint (None: no run recorded one); refuse a mix.
+
+    Runs written before fingerprints were recorded carry none and are not checked.
+    """
+    prints = {
+        m["base_fingerprint"]
+        for ms in read_cell_metrics(folder).values()
+        for m in ms
+        if m.get("base_fingerprint")
+    }
+    if len(prints) > 1:
+        raise SystemExit(
+            f"{folder}: runs from {len(prints)} different bases (base_fingerprint); "
+            "put one base's runs in each folder."
+        )
+    return next(iter(prints), None)
+
+
+def compare_across_bases(
+    variant: str,
+    baseline: str,
+    folders: Sequence[Path],
+    metric: str = "AF_type",
+    seeds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Per-base paired comparison and the comparison over the bases' means."""
+    per_base, means_v, means_b = [], {}, {}
+    for index, folder in enumerate(folders):
+        fingerprint = check_one_base(folder)
+        v = base_values(folder, variant, metric, seeds)
+        b = base_values(folder, baseline, metric, seeds)
+        shared = sorted(set(v) & set(b))
+        if not shared:
+            raise SystemExit(f"{folder}: no seed has both {variant} and {baseline}.")
+        means_v[index] = statistics.mean(v[s] for s in shared)
+        means_b[index] = statistics.mean(b[s] for s in shared)
+        within = paired_comparison(v, b)
+        per_base.append(
+            {
+                "folder": str(folder),
+                "base_fingerprint": fingerprint,
+                "seeds": shared,
+                variant: means_v[index],
+                baseline: means_b[index],
+                "ratio": means_v[index] / means_b[index],
+                "paired": None if within is None else within.as_dict(),
+                "paired_text": None if within is None else format_comparison(within),
+            }
+        )
+    across = paired_comparison(means_v, means_b)
+    return {
+        "variant": variant,
+        "baseline": baseline,
+        "metric": metric,
+        "bases": per_base,
+        "across_bases": None if across is None else across.as_dict(),
+        "across_bases_text": None if across is None else format_comparison(across),
+        "lower_on_bases": sum(means_v[i] < means_b[i] for i in means_v),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The result as a Markdown table and one line over the bases."""
+    v, b = result["variant"], result["baseline"]
+    lines = [
+        f"| base folder | seeds | {v} | {b} | ratio | paired over seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["bases"]:
+        lines.append(
+            f"| {Path(row['folder']).name} | {len(row['seeds'])} | {row[v]:.3f} | "
+            f"{row[b]:.3f} | {row['ratio']:.2f}x | {row['paired_text'] or '-'} |"
+        )
+    lines.append(
+        f"\nOver {len(result['bases'])} bases ({result['metric']}, the per-base means "
+        f"paired): {result['across_bases_text'] or '- (fewer than two bases)'}."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variant")
+    parser.add_argument("baseline")
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--metric", default="AF_type", choices=sorted(METRICS))
+    parser.add_argument("--seeds", type=int, nargs="*", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    args = parser.parse_args(argv)
+    result = compare_across_bases(
+        args.variant, args.baseline, args.folders, args.metric, args.seeds
+    )
+    print(markdown(result))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
