@@ -12,9 +12,9 @@ from helpers import small_run_overrides
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run_script(script: str, *args: str, timeout: int) -> None:
-    """Run ``studies/scenes/<script>`` from the repository root; fail on its stderr."""
-    done = subprocess.run(
+def _script(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run ``studies/scenes/<script>`` from the repository root (output captured)."""
+    return subprocess.run(
         [sys.executable, f"studies/scenes/{script}", *args],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -22,6 +22,11 @@ def _run_script(script: str, *args: str, timeout: int) -> None:
         timeout=timeout,
         check=False,
     )
+
+
+def _run_script(script: str, *args: str, timeout: int) -> None:
+    """Run ``studies/scenes/<script>``; fail on its stderr."""
+    done = _script(script, *args, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -197,14 +202,7 @@ def test_summarize_against_pairs_variants_on_shared_seeds(tmp_path: Path) -> Non
     assert "| asr | 0.56x, -0.200 ± 0.050" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "summary_paired_af_type.png").stat().st_size > 0
     # an unknown baseline is one clear line, not a traceback
-    done = subprocess.run(
-        [sys.executable, "studies/scenes/summarize.py", str(tmp_path), "--against=x"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _script("summarize.py", str(tmp_path), "--against=x", timeout=60)
     assert done.returncode == 1 and "--against x: no such variant" in done.stderr
 
 
@@ -269,18 +267,5 @@ def test_across_bases_reads_each_folder_as_one_base_and_tests_over_bases(
     mixed.write_text(
         json.dumps({**_two_stage_run(9, 0.4, 0.7), "base_fingerprint": "x"})
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "studies/scenes/across_bases.py",
-            "asr",
-            "vanilla",
-            folders[0],
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _script("across_bases.py", "asr", "vanilla", folders[0], timeout=60)
     assert done.returncode == 1 and "runs from 2 different bases" in done.stderr
