@@ -156,23 +156,16 @@ def _stage_end(site: Site, context: Context, stage: int) -> RecordDict:
                 cfg.regularizer.cov_floor,
             )
             store_local(context, own)
-    for name in plan.shared_statistics:
-        sums, count = site.method.stage_end_statistics(
-            name, site.model, site.collator, samples
-        )
-        content[P.statistics_record(name)] = ArrayRecord(torch_state_dict=sums)
-        metrics[P.statistics_count_key(name)] = count
+    computed = {
+        name: site.method.stage_end_statistics(name, site.model, site.collator, samples)
+        for name in plan.statistics
+    }
     if plan.local_statistics:  # kept in this node's state, never sent
-        fold_local_statistics(
-            context,
-            site.method,
-            {
-                name: site.method.stage_end_statistics(
-                    name, site.model, site.collator, samples
-                )
-                for name in plan.local_statistics
-            },
-        )
+        fold_local_statistics(context, site.method, computed)
+    else:
+        for name, (sums, count) in computed.items():
+            content[P.statistics_record(name)] = ArrayRecord(torch_state_dict=sums)
+            metrics[P.statistics_count_key(name)] = count
     content[P.METRICS_RECORD] = MetricRecord(metrics)
     return content
 

@@ -31,26 +31,30 @@ METRICS = {
 }
 
 
+Runs = dict[
+    str, list[dict[str, Any]]
+]  # variant -> its metrics.json (read_cell_metrics)
+
+
 def base_values(
-    folder: Path, variant: str, metric: str, seeds: Sequence[int] | None
+    runs: Runs, variant: str, metric: str, seeds: Sequence[int] | None
 ) -> dict[int, float]:
-    """``metric`` of ``variant``'s runs in ``folder`` by seed."""
-    runs = read_cell_metrics(folder).get(variant, [])
+    """``metric`` of ``variant``'s runs (one folder's ``runs``) by seed."""
     return {
         int(m["seed"]): float(METRICS[metric](m))
-        for m in runs
+        for m in runs.get(variant, [])
         if seeds is None or int(m["seed"]) in seeds
     }
 
 
-def check_one_base(folder: Path) -> str | None:
+def check_one_base(folder: Path, runs: Runs) -> str | None:
     """The folder's one base fingerprint (None: no run recorded one); refuse a mix.
 
     Runs written before fingerprints were recorded carry none and are not checked.
     """
     prints = {
         m["base_fingerprint"]
-        for ms in read_cell_metrics(folder).values()
+        for ms in runs.values()
         for m in ms
         if m.get("base_fingerprint")
     }
@@ -72,9 +76,10 @@ def compare_across_bases(
     """Per-base paired comparison and the comparison over the bases' means."""
     per_base, means_v, means_b = [], {}, {}
     for index, folder in enumerate(folders):
-        fingerprint = check_one_base(folder)
-        v = base_values(folder, variant, metric, seeds)
-        b = base_values(folder, baseline, metric, seeds)
+        runs = read_cell_metrics(folder)  # read once per folder
+        fingerprint = check_one_base(folder, runs)
+        v = base_values(runs, variant, metric, seeds)
+        b = base_values(runs, baseline, metric, seeds)
         shared = sorted(set(v) & set(b))
         if not shared:
             raise SystemExit(f"{folder}: no seed has both {variant} and {baseline}.")
