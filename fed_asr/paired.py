@@ -72,6 +72,23 @@ def t_two_sided_p(t: float, df: int) -> float:
     return regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
 
 
+def sign_test_p(n_lower: int, n_higher: int) -> float:
+    """Exact two-sided sign test: P(a split at least as uneven | no effect).
+
+    Ties are left out before counting (Conover, *Practical Nonparametric Statistics*,
+    3rd ed., 1999, section 3.4): under no effect the lower count is Binomial(n, 1/2)
+    with n = ``n_lower + n_higher``, and the two-sided p doubles the smaller tail
+    (capped at 1). 1.0 when there is nothing to count.
+    """
+    if n_lower < 0 or n_higher < 0:
+        raise ValueError(f"counts must be >= 0, got {n_lower} and {n_higher}.")
+    n = n_lower + n_higher
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(n_lower, n_higher) + 1))
+    return min(1.0, 2.0 * tail / 2.0**n)
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     """``variant`` against ``baseline`` on the seeds both have (see the module)."""

@@ -1,5 +1,5 @@
 """Figures people look at: accuracy matrices, forgetting and drift curves, per-seed
-comparisons."""
+comparisons, per-group gaps."""
 
 from __future__ import annotations
 
@@ -161,6 +161,33 @@ def plot_paired_seeds(
         ax.grid(alpha=0.3)
     target = f" (dashed: {target_ratio}x)" if target_ratio is not None else ""
     fig.suptitle(f"{metric} per seed against {baseline}{target}")
+    return _save(fig, path)
+
+
+def plot_gaps_by_group(
+    gaps: Mapping[str, Sequence[float]],
+    path: str | Path,
+    label: str,
+) -> Path:
+    """One column per group (e.g. a base model): its paired gaps as dots, their mean
+    as a bar, and the zero line; a group under zero is one where the variant is lower.
+
+    ``gaps[group]`` are the per-seed differences (variant - baseline) of that group;
+    ``label`` names the difference on the y axis, e.g. "asr - vanilla AF (type)".
+    """
+    names = list(gaps)
+    fig, ax = plt.subplots(figsize=(1.0 * max(len(names), 2) + 2.0, 3.4))
+    ax.axhline(0.0, color="grey", linewidth=1)
+    for x, name in enumerate(names):
+        values = [float(v) for v in gaps[name]]
+        ax.scatter([x] * len(values), values, color="tab:blue", alpha=0.6, zorder=3)
+        if values:
+            mean = sum(values) / len(values)
+            ax.plot([x - 0.3, x + 0.3], [mean, mean], color="tab:red", linewidth=2.5)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(label)
+    ax.set_title("per seed (dots) and mean (bar) in each group", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
 

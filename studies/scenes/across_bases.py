@@ -1,14 +1,17 @@
 """Compare two variants with the base model as the unit (docs/findings.md).
 
 Usage: python studies/scenes/across_bases.py VARIANT BASELINE FOLDER... [--seeds S ...]
-                                             [--metric AF_type] [--out FILE.json]
+                          [--metric AF_type] [--out FILE.json] [--plot FILE.png]
 Each FOLDER holds the runs of one base (``model.pretrain_seed``), as
 ``studies/run_cells.sh`` writes them or as flat ``<variant>-s<seed>.json`` copies. Per
 base: the mean of ``--metric`` over the seeds both variants have (``--seeds``
 restricts them), its ratio and paired t over those seeds. Across bases: the ratio of
-the per-base means and a paired t over the bases (``fed_asr.paired``), so that an
-effect that one base shows and another does not is read as such. A folder whose runs
-started from more than one base (two different ``base_fingerprint``s) is refused.
+the per-base means, a paired t over the bases and the exact sign test on how many bases
+the variant is lower (``fed_asr.paired``), so that an effect that one base shows and
+another does not is read as such. ``--plot`` draws each base's per-seed gaps and their
+mean. ``drift`` is the first stage's spectral drift after the last stage (the
+unweighted Mahalanobis distance, ``metrics.json`` "drift"). A folder whose runs started
+from more than one base (two different ``base_fingerprint``s) is refused.
 """
 
 from __future__ import annotations
@@ -21,13 +24,25 @@ from pathlib import Path
 from typing import Any
 
 from fed_asr.outputs import read_cell_metrics
-from fed_asr.paired import format_comparison, paired_comparison
+from fed_asr.paired import format_comparison, paired_comparison, sign_test_p
+from fed_asr.plots import plot_gaps_by_group
+
+
+def first_stage_drift(m: dict[str, Any]) -> float:
+    """Stage 0's drift after the last stage (``metrics.json`` "drift" rows)."""
+    last = len(m["stages"]) - 1
+    for row in m.get("drift", []):
+        if row["stage"] == 0 and row["after_stage"] == last:
+            return float(row["drift_mean"])
+    raise KeyError(f"no drift row for stage 0 after stage {last}")
+
 
 METRICS = {
     "AF_type": lambda m: m["metrics_type"]["AF"],
     "Last_type": lambda m: m["metrics_type"]["Last"],
     "AF": lambda m: m["AF"],
     "Last": lambda m: m["Last"],
+    "drift": first_stage_drift,
 }
 
 
@@ -37,14 +52,28 @@ Runs = dict[
 
 
 def base_values(
-    runs: Runs, variant: str, metric: str, seeds: Sequence[int] | None
+    folder: Path,
+    runs: Runs,
+    variant: str,
+    metric: str,
+    seeds: Sequence[int] | None,
 ) -> dict[int, float]:
-    """``metric`` of ``variant``'s runs (one folder's ``runs``) by seed."""
-    return {
-        int(m["seed"]): float(METRICS[metric](m))
-        for m in runs.get(variant, [])
-        if seeds is None or int(m["seed"]) in seeds
-    }
+    """``metric`` of ``variant``'s runs (one folder's ``runs``) by seed.
+
+    A run that lacks the metric (e.g. no drift rows) is refused in one line.
+    """
+    values = {}
+    for m in runs.get(variant, []):
+        seed = int(m["seed"])
+        if seeds is not None and seed not in seeds:
+            continue
+        try:
+            values[seed] = float(METRICS[metric](m))
+        except (KeyError, TypeError) as err:
+            raise SystemExit(
+                f"{folder}: {variant} seed {seed} has no {metric} ({err})."
+            ) from None
+    return values
 
 
 def check_one_base(folder: Path, runs: Runs) -> str | None:
@@ -78,13 +107,14 @@ def compare_across_bases(
     for index, folder in enumerate(folders):
         runs = read_cell_metrics(folder)  # read once per folder
         fingerprint = check_one_base(folder, runs)
-        v = base_values(runs, variant, metric, seeds)
-        b = base_values(runs, baseline, metric, seeds)
+        v = base_values(folder, runs, variant, metric, seeds)
+        b = base_values(folder, runs, baseline, metric, seeds)
         shared = sorted(set(v) & set(b))
         if not shared:
             raise SystemExit(f"{folder}: no seed has both {variant} and {baseline}.")
         means_v[index] = statistics.mean(v[s] for s in shared)
         means_b[index] = statistics.mean(b[s] for s in shared)
+        gaps = [v[s] - b[s] for s in shared]
         within = paired_comparison(v, b)
         per_base.append(
             {
@@ -94,11 +124,14 @@ def compare_across_bases(
                 variant: means_v[index],
                 baseline: means_b[index],
                 "ratio": means_v[index] / means_b[index],
+                "gaps": gaps,
                 "paired": None if within is None else within.as_dict(),
                 "paired_text": None if within is None else format_comparison(within),
             }
         )
     across = paired_comparison(means_v, means_b)
+    lower = sum(means_v[i] < means_b[i] for i in means_v)
+    higher = sum(means_v[i] > means_b[i] for i in means_v)
     return {
         "variant": variant,
         "baseline": baseline,
@@ -106,7 +139,9 @@ def compare_across_bases(
         "bases": per_base,
         "across_bases": None if across is None else across.as_dict(),
         "across_bases_text": None if across is None else format_comparison(across),
-        "lower_on_bases": sum(means_v[i] < means_b[i] for i in means_v),
+        "lower_on_bases": lower,
+        "higher_on_bases": higher,
+        "sign_test_p": sign_test_p(lower, higher),
     }
 
 
@@ -124,9 +159,18 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines.append(
         f"\nOver {len(result['bases'])} bases ({result['metric']}, the per-base means "
-        f"paired): {result['across_bases_text'] or '- (fewer than two bases)'}."
+        f"paired): {result['across_bases_text'] or '- (fewer than two bases)'}; "
+        f"sign test: lower on {result['lower_on_bases']}, higher on "
+        f"{result['higher_on_bases']}, p = {result['sign_test_p']:.2g}."
     )
     return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Each base's per-seed gaps (variant - baseline) and their mean."""
+    gaps = {Path(row["folder"]).name: row["gaps"] for row in result["bases"]}
+    label = f"{result['variant']} - {result['baseline']} {result['metric']}"
+    return plot_gaps_by_group(gaps, path, label=label)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -137,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--metric", default="AF_type", choices=sorted(METRICS))
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="draw the gaps here")
     args = parser.parse_args(argv)
     result = compare_across_bases(
         args.variant, args.baseline, args.folders, args.metric, args.seeds
@@ -144,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(markdown(result))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot is not None:
+        plot(result, args.plot)
 
 
 if __name__ == "__main__":

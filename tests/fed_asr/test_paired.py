@@ -10,6 +10,7 @@ from fed_asr.paired import (
     format_comparison,
     paired_comparison,
     regularized_incomplete_beta,
+    sign_test_p,
     t_two_sided_p,
 )
 
@@ -71,3 +72,24 @@ def test_paired_comparison_edge_cases() -> None:
     assert shifted is not None and shifted.t == -math.inf and shifted.p == 0.0
     zero_base = paired_comparison({0: 0.1, 1: 0.2}, {0: 0.0, 1: 0.0})
     assert zero_base is not None and math.isnan(zero_base.ratio)
+
+
+@pytest.mark.parametrize(
+    ("lower", "higher", "p"),
+    [
+        (4, 0, 2 / 16),  # 2 P(X = 0), X ~ Binomial(4, 1/2)
+        (0, 8, 2 / 256),  # symmetric
+        (5, 3, 2 * (1 + 8 + 28 + 56) / 256),  # 2 P(X <= 3), X ~ Binomial(8, 1/2)
+        (2, 2, 1.0),  # an even split: capped at 1
+        (0, 0, 1.0),  # nothing to count
+    ],
+)
+def test_sign_test_p_is_the_exact_binomial_tail(
+    lower: int, higher: int, p: float
+) -> None:
+    assert sign_test_p(lower, higher) == pytest.approx(p, rel=1e-12)
+
+
+def test_sign_test_p_refuses_negative_counts() -> None:
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        sign_test_p(-1, 3)

@@ -1,4 +1,5 @@
-"""Drift plots (metrics.json rows, old rows without map shift) and per-seed plots."""
+"""Drift plots (metrics.json rows, old rows without map shift), per-seed and
+per-group plots."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 
-from fed_asr.plots import plot_drift_curves, plot_paired_seeds
+from fed_asr.plots import plot_drift_curves, plot_gaps_by_group, plot_paired_seeds
 
 
 def _row(after: int, stage: int, drift: float, shift: float | None) -> dict:
@@ -46,3 +47,13 @@ def test_paired_seeds_draw_one_panel_per_method(tmp_path: Path) -> None:
 
     image = mpimg.imread(path)
     assert image.shape[1] > 2.5 * image.shape[0]  # three panels side by side
+
+
+def test_gaps_by_group_draw_one_column_per_group(tmp_path: Path) -> None:
+    gaps = {f"base{b}": [-0.1 * b, 0.05] for b in range(8)}
+    gaps["empty"] = []  # a group without pairs keeps its column, with nothing in it
+
+    path = plot_gaps_by_group(gaps, tmp_path / "gaps.png", label="asr - vanilla AF")
+
+    image = mpimg.imread(path)
+    assert image.shape[1] > 2 * image.shape[0]  # nine columns: wider than tall

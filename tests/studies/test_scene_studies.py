@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import small_run_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -269,3 +270,45 @@ def test_across_bases_reads_each_folder_as_one_base_and_tests_over_bases(
     )
     done = _script("across_bases.py", "asr", "vanilla", folders[0], timeout=60)
     assert done.returncode == 1 and "runs from 2 different bases" in done.stderr
+
+
+def test_across_bases_tests_drift_by_sign_and_draws_the_gaps(tmp_path: Path) -> None:
+    # Prepare: three bases where asr's stage-0 drift after the last stage is lower
+    # (gaps -0.1, -0.2, -0.3); one vanilla run of base b3 has no drift rows
+    folders = []
+    for index, name in enumerate(("b1", "b2", "b3")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for seed in (0, 5):
+            for variant, drift in (("vanilla", 1.0), ("asr", 0.9 - 0.1 * index)):
+                run = _two_stage_run(seed, 0.4, 0.7)
+                run["drift"] = [
+                    {"stage": 0, "after_stage": 0, "drift_mean": 0.6},
+                    {"stage": 0, "after_stage": 1, "drift_mean": drift},
+                ]
+                (folder / f"{variant}-s{seed}.json").write_text(json.dumps(run))
+        folders.append(str(folder))
+    out, png = tmp_path / "drift.json", tmp_path / "drift.png"
+
+    # Execute
+    _run_script(
+        "across_bases.py", "asr", "vanilla", *folders, "--metric", "drift",
+        "--out", str(out), "--plot", str(png), timeout=60,
+    )  # fmt: skip
+
+    # Assert: drift after the last stage (not the floor), lower on 3/3 bases
+    result = json.loads(out.read_text())
+    assert [round(row["ratio"], 6) for row in result["bases"]] == [0.9, 0.8, 0.7]
+    assert result["bases"][2]["gaps"] == pytest.approx([-0.3, -0.3])
+    assert (result["lower_on_bases"], result["higher_on_bases"]) == (3, 0)
+    assert result["sign_test_p"] == pytest.approx(0.25)
+    assert png.stat().st_size > 0
+    # a run without drift rows is refused in one line that names it
+    (tmp_path / "b3" / "vanilla-s5.json").write_text(
+        json.dumps(_two_stage_run(5, 0.4, 0.7))
+    )
+    done = _script(
+        "across_bases.py", "asr", "vanilla", *folders, "--metric", "drift", timeout=60
+    )
+    assert done.returncode == 1
+    assert "b3: vanilla seed 5 has no drift" in done.stderr.strip().splitlines()[-1]
