@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -87,6 +87,31 @@ def sign_test_p(n_lower: int, n_higher: int) -> float:
         return 1.0
     tail = sum(math.comb(n, k) for k in range(min(n_lower, n_higher) + 1))
     return min(1.0, 2.0 * tail / 2.0**n)
+
+
+def correlation_test(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Pearson's r of ``x`` and ``y`` and its two-sided p under no correlation.
+
+    The p-value is the standard test of no correlation: Student's t with n - 2
+    degrees of freedom of ``t = r sqrt((n - 2) / (1 - r^2))``, exact for bivariate
+    normal data (Fisher 1915). Needs three points or more and some spread in each.
+    """
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(
+            f"need two equal-length samples of >= 3, got {len(x)}, {len(y)}."
+        )
+    mean_x, mean_y = statistics.mean(x), statistics.mean(y)
+    dx = [a - mean_x for a in x]
+    dy = [b - mean_y for b in y]
+    sxx, syy = sum(a * a for a in dx), sum(b * b for b in dy)
+    if sxx == 0.0 or syy == 0.0:
+        raise ValueError("a sample without spread has no correlation.")
+    r = sum(a * b for a, b in zip(dx, dy, strict=True)) / math.sqrt(sxx * syy)
+    r = max(-1.0, min(1.0, r))
+    df = len(x) - 2
+    if abs(r) == 1.0:
+        return r, 0.0
+    return r, t_two_sided_p(r * math.sqrt(df / (1.0 - r * r)), df)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,11 @@ the per-base means, a paired t over the bases and the exact sign test on how man
 the variant is lower (``fed_asr.paired``), so that an effect that one base shows and
 another does not is read as such. ``--plot`` draws each base's per-seed gaps and their
 mean. ``drift`` is the first stage's spectral drift after the last stage (the
-unweighted Mahalanobis distance, ``metrics.json`` "drift"). A folder whose runs started
-from more than one base (two different ``base_fingerprint``s) is refused.
+unweighted Mahalanobis distance, ``metrics.json`` "drift"). ``--covariate METRIC``
+asks whether the per-base gap follows the baseline's per-base mean of METRIC (Pearson
+r over the bases), e.g. whether FedASR helps more where FedAvg-LoRA drifts more. A
+folder whose runs started from more than one base (two different
+``base_fingerprint``s) is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from fed_asr.outputs import read_cell_metrics
-from fed_asr.paired import format_comparison, paired_comparison, sign_test_p
+from fed_asr.paired import (
+    correlation_test,
+    format_comparison,
+    paired_comparison,
+    sign_test_p,
+)
 from fed_asr.plots import plot_gaps_by_group
 
 
@@ -101,9 +109,12 @@ def compare_across_bases(
     folders: Sequence[Path],
     metric: str = "AF_type",
     seeds: Sequence[int] | None = None,
+    covariate: str | None = None,
 ) -> dict[str, Any]:
-    """Per-base paired comparison and the comparison over the bases' means."""
-    per_base, means_v, means_b = [], {}, {}
+    """Per-base paired comparison, the comparison over the bases' means and, with
+    ``covariate``, the correlation of the per-base gap with the baseline's mean of
+    that metric (on the same seeds)."""
+    per_base, means_v, means_b, covariates = [], {}, {}, {}
     for index, folder in enumerate(folders):
         runs = read_cell_metrics(folder)  # read once per folder
         fingerprint = check_one_base(folder, runs)
@@ -116,22 +127,31 @@ def compare_across_bases(
         means_b[index] = statistics.mean(b[s] for s in shared)
         gaps = [v[s] - b[s] for s in shared]
         within = paired_comparison(v, b)
-        per_base.append(
-            {
-                "folder": str(folder),
-                "base_fingerprint": fingerprint,
-                "seeds": shared,
-                variant: means_v[index],
-                baseline: means_b[index],
-                "ratio": means_v[index] / means_b[index],
-                "gaps": gaps,
-                "paired": None if within is None else within.as_dict(),
-                "paired_text": None if within is None else format_comparison(within),
-            }
-        )
+        row = {
+            "folder": str(folder),
+            "base_fingerprint": fingerprint,
+            "seeds": shared,
+            variant: means_v[index],
+            baseline: means_b[index],
+            "ratio": means_v[index] / means_b[index],
+            "gaps": gaps,
+            "paired": None if within is None else within.as_dict(),
+            "paired_text": None if within is None else format_comparison(within),
+        }
+        if covariate is not None:
+            of_baseline = base_values(folder, runs, baseline, covariate, shared)
+            covariates[index] = statistics.mean(of_baseline.values())
+            row[f"{baseline}_{covariate}"] = covariates[index]
+        per_base.append(row)
     across = paired_comparison(means_v, means_b)
     lower = sum(means_v[i] < means_b[i] for i in means_v)
     higher = sum(means_v[i] > means_b[i] for i in means_v)
+    follows = None
+    if covariate is not None and len(covariates) >= 3:
+        r, p = correlation_test(
+            [covariates[i] for i in means_v], [means_v[i] - means_b[i] for i in means_v]
+        )
+        follows = {"covariate": f"{baseline}_{covariate}", "pearson_r": r, "p": p}
     return {
         "variant": variant,
         "baseline": baseline,
@@ -142,6 +162,7 @@ def compare_across_bases(
         "lower_on_bases": lower,
         "higher_on_bases": higher,
         "sign_test_p": sign_test_p(lower, higher),
+        "gap_against_covariate": follows,
     }
 
 
@@ -163,6 +184,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"sign test: lower on {result['lower_on_bases']}, higher on "
         f"{result['higher_on_bases']}, p = {result['sign_test_p']:.2g}."
     )
+    follows = result["gap_against_covariate"]
+    if follows is not None:
+        lines.append(
+            f"Per-base gap against {follows['covariate']}: Pearson r = "
+            f"{follows['pearson_r']:+.2f}, p = {follows['p']:.2g} "
+            f"({len(result['bases'])} bases)."
+        )
     return "\n".join(lines)
 
 
@@ -182,9 +210,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="draw the gaps here")
+    parser.add_argument(
+        "--covariate",
+        default=None,
+        choices=sorted(METRICS),
+        help="correlate the per-base gap with the baseline's mean of this metric",
+    )
     args = parser.parse_args(argv)
     result = compare_across_bases(
-        args.variant, args.baseline, args.folders, args.metric, args.seeds
+        args.variant,
+        args.baseline,
+        args.folders,
+        args.metric,
+        args.seeds,
+        args.covariate,
     )
     print(markdown(result))
     if args.out is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fed_asr.paired import (
+    correlation_test,
     format_comparison,
     paired_comparison,
     regularized_incomplete_beta,
@@ -93,3 +95,23 @@ def test_sign_test_p_is_the_exact_binomial_tail(
 def test_sign_test_p_refuses_negative_counts() -> None:
     with pytest.raises(ValueError, match="counts must be >= 0"):
         sign_test_p(-1, 3)
+
+
+def test_correlation_test_matches_numpy_and_the_two_df_closed_form() -> None:
+    x, y = [1.0, 2.0, 3.0, 5.0], [2.0, 4.5, 5.0, 9.0]
+
+    r, p = correlation_test(x, y)
+
+    # r as numpy computes it; with 2 df Student's two-sided p is 1 - |t|/sqrt(2 + t^2)
+    assert r == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-12)
+    t = r * math.sqrt(2 / (1 - r * r))
+    assert p == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)
+    assert correlation_test(x, [-v for v in y]) == pytest.approx((-r, p))
+    assert correlation_test([1, 2, 3], [2, 4, 6]) == (1.0, 0.0)  # a perfect line
+
+
+def test_correlation_test_refuses_what_has_no_correlation() -> None:
+    with pytest.raises(ValueError, match=">= 3"):
+        correlation_test([1.0, 2.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="without spread"):
+        correlation_test([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])

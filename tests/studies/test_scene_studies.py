@@ -274,14 +274,16 @@ def test_across_bases_reads_each_folder_as_one_base_and_tests_over_bases(
 
 def test_across_bases_tests_drift_by_sign_and_draws_the_gaps(tmp_path: Path) -> None:
     # Prepare: three bases where asr's stage-0 drift after the last stage is lower
-    # (gaps -0.1, -0.2, -0.3); one vanilla run of base b3 has no drift rows
+    # (gaps -0.1, -0.2, -0.3) and vanilla's Last 0.7, 0.6, 0.5 (a covariate the gaps
+    # follow exactly); later, one vanilla run of base b3 loses its drift rows
     folders = []
     for index, name in enumerate(("b1", "b2", "b3")):
         folder = tmp_path / name
         folder.mkdir()
         for seed in (0, 5):
             for variant, drift in (("vanilla", 1.0), ("asr", 0.9 - 0.1 * index)):
-                run = _two_stage_run(seed, 0.4, 0.7)
+                last = 0.7 - 0.1 * index if variant == "vanilla" else 0.7
+                run = _two_stage_run(seed, 0.4, last)
                 run["drift"] = [
                     {"stage": 0, "after_stage": 0, "drift_mean": 0.6},
                     {"stage": 0, "after_stage": 1, "drift_mean": drift},
@@ -293,7 +295,7 @@ def test_across_bases_tests_drift_by_sign_and_draws_the_gaps(tmp_path: Path) -> 
     # Execute
     _run_script(
         "across_bases.py", "asr", "vanilla", *folders, "--metric", "drift",
-        "--out", str(out), "--plot", str(png), timeout=60,
+        "--covariate", "Last_type", "--out", str(out), "--plot", str(png), timeout=60,
     )  # fmt: skip
 
     # Assert: drift after the last stage (not the floor), lower on 3/3 bases
@@ -302,6 +304,12 @@ def test_across_bases_tests_drift_by_sign_and_draws_the_gaps(tmp_path: Path) -> 
     assert result["bases"][2]["gaps"] == pytest.approx([-0.3, -0.3])
     assert (result["lower_on_bases"], result["higher_on_bases"]) == (3, 0)
     assert result["sign_test_p"] == pytest.approx(0.25)
+    assert [row["vanilla_Last_type"] for row in result["bases"]] == pytest.approx(
+        [0.7, 0.6, 0.5]
+    )
+    follows = result["gap_against_covariate"]
+    assert follows["covariate"] == "vanilla_Last_type"
+    assert follows["pearson_r"] == pytest.approx(1.0) and follows["p"] < 1e-6
     assert png.stat().st_size > 0
     # a run without drift rows is refused in one line that names it
     (tmp_path / "b3" / "vanilla-s5.json").write_text(
