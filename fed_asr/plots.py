@@ -168,26 +168,58 @@ def plot_gaps_by_group(
     gaps: Mapping[str, Sequence[float]],
     path: str | Path,
     label: str,
+    covariate: Mapping[str, float] | None = None,
+    covariate_label: str = "covariate",
 ) -> Path:
     """One column per group (e.g. a base model): its paired gaps as dots, their mean
     as a bar, and the zero line; a group under zero is one where the variant is lower.
 
     ``gaps[group]`` are the per-seed differences (variant - baseline) of that group;
     ``label`` names the difference on the y axis, e.g. "asr - vanilla AF (type)".
+    With ``covariate`` (a value per group), a second panel puts each group's mean gap
+    against it, to show whether the gap follows it.
     """
     names = list(gaps)
-    fig, ax = plt.subplots(figsize=(1.0 * max(len(names), 2) + 2.0, 3.4))
+    means = {
+        name: sum(map(float, gaps[name])) / len(gaps[name])
+        for name in names
+        if gaps[name]
+    }
+    panels = 1 if covariate is None else 2
+    width = 1.0 * max(len(names), 2) + 2.0
+    fig, axes = plt.subplots(
+        1, panels, figsize=(width + 3.6 * (panels - 1), 3.4), squeeze=False
+    )
+    ax = axes[0][0]
     ax.axhline(0.0, color="grey", linewidth=1)
     for x, name in enumerate(names):
         values = [float(v) for v in gaps[name]]
         ax.scatter([x] * len(values), values, color="tab:blue", alpha=0.6, zorder=3)
-        if values:
-            mean = sum(values) / len(values)
-            ax.plot([x - 0.3, x + 0.3], [mean, mean], color="tab:red", linewidth=2.5)
+        if name in means:
+            ax.plot(
+                [x - 0.3, x + 0.3], [means[name]] * 2, color="tab:red", linewidth=2.5
+            )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel(label)
     ax.set_title("per seed (dots) and mean (bar) in each group", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
+    if covariate is not None:
+        ax = axes[0][1]
+        shown = [name for name in names if name in means and name in covariate]
+        ax.axhline(0.0, color="grey", linewidth=1)
+        ax.scatter([covariate[n] for n in shown], [means[n] for n in shown], zorder=3)
+        for name in shown:
+            ax.annotate(
+                name,
+                (covariate[name], means[name]),
+                textcoords="offset points",
+                xytext=(3, 3),
+                fontsize=8,
+            )
+        ax.set_xlabel(covariate_label)
+        ax.set_ylabel(f"mean {label}")
+        ax.set_title("mean gap against the covariate", fontsize=9)
+        ax.grid(alpha=0.3)
     return _save(fig, path)
 
 

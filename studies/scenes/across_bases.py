@@ -195,10 +195,18 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Each base's per-seed gaps (variant - baseline) and their mean."""
+    """Each base's per-seed gaps (variant - baseline) and their mean; with a
+    covariate, the mean gaps against it."""
     gaps = {Path(row["folder"]).name: row["gaps"] for row in result["bases"]}
     label = f"{result['variant']} - {result['baseline']} {result['metric']}"
-    return plot_gaps_by_group(gaps, path, label=label)
+    follows = result["gap_against_covariate"]
+    if follows is None:
+        return plot_gaps_by_group(gaps, path, label=label)
+    key = follows["covariate"]
+    covariate = {Path(row["folder"]).name: row[key] for row in result["bases"]}
+    return plot_gaps_by_group(
+        gaps, path, label=label, covariate=covariate, covariate_label=key
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

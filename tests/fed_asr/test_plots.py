@@ -57,3 +57,20 @@ def test_gaps_by_group_draw_one_column_per_group(tmp_path: Path) -> None:
 
     image = mpimg.imread(path)
     assert image.shape[1] > 2 * image.shape[0]  # nine columns: wider than tall
+
+
+def test_gaps_by_group_add_a_panel_against_a_covariate(tmp_path: Path) -> None:
+    gaps = {"base0": [-0.1, -0.05], "base1": [0.02, 0.0], "base2": [-0.2, -0.1]}
+    alone = plot_gaps_by_group(gaps, tmp_path / "alone.png", label="gap")
+
+    path = plot_gaps_by_group(
+        gaps,
+        tmp_path / "against.png",
+        label="gap",
+        covariate={"base0": 1.0, "base1": 0.8, "base2": 1.5},
+        covariate_label="vanilla drift",
+    )
+
+    # the second panel widens the figure at the same height
+    small, wide = mpimg.imread(alone), mpimg.imread(path)
+    assert wide.shape[0] == small.shape[0] and wide.shape[1] > 1.5 * small.shape[1]
