@@ -148,9 +148,13 @@ def compare_across_bases(
     higher = sum(means_v[i] > means_b[i] for i in means_v)
     follows = None
     if covariate is not None and len(covariates) >= 3:
-        r, p = correlation_test(
-            [covariates[i] for i in means_v], [means_v[i] - means_b[i] for i in means_v]
-        )
+        try:
+            r, p = correlation_test(
+                [covariates[i] for i in means_v],
+                [means_v[i] - means_b[i] for i in means_v],
+            )
+        except ValueError as err:  # e.g. every base has the same gap
+            raise SystemExit(f"--covariate {covariate}: {err}") from None
         follows = {"covariate": f"{baseline}_{covariate}", "pearson_r": r, "p": p}
     return {
         "variant": variant,
